@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine: each builds .venv first if needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/moat: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -c constraints.txt -e '.[full,test]'
+	touch $(BIN)/moat
+
+venv: $(BIN)/moat
+
+demo: venv
+	$(BIN)/moat demo
+
+test: venv
+	$(BIN)/python -m pytest -n 2 -q
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs

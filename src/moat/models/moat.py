@@ -1,0 +1,203 @@
+"""MoatNet: stem -> two MBConv stages -> two MOAT stages -> head.
+
+Endpoints `stage1`..`stage5` are the official pre-activation features at strides
+2, 4, 8, 16, 32. The head pools the raw stage-5 stream, applies LayerNorm, then a linear
+layer (no activation or norm before pooling, no dropout: as in the official model).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from moat.models.blocks import MBConvBlock, MoatBlock, batch_norm
+from moat.models.config import MoatConfig
+from moat.models.layers import Attention, Conv2dSame
+
+ENDPOINTS = ("stage1", "stage2", "stage3", "stage4", "stage5")
+Window = tuple[int, int]
+
+
+class FeatureInfo(list):
+    """timm-style feature description: a list of dicts with `channels()`/`reduction()`."""
+
+    def channels(self) -> list[int]:
+        return [f["num_chs"] for f in self]
+
+    def reduction(self) -> list[int]:
+        return [f["reduction"] for f in self]
+
+    def module_name(self) -> list[str]:
+        return [f["module"] for f in self]
+
+
+def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
+    if window_size is None:
+        return [None] * len(cfg.block_type)
+    window_size = list(window_size)
+    if len(window_size) != len(cfg.block_type):
+        raise ValueError(
+            f"window_size needs one entry per stage ({len(cfg.block_type)}), got "
+            f"{len(window_size)}: use e.g. [None, None, (14, 14), None]")
+    checked: list[Window | None] = []
+    for stage, (kind, window) in enumerate(zip(cfg.block_type, window_size)):
+        if window is not None and kind != "moat":
+            raise ValueError(
+                f"window_size[{stage}] = {window!r}, but stage {stage} is an MBConv stage "
+                "without attention: window attention applies only to the MOAT stages "
+                f"(indices {list(cfg.moat_stages)}); set window_size[{stage}] to None")
+        if isinstance(window, int):
+            window = (window, window)
+        if window is not None:
+            window = tuple(int(v) for v in window)
+            if len(window) != 2 or min(window) < 1:
+                raise ValueError(f"window_size[{stage}] = {window!r}: use None (global "
+                                 "attention), a positive int or an (h, w) pair")
+        checked.append(window)
+    return checked
+
+
+class MoatNet(nn.Module):
+    """MOAT network. Build it with `moat.create_model(name, ...)`."""
+
+    def __init__(
+        self,
+        cfg: MoatConfig,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        position_embedding: bool = True,
+        window_size: Sequence[Window | int | None] | None = None,
+        global_attention_at_end: bool = False,
+        pool_size: int = 2,
+        drop_path_rate: float | None = None,
+        features_only: bool = False,
+        out_indices: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.window_size = _check_window_size(cfg, window_size)
+        self.grad_checkpointing = False
+
+        stem_0, stem_1 = cfg.stem_size
+        self.stem = nn.Sequential(OrderedDict(
+            conv_0=Conv2dSame(in_chans, stem_0, 3, stride=2),
+            norm_0=batch_norm(stem_0, cfg),
+            act_0=nn.GELU(),
+            conv_1=Conv2dSame(stem_0, stem_1, 3, stride=1),
+        ))
+        feature_info = [dict(num_chs=stem_1, reduction=2, module="stem")]
+
+        keep_probs = iter(cfg.drop_path_keep_probs(drop_path_rate))
+        in_chs, reduction = stem_1, 2
+        self.stages = nn.ModuleList()
+        for stage, (kind, depth, width) in enumerate(
+                zip(cfg.block_type, cfg.num_blocks, cfg.hidden_size)):
+            blocks = []
+            for index in range(depth):
+                stride = cfg.stage_stride[stage] if index == 0 else 1
+                common = dict(cfg=cfg, pool_size=pool_size, keep_prob=next(keep_probs))
+                if kind == "mbconv":
+                    blocks.append(MBConvBlock(in_chs, width, stride, **common))
+                else:
+                    last = index == depth - 1
+                    window = None if global_attention_at_end and last else self.window_size[stage]
+                    pe_size = cfg.position_embedding_size[stage] if position_embedding else None
+                    blocks.append(MoatBlock(in_chs, width, stride, num_heads=cfg.num_heads(stage),
+                                            position_embedding_size=pe_size, window=window,
+                                            **common))
+                in_chs = width
+            reduction *= cfg.stage_stride[stage]
+            self.stages.append(nn.Sequential(*blocks))
+            feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{stage}"))
+
+        self.num_features = in_chs
+        self.features_only = features_only
+        self.out_indices = tuple(range(len(ENDPOINTS)) if out_indices is None else out_indices)
+        if features_only:
+            if any(not 0 <= i < len(ENDPOINTS) for i in self.out_indices):
+                raise ValueError(f"out_indices must be within 0..4 (stage1..stage5), "
+                                 f"got {list(self.out_indices)}")
+            self.feature_info = FeatureInfo(feature_info[i] for i in self.out_indices)
+            self.final_layer_norm = self.logits_head = None
+        else:
+            self.feature_info = FeatureInfo(feature_info)
+            self.final_layer_norm = nn.LayerNorm(in_chs, eps=cfg.ln_eps)
+            self.logits_head = self._make_classifier(num_classes)
+        self.apply(self._init_weights)
+
+    def _make_classifier(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Official init: normal(0, 0.02) kernels and position tables, zero biases."""
+        std = self.cfg.init_std
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, Attention) and module.relative_position_embedding is not None:
+            nn.init.normal_(module.relative_position_embedding, std=std)
+
+    # --- public surface -------------------------------------------------------------
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass: less memory for larger crops."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters to exclude from weight decay: position tables, norms and biases."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim <= 1 or name.endswith("relative_position_embedding")}
+
+    def get_classifier(self) -> nn.Module:
+        return self.logits_head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier (0 removes it: forward then returns pooled features)."""
+        if self.features_only:
+            raise ValueError("a features_only model has no classifier")
+        self.num_classes = num_classes
+        self.logits_head = self._make_classifier(num_classes)
+        if num_classes > 0:
+            self._init_weights(self.logits_head)
+
+    def _run_stage(self, stage: nn.Sequential, x: Tensor) -> Tensor:
+        for block in stage:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def forward_endpoints(self, x: Tensor, last: int = len(ENDPOINTS) - 1) -> dict[str, Tensor]:
+        """The official endpoints {'stage1': stride 2, ..., 'stage5': stride 32}, NCHW.
+
+        `last` stops early (index into ENDPOINTS) for callers that need fewer stages.
+        """
+        x = self.stem(x)
+        endpoints = {"stage1": x}
+        for index, stage in enumerate(self.stages[:last], start=1):
+            x = self._run_stage(stage, x)
+            endpoints[ENDPOINTS[index]] = x
+        return endpoints
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Stage-5 feature map [B, C, H/32, W/32], before pooling and the head."""
+        return self.forward_endpoints(x)["stage5"]
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = self.final_layer_norm(x.mean((2, 3)))
+        return x if pre_logits else self.logits_head(x)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.features_only:
+            endpoints = self.forward_endpoints(x, last=max(self.out_indices))
+            return [endpoints[ENDPOINTS[i]] for i in self.out_indices]
+        return self.forward_head(self.forward_features(x))
