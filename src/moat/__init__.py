@@ -1,7 +1,16 @@
 """MOAT vision models in PyTorch, numerically identical to the official implementation."""
 
-from moat.models import MoatConfig, MoatNet, create_model, list_models
+import importlib.util
+
+from moat.flops import count_flops
+from moat.models import MoatConfig, MoatNet, list_models
 from moat.weights.official import load_official_weights
+# create_model accepts pretrained tags and weights files; it builds on moat.models.create_model
+from moat.weights.zoo import create_model, create_transform, data_config, list_pretrained
 
 __version__ = "0.1.0"
-__all__ = ["MoatConfig", "MoatNet", "create_model", "list_models", "load_official_weights"]
+__all__ = ["MoatConfig", "MoatNet", "count_flops", "create_model", "create_transform",
+           "data_config", "list_models", "list_pretrained", "load_official_weights"]
+
+if importlib.util.find_spec("timm") is not None:
+    import moat.timm_registry  # noqa: F401  (registers the variants with timm)

@@ -8,6 +8,7 @@ To add a subcommand: write `_add_<name>(subparsers)` that creates the parser and
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
@@ -54,7 +55,239 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_models, _add_summary]
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert an official TensorFlow checkpoint to .safetensors",
+                       description="SRC: the released .tar.gz, a checkpoint prefix, its .index "
+                       "file or a directory holding one checkpoint.")
+    p.add_argument("src")
+    p.add_argument("out", help="output file, *.safetensors")
+    p.add_argument("--model", help="required variant or tag, e.g. moat_0, moat_0_no_pe, "
+                   "moat_0.in1k_224 (default: whatever the checkpoint holds)")
+    p.add_argument("--ema", action="store_true",
+                   help="take the ExponentialMovingAverage copies (default: raw weights, "
+                   "as the official loader)")
+    p.add_argument("--allow-missing-bn-stats", action="store_true",
+                   help="convert a checkpoint without BatchNorm moving statistics (its "
+                   "predictions are wrong until they are re-estimated)")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from moat.weights.convert import convert_checkpoint
+
+    meta = convert_checkpoint(args.src, args.out, model=args.model, ema=args.ema,
+                              allow_missing_bn_stats=args.allow_missing_bn_stats)
+    print(f"wrote {args.out}: {meta['variant']} (position embedding "
+          f"{meta['position_embedding']}, {meta['source_weights']} weights, BN statistics "
+          f"{meta['bn_statistics']}); use moat.create_model({meta['pretrained_tag']!r}, "
+          f"weights={args.out!r})")
+    return 0
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what a checkpoint or weights file holds: variant, dtypes, "
+                       "EMA, BatchNorm statistics, optimizer slots")
+    p.add_argument("checkpoint", help="TensorFlow checkpoint (.tar.gz, prefix, .index, "
+                   "directory) or a .safetensors file")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from moat.weights.convert import describe
+
+    print(describe(args.checkpoint))
+    return 0
+
+
+COMMANDS = [_add_models, _add_summary, _add_convert, _add_info]
+
+
+# --- training, evaluation, prediction (moat.train) -------------------------------------------
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Flags that map to TrainConfig fields (None = not given, so the config file wins)."""
+    p.add_argument("--config", help="YAML or JSON file of settings (see moat.train.config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any setting, e.g. --set lr=5e-4 --set mixup=0 "
+                   "--set task_options.ignore_index=255 (repeatable)")
+    p.add_argument("--task", help="classification (default), segmentation, ...")
+    p.add_argument("--data", help="folder with train/<class>/ and val/<class>/ (or train.csv "
+                   "and val.csv), or the training split itself")
+    p.add_argument("--val-data", help="separate validation split (folder or .csv)")
+    p.add_argument("--model", help="variant, e.g. tiny_moat_0, moat_0 (see moat models)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch: over all processes and "
+                   "accumulation steps")
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 x batch/1024)")
+    p.add_argument("--output", help="RUN_DIR: checkpoints, logs, metrics")
+    p.add_argument("--init-from", help="fine-tune from weights: RUN_DIR, .safetensors, .pt or "
+                   "an official checkpoint (a new head is made for another class count)")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
+    p.add_argument("--frozen-stages", type=int, help="-1 none, 0 stem, K stem + stages 0..K-1")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--workers", type=int, help="data-loading processes per training process")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps")
+    for flag, what in (("--deterministic", "deterministic algorithms and seeded workers: a "
+                        "resumed run ends with the same weights"),
+                       ("--strict-data", "stop at the first unreadable image instead of "
+                        "skipping it"),
+                       ("--sync-bn", "synchronise BatchNorm statistics across processes"),
+                       ("--compile", "torch.compile the model"),
+                       ("--grad-checkpointing", "recompute blocks in backward (less memory)"),
+                       ("--channels-last", "channels-last memory format (default on CUDA)")):
+        p.add_argument(flag, action="store_true", default=None, help=what)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no progress bar")
+
+
+_TRAIN_FLAGS = ("task", "data", "val_data", "model", "img_size", "epochs", "batch_size",
+                "accum_steps", "lr", "output", "init_from", "layer_decay", "frozen_stages",
+                "precision", "device", "workers", "seed", "save_every_steps", "deterministic",
+                "strict_data", "sync_bn", "compile", "grad_checkpointing", "channels_last",
+                "progress")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune (one CPU to many GPUs via torchrun)",
+                       description="Train a task from a config file and flags. Distributed: "
+                       "torchrun --nproc_per_node N -m moat.cli train ...")
+    _add_train_options(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its latest checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from moat.train.loop import run_training
+
+    flags = {k: getattr(args, k) for k in _TRAIN_FLAGS}
+    result = run_training(args.config, args.set, resume=args.resume, **flags)
+    if result["metrics"]:
+        print(f"final: {result['line']}")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (prints top-1, ...)")
+    p.add_argument("--data", required=True, help="split folder or .csv, or a root with val/")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR, checkpoint folder or weights file")
+    p.add_argument("--img-size", type=int, help="evaluation resolution (default: training's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
+                   help="auto: the better of model and EMA at that checkpoint")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
+    p.add_argument("--report", help="folder for per-class accuracy, confusion matrix (PNG, CSV) "
+                   "(default: RUN_DIR/eval)")
+    p.add_argument("--strict-data", action="store_true")
+    p.add_argument("--task", help="expected task (default: the checkpoint's)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import math
+
+    from moat.train.inference import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, img_size=args.img_size,
+                                 batch_size=args.batch_size, workers=args.workers,
+                                 weights=args.weights, device=args.device,
+                                 precision=args.precision, report_dir=args.report,
+                                 strict_data=args.strict_data, task=args.task)
+    task = result["task"]
+    print(f"checkpoint: {result['checkpoint']} ({result['weights']} weights)")
+    if result["bad_images"]:
+        print(f"skipped {len(result['bad_images'])} unreadable file(s): "
+              + ", ".join(sorted(result["bad_images"])[:10]))
+    per_class = getattr(task, "per_class_accuracy", None)
+    if per_class is not None and getattr(task, "classes", None) and len(task.classes) <= 50:
+        for name, acc in zip(task.classes, per_class()):
+            print(f"  {name}: " + ("n/a" if math.isnan(acc) else f"{acc:.2f}%"))
+    for path in result["report"]:
+        print(f"wrote {path}")
+    print(result["line"])
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k labels with probabilities for images")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR, checkpoint folder or weights file")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the results as JSON to this file ('-': stdout)")
+    p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from moat.train.inference import predict_checkpoint
+
+    results = predict_checkpoint(args.images, args.checkpoint, top_k=args.top_k,
+                                 img_size=args.img_size, weights=args.weights,
+                                 device=args.device, json_path=args.json,
+                                 output_dir=args.output_dir)
+    if args.json != "-":
+        for r in results:
+            if "error" in r:
+                print(f"{r['path']}: error: {r['error']}")
+            elif "top_k" in r:
+                print(f"{r['path']}: " + ", ".join(f"{t['label']} {t['probability']:.3f}"
+                                                    for t in r["top_k"]))
+            else:
+                print(json.dumps(r))
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="generate a small dataset, train on it, evaluate, predict")
+    p.add_argument("--output", default="moat-demo", help="folder for everything (default: "
+                   "./moat-demo)")
+    p.add_argument("--task", default="classification")
+    p.add_argument("--epochs", type=int, help="override the demo's epochs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from moat.train.task import get_task
+
+    result = get_task(args.task).demo(args.output, epochs=args.epochs, overrides=args.set,
+                                      progress=args.progress)
+    for label, path in result.get("outputs", {}).items():
+        print(f"{label}: {path}")
+    for r in result.get("predictions", [])[:8]:
+        if "top_k" in r:
+            best = r["top_k"][0]
+            print(f"predicted {r['path']}: {best['label']} ({best['probability']:.3f})")
+    print(result.get("summary", result.get("metrics")))
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="PNG of a run's loss, lr and validation curves")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from moat.train.logger import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.output)}")
+    return 0
+
+
+COMMANDS += [_add_train, _add_eval, _add_predict, _add_demo, _add_plot]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,30 @@
+"""Input preprocessing facts of the released checkpoints (MODEL_ZOO.md §4, ARCHITECTURE.md §13).
+
+Official "option 1": ImageNet mean/std on 0..255 input (= these values on 0..1 input);
+"option 2": (x - 127.5) / 127.5 (= mean 0.5, std 0.5 on 0..1 input).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moat.models.config import MODEL_CONFIGS
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALISATION = {
+    "option1": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    "option2": dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+# The released ImageNet-22K checkpoints (MOAT-2/3/4) use option 2; all others option 1.
+VARIANT_NORMALISATION = {name: "option2" if name in ("moat_2", "moat_3", "moat_4") else "option1"
+                         for name in MODEL_CONFIGS}
+CROP_PCT = 0.875
+INTERPOLATION = "bicubic"
+
+
+def variant_data_config(name: str) -> dict[str, Any]:
+    """Resize/crop/normalisation of a variant's released checkpoint, at its native size."""
+    size = MODEL_CONFIGS[name].native_resolution
+    return dict(input_size=(size, size), crop_pct=CROP_PCT, interpolation=INTERPOLATION,
+                **NORMALISATION[VARIANT_NORMALISATION[name]])
