@@ -1,0 +1,449 @@
+"""Image classification datasets and DataLoaders that survive bad files and resume mid-epoch.
+
+Layouts: an image folder (`root/<class>/<image>`, or `root/train/...` + `root/val/...`) or CSV
+file lists (`path,label`). Class indices always come from the training split, so train and val
+agree even when val lacks some classes.
+
+Bad files never crash an epoch: `__getitem__` returns a `BadSample` instead of raising, and
+`SkipBadCollate` drops those from the batch and returns them alongside it as
+`Batch(images, targets, bad)`. That is how the paths get from the worker processes, where they
+are found, back to the training loop, which counts and logs them (see `BadImageLog`).
+With `strict=True` the first bad file raises `BadImageError` naming it instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+from moat.data.images import BadImageError, load_rgb
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Any], Any]
+BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class BadSample(NamedTuple):
+    """Returned by a dataset in place of a sample whose file could not be read."""
+
+    path: str
+    reason: str
+
+
+class Batch(NamedTuple):
+    """What the loaders yield. `images`/`targets` are empty (length 0) if every file was bad."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    bad: list[BadSample]
+
+
+class _PathTable:
+    """Paths packed into one bytes object plus an offsets array.
+
+    A Python list of a million str objects is copied page by page into every forked DataLoader
+    worker as reference counts get touched (pytorch/pytorch#13246): gigabytes on ImageNet.
+    """
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        encoded = [os.fsencode(p) for p in paths]
+        self._blob = b"".join(encoded)
+        self._offsets = np.cumsum([0] + [len(b) for b in encoded], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return os.fsdecode(self._blob[self._offsets[i]:self._offsets[i + 1]])
+
+
+class ImageDataset(Dataset):
+    """(path, class index) samples decoded with `load_rgb`; torchvision ImageFolder attributes.
+
+    `__getitem__` returns (transform(image), target), or a BadSample for an unreadable file
+    (or raises BadImageError when `strict`).
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
+                 transform: Transform | None = None, strict: bool = False) -> None:
+        if not samples:
+            raise ValueError("dataset has no samples")
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self._paths = _PathTable(p for p, _ in samples)
+        self.targets_array = np.fromiter((t for _, t in samples), dtype=np.int64,
+                                         count=len(samples))
+        self.transform = transform
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    @property
+    def targets(self) -> list[int]:
+        return self.targets_array.tolist()
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        return [(self._paths[i], int(self.targets_array[i])) for i in range(len(self))]
+
+    def path(self, index: int) -> str:
+        return self._paths[index]
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | BadSample:
+        path, target = self._paths[index], int(self.targets_array[index])
+        try:
+            img = load_rgb(path)
+        except BadImageError as err:
+            if self.strict:
+                raise BadImageError(f"{err} (strict mode: turn strict off to skip bad files)",
+                                    path) from err
+            return BadSample(path, str(err))
+        return (self.transform(img) if self.transform else img), target
+
+
+def _valid_image(path: str) -> bool:
+    # Hidden files are skipped too: macOS writes '._name.jpg' AppleDouble files that have an
+    # image extension but no image inside.
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not os.path.basename(
+        path).startswith(".")
+
+
+def _class_dirs(root: Path) -> list[str]:
+    # Unlike torchvision's find_classes, hidden folders (.ipynb_checkpoints, .git) are no class.
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+class ImageFolderDataset(ImageDataset):
+    """`root/<class>/**/<image>`; classes are the sorted folder names.
+
+    Pass the training set's `classes` when building val so both use the same indices; val may
+    lack classes, but a class folder the training set does not know is an error. Files without
+    an image extension (notes.txt, .DS_Store) and hidden files are ignored.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Transform | None = None,
+                 classes: Sequence[str] | None = None, strict: bool = False) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+        found = _class_dirs(self.root)
+        if not found:
+            raise ValueError(f"no class folders in {str(self.root)!r}; expected the layout "
+                             "root/<class name>/<image files>")
+        from_train = classes is not None  # val: may lack classes, must not add any
+        if classes is None:
+            classes = found
+        else:
+            unknown = sorted(set(found) - set(classes))
+            if unknown:
+                raise ValueError(
+                    f"{str(self.root)!r} has class folders the training set does not have: "
+                    f"{_short(unknown)}. Class indices come from the training set, so add these "
+                    "classes to it or remove the folders.")
+        samples = make_dataset(str(self.root), {c: i for i, c in enumerate(classes)},
+                               is_valid_file=_valid_image, allow_empty=from_train)
+        if not samples:
+            raise ValueError(f"no image files under {str(self.root)!r} (extensions: "
+                             f"{', '.join(IMG_EXTENSIONS)})")
+        super().__init__(samples, classes, transform, strict)
+
+
+class CsvDataset(ImageDataset):
+    """A CSV file list with a header row and columns `path,label` (other columns are ignored).
+
+    Paths are relative to the CSV file's folder (absolute paths also work). Labels are class
+    indices if every label in the file is a non-negative integer, else class names. Without
+    `classes`, names give sorted(set(names)) and indices give classes '0'..'max'; with `classes`
+    (the training set's, for val) names must be among them and indices below their count.
+    Listed files must exist (checked here, so a wrong folder fails at once, not as a run of
+    'bad' files).
+    """
+
+    def __init__(self, csv_path: str | os.PathLike, transform: Transform | None = None,
+                 classes: Sequence[str] | None = None, strict: bool = False) -> None:
+        self.csv_path = Path(csv_path)
+        base = self.csv_path.parent
+        paths, labels = [], []
+        with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            if "path" not in header or "label" not in header:
+                raise ValueError(f"{str(self.csv_path)!r}: the first row must be a header with "
+                                 f"columns 'path' and 'label', got {header}")
+            reader.fieldnames = header
+            for row in reader:
+                path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
+                if not path and not label:
+                    continue
+                if not path or not label:
+                    raise ValueError(f"{str(self.csv_path)!r} line {reader.line_num}: "
+                                     "empty path or label")
+                paths.append(os.path.join(base, path))
+                labels.append(label)
+        if not paths:
+            raise ValueError(f"{str(self.csv_path)!r} lists no files")
+        targets, classes = self._targets(labels, classes)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(paths)} files listed in {str(self.csv_path)!r} do not "
+                f"exist, e.g. {_short(missing)}; paths must be relative to the CSV's folder")
+        super().__init__(list(zip(paths, targets)), classes, transform, strict)
+
+    def _targets(self, labels: list[str], classes: Sequence[str] | None,
+                 ) -> tuple[list[int], list[str]]:
+        if all(label.isdigit() for label in labels):
+            targets = [int(label) for label in labels]
+            if classes is None:
+                return targets, [str(i) for i in range(max(targets) + 1)]
+            bad = sorted({t for t in targets if t >= len(classes)})
+            if bad:
+                raise ValueError(f"{str(self.csv_path)!r} has class indices {_short(bad)} but the "
+                                 f"training set has only {len(classes)} classes")
+            return targets, list(classes)
+        if classes is None:
+            classes = sorted(set(labels))
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(labels) - index.keys())
+        if unknown:
+            raise ValueError(f"{str(self.csv_path)!r} has labels the training set does not have: "
+                             f"{_short(unknown)}; class indices come from the training set")
+        return [index[label] for label in labels], list(classes)
+
+
+def _short(items: Sequence[Any], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in items[:n])
+    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def open_split(path: str | os.PathLike, transform: Transform | None = None,
+               classes: Sequence[str] | None = None, strict: bool = False) -> ImageDataset:
+    """An image folder or a .csv file list, by what `path` is."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return CsvDataset(path, transform, classes, strict)
+    return ImageFolderDataset(path, transform, classes, strict)
+
+
+def classification_datasets(
+    data: str | os.PathLike,
+    val: str | os.PathLike | None = None,
+    *,
+    train_transform: Transform | None = None,
+    val_transform: Transform | None = None,
+    strict: bool = False,
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """Train and val datasets sharing the training set's class indices.
+
+    `data` is a root holding `train/` and `val/` folders or `train.csv` and `val.csv`, or the
+    training split itself (a folder or a .csv), with `val` given separately or not at all.
+    """
+    data = Path(data)
+    if data.is_dir():
+        for train_name, val_name in (("train", "val"), ("train.csv", "val.csv")):
+            if (data / train_name).exists():
+                root, data = data, data / train_name
+                if val is None and (root / val_name).exists():
+                    val = root / val_name
+                elif val is None:
+                    log.warning("no %s next to %s: training without validation", val_name, data)
+                break
+    train_set = open_split(data, train_transform, None, strict)
+    val_set = None if val is None else open_split(val, val_transform, train_set.classes, strict)
+    return train_set, val_set
+
+
+class SkipBadCollate:
+    """Collate that drops BadSamples, returns them in `Batch.bad`, then applies a batch transform.
+
+    A class rather than a function so that `batch_transform` (e.g. MixUpCutMix) pickles to
+    workers. Mixing runs in the workers, in parallel, off the training loop's critical path.
+    """
+
+    def __init__(self, batch_transform: BatchTransform | None = None) -> None:
+        self.batch_transform = batch_transform
+
+    def __call__(self, samples: list[tuple[Any, int] | BadSample]) -> Batch:
+        bad = [s for s in samples if isinstance(s, BadSample)]
+        good = [s for s in samples if not isinstance(s, BadSample)]
+        if not good:
+            return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
+        images, targets = default_collate(good)
+        if self.batch_transform is not None:
+            images, targets = self.batch_transform(images, targets)
+        return Batch(images, targets, bad)
+
+
+def scan_for_bad_images(dataset: ImageDataset, num_workers: int = 0,
+                        batch_size: int = 64) -> list[BadSample]:
+    """Decode every file once and return the bad ones.
+
+    This costs a full decode of the dataset (minutes for ImageNet even with workers), so it is
+    an optional upfront check; training skips bad files anyway.
+    """
+    loader = DataLoader(_DecodeOnly(dataset), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_bad_only)
+    return [b for batch in loader for b in batch]
+
+
+class _DecodeOnly(Dataset):
+    def __init__(self, dataset: ImageDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> BadSample | None:
+        path = self.dataset.path(index)
+        try:
+            load_rgb(path)
+        except BadImageError as err:
+            return BadSample(path, str(err))
+        return None
+
+
+def _bad_only(items: list[BadSample | None]) -> list[BadSample]:
+    return [b for b in items if b is not None]
+
+
+class BadImageLog:
+    """Counts bad files seen by the training loop and logs each path once (not once per epoch)."""
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self.logger = logger
+        self.count = 0  # every skip, including repeats in later epochs
+        self.paths: dict[str, str] = {}
+
+    def add(self, bad: Iterable[BadSample]) -> None:
+        for sample in bad:
+            self.count += 1
+            if sample.path not in self.paths:
+                self.paths[sample.path] = sample.reason
+                self.logger.warning("skipped bad image: %s", sample.reason)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (also used on one process) that can start part-way into an epoch.
+
+    The order depends only on (seed, epoch, rank, world size), so a resumed run that skips the
+    batches it already trained on sees exactly the samples the interrupted run would have seen.
+    `set_epoch` resets the skip, so only the epoch that was interrupted is shortened.
+    """
+
+    def __init__(self, dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        world, this_rank = _world()
+        super().__init__(dataset, num_replicas=world if num_replicas is None else num_replicas,
+                         rank=this_rank if rank is None else rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start = 0
+
+    def skip(self, num_samples: int) -> None:
+        """Start this epoch at the `num_samples`-th index of this rank's order."""
+        if not 0 <= num_samples <= self.num_samples:
+            raise ValueError(f"cannot skip {num_samples} samples of an epoch of "
+                             f"{self.num_samples} on this rank")
+        self.start = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ShardSampler(Sampler[int]):
+    """Rank r of n takes indices r, r+n, r+2n, ...: no padding, unlike DistributedSampler.
+
+    DistributedSampler repeats samples so all ranks have equal counts, which skews validation
+    metrics; with this sampler each sample is evaluated exactly once (ranks may differ by one
+    sample, so sum correct/total counts across ranks with all_reduce).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None,
+                 rank: int | None = None) -> None:
+        world, this_rank = _world()
+        self.length = len(dataset)  # type: ignore[arg-type]
+        self.num_replicas = world if num_replicas is None else num_replicas
+        self.rank = this_rank if rank is None else rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+def build_classification_loaders(
+    train_set: Dataset,
+    val_set: Dataset | None,
+    *,
+    batch_size: int,
+    val_batch_size: int | None = None,
+    num_workers: int = 4,
+    seed: int = 0,
+    batch_transform: BatchTransform | None = None,
+    drop_last: bool = True,
+    device: str | torch.device | None = None,
+    persistent_workers: bool = True,
+) -> tuple[DataLoader, DataLoader | None]:
+    """Train and val loaders yielding `Batch(images, targets, bad)`; batch sizes are per process.
+
+    The train loader shuffles with a ResumableSampler (sharded when torch.distributed is
+    initialized); call `set_loader_epoch` before each epoch. Worker randomness comes from a
+    generator seeded with (seed, rank), so a run is reproducible for a fixed seed and ranks
+    augment differently. `batch_transform` (e.g. MixUpCutMix) applies to train batches only.
+    Memory is pinned only when the device is CUDA (default: CUDA if available).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    pin = torch.device(device).type == "cuda"
+    workers = dict(num_workers=num_workers, pin_memory=pin,
+                   persistent_workers=persistent_workers and num_workers > 0)
+    sampler = ResumableSampler(train_set, shuffle=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed * 1000 + sampler.rank)
+    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                       collate_fn=SkipBadCollate(batch_transform), generator=generator, **workers)
+    val = None
+    if val_set is not None:
+        val = DataLoader(val_set, batch_size=val_batch_size or batch_size,
+                         sampler=ShardSampler(val_set), collate_fn=SkipBadCollate(), **workers)
+    return train, val
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Select the epoch's order and optionally skip its first batches (to resume mid-epoch).
+
+    Skipping works in whole batches of `loader.batch_size` indices, so it is exact even when
+    bad files made some earlier batches smaller.
+    """
+    sampler = loader.sampler
+    if not isinstance(sampler, ResumableSampler):
+        raise TypeError("set_loader_epoch needs a loader built by build_classification_loaders")
+    sampler.set_epoch(epoch)
+    if skip_batches:
+        sampler.skip(min(skip_batches * (loader.batch_size or 1), sampler.num_samples))
