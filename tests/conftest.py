@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Before torch is imported (here and in subprocesses): OpenMP threads that spin while waiting
+# make every step 10-50x slower when more threads than cores are runnable, as on a shared
+# 2-core machine running several test processes; passive waiting costs little otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

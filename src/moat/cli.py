@@ -290,6 +290,96 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 COMMANDS += [_add_train, _add_eval, _add_predict, _add_demo, _add_plot]
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a model: ONNX, TorchScript or torch.export")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    for name, help_text in (("onnx", "ONNX file (checked against onnxruntime)"),
+                            ("torchscript", "TorchScript trace (.pt)"),
+                            ("torch-export", "torch.export program (.pt2)")):
+        f = formats.add_parser(name, help=help_text)
+        f.add_argument("model", help="variant or pretrained tag (e.g. moat_0, moat_0.in1k_224), "
+                       "or a weights file holding its variant (.safetensors from `moat "
+                       "convert`, or a TensorFlow checkpoint)")
+        f.add_argument("out", help="output file")
+        f.add_argument("--img-size", nargs="+", type=int, metavar=("H", "W"), default=None,
+                       help="input size (default: the variant's native resolution)")
+        f.add_argument("--weights", help="weights file for a MODEL given by name")
+        f.add_argument("--window-size", nargs=4, type=_window_arg, default=None, metavar="W",
+                       help="one entry per stage: none, N or HxW (default: global attention)")
+        f.add_argument("--global-attention-at-end", action="store_true")
+        f.add_argument("--pool-size", type=int, default=None,
+                       help="shortcut pool size (default: the model's, 2)")
+        f.add_argument("--num-classes", type=int, default=None)
+        f.add_argument("--batch", type=int, default=1, help="batch of the example input "
+                       "(the exported batch dimension is dynamic)")
+        if name == "onnx":
+            f.add_argument("--opset", type=int, default=17)
+            f.add_argument("--no-check", dest="check", action="store_false",
+                           help="skip the onnxruntime comparison at batch 1 and 8")
+        if name != "torchscript":
+            f.add_argument("--static-size", action="store_true",
+                           help="fixed height/width even with global attention")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from moat.export import load_model, run_export
+
+    model = load_model(args.model, weights=args.weights, window_size=args.window_size,
+                       global_attention_at_end=args.global_attention_at_end,
+                       pool_size=args.pool_size, num_classes=args.num_classes)
+    print(run_export(model, args.format, args.out, img_size=args.img_size, batch=args.batch,
+                     opset=getattr(args, "opset", 17), check=getattr(args, "check", False),
+                     static_size=getattr(args, "static_size", True)))
+    return 0
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="throughput, latency, memory and multiply-adds, "
+                       "optionally against timm peers")
+    p.add_argument("models", nargs="*", default=["moat_0"], help="MOAT variants (default "
+                   "moat_0) or timm model names")
+    p.add_argument("--peers", action="store_true", help="also coatnet_0_rw_224, "
+                   "maxvit_tiny_tf_224 and convnext_tiny (timm), in the same run")
+    p.add_argument("--img-size", nargs="+", type=int, default=[224])
+    p.add_argument("--batch-size", nargs="+", type=int, default=[8])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    p.add_argument("--threads", nargs="+", type=int, default=[0], help="0: torch's default")
+    p.add_argument("--mode", nargs="+", default=["inference"], choices=["inference", "train"])
+    p.add_argument("--optimized", action="store_true",
+                   help="also MOAT through moat.optimize_for_inference (inference)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="channels-last weights and inputs for every plain model")
+    p.add_argument("--drop-path-rate", type=float, default=0.0,
+                   help="stochastic depth of every model in training (default 0)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-latency", dest="latency", action="store_false")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--csv", help="write every row, with versions, to this CSV file")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from moat.benchmark import format_table, run_benchmark, write_csv
+
+    rows = run_benchmark(
+        args.models, peers=args.peers, img_sizes=args.img_size, batch_sizes=args.batch_size,
+        dtypes=args.dtype, threads=args.threads, modes=args.mode, optimized=args.optimized,
+        channels_last=args.channels_last, drop_path_rate=args.drop_path_rate,
+        warmup=args.warmup, repeats=args.repeats, latency=args.latency, memory=args.memory,
+        device=args.device, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(rows))
+    if args.csv:
+        write_csv(rows, args.csv)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+COMMANDS += [_add_export, _add_benchmark]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moat", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

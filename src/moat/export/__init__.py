@@ -1,0 +1,110 @@
+"""Deployment: a fused inference copy of a model, and exporters.
+
+* `optimize_for_inference(model)`: BatchNorm folded, fused attention with precomputed
+  position biases, channels-last where faster (see `moat.export.inference`);
+* `export_onnx`, `export_torchscript`, `export_program` (torch.export .pt2): see
+  `moat.export.formats`; `moat export FORMAT MODEL OUT` on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from moat.export.formats import (SIZE_MULTIPLE, check_dynamic_size, check_onnx, export_onnx,
+                                 export_program, export_torchscript, prepare_for_export,
+                                 supports_dynamic_size)
+from moat.export.inference import is_optimized, optimize_for_inference
+
+__all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
+           "export_torchscript", "is_optimized", "load_model", "optimize_for_inference",
+           "prepare_for_export", "run_export", "supports_dynamic_size"]
+
+FORMATS = ("onnx", "torchscript", "torch-export")
+
+
+def load_model(model: str, *, weights: str | os.PathLike | None = None,
+               window_size: Sequence | None = None, global_attention_at_end: bool = False,
+               pool_size: int | None = None, num_classes: int | None = None):
+    """A model to export, from a variant / pretrained tag or from a weights file.
+
+    `model` is a name (`moat_0`, `moat_0_no_pe`, `moat_0.in1k_224`; `weights` optionally
+    loads a file into it) or a file that records its variant: a `.safetensors` file written
+    by `moat convert` / `moat.weights.save_weights`, or a TensorFlow checkpoint.
+    """
+    import moat
+
+    options = dict(window_size=window_size, global_attention_at_end=global_attention_at_end)
+    if pool_size is not None:
+        options["pool_size"] = pool_size
+    path = Path(model)
+    if path.exists():
+        if weights is not None:
+            raise ValueError(f"MODEL is already a weights file ({model}); drop --weights")
+        name, classes = _variant_of_file(path)
+        if num_classes is not None and num_classes != classes:
+            raise ValueError(f"{model} holds a {classes}-class classifier, not {num_classes}")
+        return moat.create_model(name, weights=path, num_classes=classes, **options).eval()
+    if num_classes is not None:
+        options["num_classes"] = num_classes
+    return moat.create_model(model, weights=weights, **options).eval()
+
+
+def _variant_of_file(path: Path) -> tuple[str, int]:
+    """(model name, classes) recorded in a weights file."""
+    from moat.weights.io import read_metadata
+
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if "variant" not in meta:
+            raise ValueError(f"{path} records no variant; pass the variant as MODEL and the "
+                             "file with --weights")
+        pe = json.loads(meta.get("position_embedding", "true"))
+        return meta["variant"] + ("" if pe else "_no_pe"), int(meta.get("num_classes", 1000))
+    if path.suffix in (".pt", ".pth", ".bin", ".npz"):
+        raise ValueError(f"{path} does not record its variant; pass the variant as MODEL and "
+                         "the file with --weights, e.g. `moat export onnx moat_0 out.onnx "
+                         f"--weights {path}`")
+    from moat.weights.convert import checkpoint_info
+
+    variant = checkpoint_info(path)["variant"]
+    if isinstance(variant, str):
+        raise ValueError(f"{path}: {variant}")
+    name = variant.name + ("" if variant.position_embedding else "_no_pe")
+    return name, variant.num_classes
+
+
+def run_export(model, fmt: str, out: str | os.PathLike, *,
+               img_size: int | Sequence[int] | None = None, batch: int = 1, opset: int = 17,
+               check: bool = True, static_size: bool = False) -> str:
+    """Export `model` in format `fmt` ("onnx", "torchscript", "torch-export"); a summary.
+
+    `img_size` defaults to the variant's native resolution. Height and width are dynamic
+    (multiples of 32) for a globally attending model unless `static_size`; TorchScript
+    traces are always fixed-size.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    size = img_size or model.cfg.native_resolution
+    size = tuple(size) if not isinstance(size, int) else (size,)
+    size = (size[0], size[-1])
+    if fmt == "torchscript":
+        export_torchscript(model, out, size, batch=batch)
+        return (f"wrote {out}: TorchScript trace, dynamic batch, fixed {size[0]}x{size[1]}; "
+                "load with torch.jit.load")
+    dynamic = check_dynamic_size(model, size, False if static_size else None)
+    shape = (f"dynamic height/width (multiples of {SIZE_MULTIPLE}, traced at "
+             f"{size[0]}x{size[1]})" if dynamic else f"fixed {size[0]}x{size[1]}")
+    if fmt == "torch-export":
+        export_program(model, out, size, batch=batch, dynamic_size=dynamic)
+        return (f"wrote {out}: torch.export program, dynamic batch, {shape}; load with "
+                "torch.export.load(path).module()")
+    report = export_onnx(model, out, size, opset=opset, batch=batch, dynamic_size=dynamic,
+                         check=check)
+    lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}"]
+    lines += [f"  onnxruntime vs PyTorch, batch {r['batch']}, {r['img_size'][0]}x"
+              f"{r['img_size'][1]}: max abs error {r['max_abs_err']:.2e}"
+              for r in report.get("check", [])]
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from moat.models.config import MoatConfig
 from moat.models.layers import (Attention, Conv2dSame, DropPath, avg_pool_same_exclude_pad,
-                                window_partition, window_reverse)
+                                window_attention)
 
 
 def batch_norm(channels: int, cfg: MoatConfig) -> nn.BatchNorm2d:
@@ -65,8 +65,12 @@ class MBConvBlock(nn.Module):
 class MoatBlock(MBConvBlock):
     """MBConv (no SE) followed by pre-LayerNorm window/global self-attention.
 
-    `window` None means global attention over the whole (downsampled) feature map; windows
-    that do not divide the map are padded and the padded keys masked.
+    `window` None means global attention over the whole (downsampled) feature map; where
+    windows do not divide the map, the last windows are cut to it (equivalent to padding
+    the map and masking the padded keys, see `window_attention`).
+
+    Runs in either memory format; with channels-last activations the LayerNorm and the
+    global attention read the feature map in place, without a transposing copy.
     """
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, cfg: MoatConfig,
@@ -80,10 +84,7 @@ class MoatBlock(MBConvBlock):
 
     def forward(self, x: Tensor) -> Tensor:
         x = super().forward(x)
-        height, width = x.shape[-2:]
-        window = self.window or (height, width)
+        window = self.window or tuple(x.shape[-2:])
         y = self.attention_norm(x.permute(0, 2, 3, 1))
-        bias = self.attention.attention_bias(height, width, window)
-        y = self.attention(window_partition(y, window), bias)
-        y = window_reverse(y, window, height, width).permute(0, 3, 1, 2)
+        y = window_attention(self.attention, y, window).permute(0, 3, 1, 2)
         return x + self.drop_path(y)

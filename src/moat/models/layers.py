@@ -47,9 +47,11 @@ def avg_pool_same_exclude_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
     left, right = same_padding(x.shape[-1], kernel, stride)
     if top == bottom == left == right == 0:
         return F.avg_pool2d(x, kernel, stride)
-    pad = (left, right, top, bottom)
-    ones = F.pad(x.new_ones(1, 1, *x.shape[-2:]), pad)
-    return F.avg_pool2d(F.pad(x, pad), kernel, stride) / F.avg_pool2d(ones, kernel, stride)
+    # SAME pads (p, p) or (p, p + 1): pad p on both sides, and ceil_mode adds the last,
+    # partial window (it changes nothing on an axis padded symmetrically); both divide by
+    # the number of valid elements. No padded copy of x.
+    return F.avg_pool2d(x, kernel, stride, padding=(top, left), ceil_mode=True,
+                        count_include_pad=False)
 
 
 class DropPath(nn.Module):
@@ -64,57 +66,58 @@ class DropPath(nn.Module):
             return x
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         mask = torch.floor(self.keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device))
-        return x / self.keep_prob * mask
+        return x * (mask / self.keep_prob)  # one pass over x (the official x / p * mask)
 
     def extra_repr(self) -> str:
         return f"keep_prob={self.keep_prob:.4f}"
 
 
 @functools.lru_cache(maxsize=64)
-def _relative_index(h: int, w: int, device: torch.device) -> Tensor:
+def _relative_index(h: int, w: int, device: torch.device,
+                    crop: tuple[int, int] | None = None) -> Tensor:
     """Index into the flattened (2h-1)x(2w-1) table for every (query, key) pair.
 
     bias[i*w + j, x*w + y] = table[(x - i) + h - 1, (y - j) + w - 1]: key minus query,
-    the official convention (the opposite of Swin's).
+    the official convention (the opposite of Swin's). `crop` (ch, cw) keeps only the
+    tokens of the top-left ch x cw part of the h x w window.
     """
-    rows = torch.arange(h, device=device)
-    cols = torch.arange(w, device=device)
-    dy = rows[None, :] - rows[:, None] + h - 1  # [query row i, key row x]
-    dx = cols[None, :] - cols[:, None] + w - 1  # [query col j, key col y]
-    index = dy[:, None, :, None] * (2 * w - 1) + dx[None, :, None, :]
-    return index.reshape(h * w, h * w)
+    ch, cw = crop or (h, w)
+    # A normal tensor even when first called under inference_mode: the cached index is
+    # reused by training steps, which cannot save inference tensors for backward.
+    with torch.inference_mode(False):
+        rows = torch.arange(ch, device=device)
+        cols = torch.arange(cw, device=device)
+        dy = rows[None, :] - rows[:, None] + h - 1  # [query row i, key row x]
+        dx = cols[None, :] - cols[:, None] + w - 1  # [query col j, key col y]
+        index = dy[:, None, :, None] * (2 * w - 1) + dx[None, :, None, :]
+        return index.reshape(ch * cw, ch * cw)
 
 
-def relative_position_bias(table: Tensor, h: int, w: int) -> Tensor:
+def relative_position_bias(table: Tensor, h: int, w: int,
+                           crop: tuple[int, int] | None = None) -> Tensor:
     """[heads, 2P-1, 2P-1] learned table -> [heads, h*w, h*w] attention bias.
 
     The table is always resized bilinearly (TF2 half-pixel centres, no antialias) to
-    (2h-1, 2w-1), then gathered with the key-minus-query index.
+    (2h-1, 2w-1), then gathered with the key-minus-query index. With `crop` (ch, cw) the
+    bias covers only the top-left ch x cw tokens of the h x w window: [heads, ch*cw, ch*cw].
     """
     resized = F.interpolate(table[:, None], size=(2 * h - 1, 2 * w - 1), mode="bilinear",
                             align_corners=False)[:, 0]
-    return resized.flatten(1)[:, _relative_index(h, w, table.device)]
-
-
-@functools.lru_cache(maxsize=64)
-def _window_padding_mask(height: int, width: int, window: tuple[int, int],
-                         device: torch.device) -> Tensor:
-    """[windows, 1, 1, tokens] additive mask: -inf on keys that are padding."""
-    wh, ww = window
-    valid = torch.zeros(-(-height // wh) * wh, -(-width // ww) * ww, device=device)
-    valid[:height, :width] = 1
-    valid = window_partition(valid[None, :, :, None], window)[0, :, :, 0]  # [nW, T]
-    mask = torch.zeros_like(valid).masked_fill(valid == 0, float("-inf"))
-    return mask[:, None, None, :]
+    # Traced with symbolic sizes (export with dynamic height/width) there is nothing to cache.
+    index = _relative_index.__wrapped__ if torch.compiler.is_compiling() else _relative_index
+    return resized.flatten(1)[:, index(h, w, table.device, crop)]
 
 
 def window_partition(x: Tensor, window: tuple[int, int]) -> Tensor:
     """[B, H, W, C] -> [B, windows, wh*ww, C], zero-padding H and W up to multiples.
 
-    Window order is (row, column) as in the official `_make_windows`.
+    Window order is (row, column) as in the official `_make_windows`. One window covering
+    the whole map is a view, not a copy.
     """
     batch, height, width, channels = x.shape
     wh, ww = window
+    if (wh, ww) == (height, width):
+        return x.reshape(batch, 1, height * width, channels)
     pad_h, pad_w = -height % wh, -width % ww
     if pad_h or pad_w:
         x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -127,10 +130,44 @@ def window_reverse(windows: Tensor, window: tuple[int, int], height: int, width:
     """Inverse of `window_partition`, cropping the padding: -> [B, H, W, C]."""
     batch, _, _, channels = windows.shape
     wh, ww = window
+    if (wh, ww) == (height, width):
+        return windows.reshape(batch, height, width, channels)
     rows, cols = -(-height // wh), -(-width // ww)
     x = windows.view(batch, rows, cols, wh, ww, channels).transpose(2, 3)
     x = x.reshape(batch, rows * wh, cols * ww, channels)
     return x[:, :height, :width] if rows * wh != height or cols * ww != width else x
+
+
+def _window_regions(size: int, window: int) -> list[tuple[int, int, int]]:
+    """(start, stop, window) along one axis: the part the window divides, then the rest."""
+    whole = size - size % window
+    regions = [(0, whole, window)] if whole else []
+    if whole < size:
+        regions.append((whole, size, size - whole))
+    return regions
+
+
+def window_attention(attention: "Attention", x: Tensor, window: tuple[int, int]) -> Tensor:
+    """Self-attention within (wh, ww) windows of x [B, H, W, C] -> [B, H, W, C].
+
+    A window (wh, ww) equal to (H, W) is global attention. Where the windows do not divide
+    the map, the last row / column of windows is cut to the map and attends with the
+    matching top-left part of the window's position bias. That is exactly the padded window
+    with the padded keys masked (and the padded queries dropped), without computing or
+    storing the padding: the bias stays [heads, T, T] per window size, whatever the map.
+    """
+    _, height, width, _ = x.shape
+    rows, cols = _window_regions(height, window[0]), _window_regions(width, window[1])
+    out_rows = []
+    for top, bottom, wh in rows:
+        out_cols = []
+        for left, right, ww in cols:
+            part = x if len(rows) == len(cols) == 1 else x[:, top:bottom, left:right]
+            bias = attention.attention_bias(window, (wh, ww))
+            y = attention(window_partition(part, (wh, ww)), bias)
+            out_cols.append(window_reverse(y, (wh, ww), bottom - top, right - left))
+        out_rows.append(out_cols[0] if len(out_cols) == 1 else torch.cat(out_cols, dim=2))
+    return out_rows[0] if len(out_rows) == 1 else torch.cat(out_rows, dim=1)
 
 
 class Attention(nn.Module):
@@ -154,37 +191,31 @@ class Attention(nn.Module):
             self.relative_position_embedding = nn.Parameter(torch.zeros(num_heads, side, side))
         self._bias_cache: dict[tuple, Tensor] = {}
 
-    def attention_bias(self, height: int, width: int, window: tuple[int, int]) -> Tensor | None:
-        """Additive bias for [windows or 1, heads or 1, T, T]: position bias + padding mask."""
+    def attention_bias(self, window: tuple[int, int],
+                       crop: tuple[int, int] | None = None) -> Tensor | None:
+        """[1, heads, T, T] position bias of a window (or its top-left `crop`); None without PE.
+
+        4-D, so that scaled_dot_product_attention can take its fused CPU kernel.
+        """
         table = self.relative_position_embedding
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key = (height, width, window, None if table is None else
-               (table._version, table.data_ptr(), table.dtype))
-        if cacheable and key in self._bias_cache:
-            return self._bias_cache[key]
-        bias = None
-        if table is not None:
-            bias = relative_position_bias(table, *window)
-        if height % window[0] or width % window[1]:
-            mask = _window_padding_mask(height, width, window, self.qkv.weight.device)
-            bias = mask if bias is None else bias + mask
-        if cacheable:
+        if table is None:
+            return None
+        crop = None if crop == window else crop
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return relative_position_bias(table, *window, crop)[None]
+        key = (window, crop, table._version, table.data_ptr(), table.dtype)
+        if key not in self._bias_cache:
             if len(self._bias_cache) > 8:
                 self._bias_cache.clear()
-            self._bias_cache[key] = bias
-        return bias
+            self._bias_cache[key] = relative_position_bias(table, *window, crop)[None]
+        return self._bias_cache[key]
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
-        """x: [B, windows, T, C] -> [B, windows, T, C]."""
+        """x: [B, windows, T, C], bias: [1, heads, T, T] or None -> [B, windows, T, C]."""
         batch, windows, tokens, _ = x.shape
-        qkv = self.qkv(x).view(batch, windows, tokens, 3, self.num_heads, self.head_size)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each [B, nW, heads, T, K]
+        qkv = self.qkv(x).view(batch * windows, tokens, 3, self.num_heads, self.head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*windows, heads, T, K]
         if bias is not None:
             bias = bias.to(q.dtype)
-        if bias is None or bias.dim() == 3:
-            # One bias for all windows: fold windows into the batch (the fast 4-D kernel).
-            q, k, v = (t.reshape(batch * windows, self.num_heads, tokens, self.head_size)
-                       for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_size ** -0.5)
-        out = out.reshape(batch, windows, self.num_heads, tokens, self.head_size)
-        return self.proj(out.transpose(2, 3).reshape(batch, windows, tokens, -1))
+        return self.proj(out.transpose(1, 2).reshape(batch, windows, tokens, -1))

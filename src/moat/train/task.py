@@ -2,11 +2,23 @@
 detection). The loop owns everything common: devices, distributed setup, mixed precision,
 the optimiser and schedule, EMA, checkpoints, logging, resumption. A task owns what differs:
 its model, data, loss, metrics and predictions.
+
+Order of calls in `moat train` (src/moat/train/loop.py): `Task(config)`, `build_datasets()`,
+`build_model()` (so the model may use what the data found, e.g. the number of classes, which
+the task may write back into `config`), then per step `loss(...)` under autocast, per epoch
+`evaluate(...)` under autocast and no_grad on rank 0..N-1 (each sees a shard), and
+`metadata()` whenever a checkpoint is written. `moat eval` / `moat predict` rebuild the task
+from the config stored in the checkpoint, call `load_metadata(...)` and `build_model()`.
+
+Task-specific settings live in `config.task_options` (a dict; `--set task_options.KEY=VALUE`).
+Everything below `predict` is optional: the defaults work for any model containing a MoatNet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +59,73 @@ class Task:
         """One JSON-serialisable result per input image; may write files to output_dir."""
         raise NotImplementedError
 
+    # --- optional: defaults suit any model that contains a MoatNet ---------------------------
+
+    # TrainConfig fields this task sets differently from the classification recipe, applied
+    # before the config file and the command line, e.g. {"mixup": 0.0, "cutmix": 0.0}.
+    config_defaults: Mapping[str, Any] = {}
+
+    # DistributedDataParallel(find_unused_parameters=...): True if some parameters may get no
+    # gradient in a step (e.g. a branch that only runs for some batches).
+    find_unused_parameters: bool = False
+
+    # Set by the loop before training/evaluation: inputs should be moved with it
+    # (`x.to(device, memory_format=self.memory_format)`); ignoring it is correct, only slower.
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def build_eval_dataset(self) -> Dataset:
+        """The dataset `moat eval --data DIR` measures (config.data = DIR). Default: the
+        validation set of `build_datasets()`."""
+        val = self.build_datasets()[1]
+        if val is None:
+            raise ValueError(f"no validation data found in {getattr(self.config, 'data', None)!r}")
+        return val
+
+    def batch_size(self, batch: Any) -> int:
+        """Number of samples in a batch (images/s, empty-batch detection). Default: the length
+        of the batch's first element (a tensor or a list)."""
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(first, torch.Tensor):
+            return int(first.shape[0]) if first.ndim else 1
+        return len(first)
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-serialisable facts stored in every checkpoint (e.g. class names)."""
+        return {}
+
+    def load_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Receive `metadata()` back when a checkpoint is loaded for eval/predict/resume."""
+
+    def backbone(self, model: nn.Module) -> nn.Module | None:
+        """The MoatNet inside `model` (for frozen stages, layer-wise lr decay, gradient
+        checkpointing and `--init-from`). Default: the first MoatNet submodule."""
+        from moat.models.moat import MoatNet
+
+        return next((m for m in model.modules() if isinstance(m, MoatNet)), None)
+
+    def load_pretrained(self, model: nn.Module, path: str) -> str:
+        """`--init-from PATH`: load weights for fine-tuning; return a one-line summary.
+        Default: into `backbone(model)`, skipping tensors whose shape differs (e.g. a head
+        with another number of classes); see `moat.train.checkpoint.load_pretrained`."""
+        from moat.train.checkpoint import load_pretrained
+
+        return load_pretrained(model, path, backbone=self.backbone(model))
+
+    def format_metrics(self, metrics: Mapping[str, float]) -> str:
+        """One human-readable line; `moat eval` prints it."""
+        return "  ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                         for k, v in metrics.items())
+
+    def write_report(self, metrics: Mapping[str, Any], output_dir: str) -> list[str]:
+        """Extra files after `moat eval` (plots, tables); return their paths. Default: none."""
+        return []
+
+    @classmethod
+    def demo(cls, output_dir: str, **options: Any) -> dict[str, Any]:
+        """`moat demo --task NAME`: generate data, train, evaluate, predict, all under
+        output_dir. Return {"outputs": {label: path}, "metrics": {...}, "summary": "line"}."""
+        raise NotImplementedError(f"task {cls.name!r} has no demo")
+
 
 TASKS: dict[str, type[Task]] = {}
 
@@ -54,3 +133,30 @@ TASKS: dict[str, type[Task]] = {}
 def register_task(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls
     return cls
+
+
+def get_task(name: str) -> type[Task]:
+    """The task registered as `name`, importing `moat.tasks.*` modules to find it."""
+    if name not in TASKS:
+        errors = _import_task_modules()
+        if name not in TASKS:
+            hint = "".join(f"\n  (importing {m} failed: {e})" for m, e in errors.items())
+            raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}{hint}")
+    return TASKS[name]
+
+
+def available_tasks() -> list[str]:
+    _import_task_modules()
+    return sorted(TASKS)
+
+
+def _import_task_modules() -> dict[str, str]:
+    import moat.tasks
+
+    errors = {}
+    for info in pkgutil.iter_modules(moat.tasks.__path__, "moat.tasks."):
+        try:
+            importlib.import_module(info.name)
+        except Exception as err:  # noqa: BLE001 - an optional dependency may be missing
+            errors[info.name] = f"{type(err).__name__}: {err}"
+    return errors

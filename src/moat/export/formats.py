@@ -1,0 +1,331 @@
+"""Export a MOAT model: ONNX, TorchScript (trace) and torch.export programs (.pt2).
+
+Every exporter starts from `prepare_for_export`: the `optimize_for_inference` copy (BatchNorm
+folded, position biases precomputed for the window sizes known in advance) with every
+input-dependent 'SAME' padding frozen for the export's input size (a zero-padded kernel and
+symmetric padding), so that graphs hold no Pad operators.
+
+Shapes:
+
+* the batch is always dynamic;
+* height and width are dynamic only with global attention everywhere (`dynamic_size`
+  defaults to that), in multiples of 32 (each of the five stride-2 layers then sees an even
+  size, so one graph fits all); with window attention they are fixed at `img_size` (the
+  window layout depends on the feature-map size).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from moat.export.inference import (SamePaddingConv2d, is_optimized,
+                                   optimize_for_inference, portable_ops)
+from moat.models.moat import MoatNet
+
+__all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
+           "export_onnx",
+           "export_program", "export_torchscript", "prepare_for_export",
+           "supports_dynamic_size"]
+
+SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
+
+
+def _pair(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    size = tuple(int(v) for v in img_size)
+    if len(size) == 1:
+        return size[0], size[0]
+    if len(size) != 2:
+        raise ValueError(f"img_size is H or (H, W), got {img_size!r}")
+    return size
+
+
+def supports_dynamic_size(model: MoatNet) -> bool:
+    """True when every MOAT block attends globally (then any input size shares one graph)."""
+    return all(getattr(block, "window", None) is None
+               for stage in model.stages for block in stage)
+
+
+def check_dynamic_size(model: MoatNet, img_size: tuple[int, int],
+                       dynamic_size: bool | None) -> bool:
+    """Whether the export's height/width are dynamic; None: whenever the model allows."""
+    can = supports_dynamic_size(model)
+    if dynamic_size is None:
+        dynamic_size = can and all(s % SIZE_MULTIPLE == 0 for s in img_size)
+    if dynamic_size and not can:
+        raise ValueError("dynamic height/width needs global attention in every MOAT block; "
+                         "with window attention the export has a fixed input size "
+                         "(leave dynamic_size at None or False)")
+    if dynamic_size and any(s % SIZE_MULTIPLE for s in img_size):
+        raise ValueError(f"a dynamic-size export is traced at a multiple of {SIZE_MULTIPLE} "
+                         f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
+    return dynamic_size
+
+
+class _FrozenSameConv(nn.Conv2d):
+    """A SamePaddingConv2d whose padded kernel was computed for one input parity."""
+
+
+def _freeze_padding(model: nn.Module, img_size: tuple[int, int]) -> None:
+    """Replace every SamePaddingConv2d by a plain convolution for this input size."""
+    convs = {name: m for name, m in model.named_modules() if isinstance(m, SamePaddingConv2d)}
+    seen: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in convs.items()]
+    try:  # without oneDNN's fused calls, which bypass the convolution modules
+        with torch.no_grad(), portable_ops():
+            param = next(model.parameters())
+            model(torch.zeros(1, _in_chans(model), *img_size, device=param.device,
+                              dtype=param.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, conv in convs.items():
+        weight, padding = conv.weight_and_padding(*seen[name])
+        frozen = _FrozenSameConv(conv.in_channels, conv.out_channels, weight.shape[-2:],
+                                 conv.stride, padding, groups=conv.groups,
+                                 bias=conv.bias is not None)
+        frozen.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        frozen.bias = conv.bias
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, frozen)
+
+
+def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
+                       dynamic_size: bool | None = None,
+                       channels_last: bool = False) -> tuple[MoatNet, bool]:
+    """The model to hand to an exporter, and whether its height/width may vary.
+
+    Returns an eval-mode, fused copy: `model` itself is not changed.
+    """
+    if not isinstance(model, MoatNet):
+        raise TypeError(f"expected a MoatNet, got {type(model).__name__}")
+    if is_optimized(model):
+        raise ValueError("pass the plain model: the exporter optimises a copy itself")
+    size = _pair(img_size)
+    dynamic = check_dynamic_size(model, size, dynamic_size)
+    fused = optimize_for_inference(model, channels_last=channels_last,
+                                   img_size=None if dynamic else size)
+    _freeze_padding(fused, size)
+    return fused, dynamic
+
+
+def _in_chans(model: nn.Module) -> int:
+    return next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
+
+
+def _example(model: nn.Module, img_size: tuple[int, int], batch: int) -> Tensor:
+    param = next(model.parameters())
+    return torch.randn(batch, _in_chans(model), *img_size,
+                       generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
+
+
+def _output_names(model: MoatNet) -> list[str]:
+    from moat.models.moat import ENDPOINTS
+
+    if model.features_only:
+        return [ENDPOINTS[i] for i in model.out_indices]
+    return ["logits" if model.num_classes else "features"]
+
+
+def _dynamic_shapes(dynamic_size: bool, img_size: tuple[int, int]) -> dict:
+    from torch.export import Dim
+
+    shapes = {0: Dim("batch", min=1, max=4096)}
+    if dynamic_size:
+        # H = 32 * h: every stride-2 layer sees an even size, so 'SAME' padding is fixed.
+        h = Dim("h32", min=1, max=max(256, img_size[0] // SIZE_MULTIPLE))
+        w = Dim("w32", min=1, max=max(256, img_size[1] // SIZE_MULTIPLE))
+        shapes.update({2: SIZE_MULTIPLE * h, 3: SIZE_MULTIPLE * w})
+    return {"x": shapes}
+
+
+# --- torch.export ------------------------------------------------------------------------
+
+def export_program(model: nn.Module, path: str | os.PathLike, img_size: int | Sequence[int], *,
+                   batch: int = 2, dynamic_size: bool | None = None):
+    """`torch.export` the fused model to a .pt2 file; returns the ExportedProgram.
+
+    Load it with `torch.export.load(path).module()`.
+    """
+    program, _ = _export(model, _pair(img_size), batch, dynamic_size)
+    torch.export.save(program, os.fspath(path))
+    return program
+
+
+def _export(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool | None):
+    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size)
+    example = _example(fused, size, max(batch, 2))  # batch 1 would be specialised
+    with torch.no_grad():
+        program = torch.export.export(fused, (example,),
+                                      dynamic_shapes=_dynamic_shapes(dynamic, size))
+    return program, dynamic
+
+
+# --- TorchScript -------------------------------------------------------------------------
+
+def export_torchscript(model: nn.Module, path: str | os.PathLike,
+                       img_size: int | Sequence[int], *, batch: int = 1) -> torch.jit.ScriptModule:
+    """Trace the fused model with TorchScript; returns the traced module.
+
+    The trace has a dynamic batch but a fixed input size (a trace records the shape
+    arithmetic of this size as constants). Load it with `torch.jit.load(path)`.
+    """
+    size = _pair(img_size)
+    fused, _ = prepare_for_export(model, size, dynamic_size=False, channels_last=False)
+    example = _example(fused, size, batch)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The trace freezes this size's shape arithmetic, as documented: no need to warn.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(fused, example, check_trace=False)
+    traced.save(os.fspath(path))
+    return traced
+
+
+# --- ONNX ----------------------------------------------------------------------------------
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Sequence[int], *,
+                opset: int = 17, batch: int = 1, dynamic_size: bool | None = None,
+                check: bool = True, check_batches: Sequence[int] = (1, 8),
+                atol: float = 1e-4, program=None) -> dict:
+    """Export to ONNX (dynamic batch; dynamic height/width with global attention).
+
+    Uses the torch.export-based ("dynamo") exporter: it records the relative position
+    bias as a function of the input size, so a dynamic-size graph is correct at every size
+    (the TorchScript-based exporter would freeze the traced size's bias into the graph).
+    With `check`, runs the file in onnxruntime at batch sizes `check_batches` (and, for a
+    dynamic-size graph, also at a second input size) and compares with PyTorch within
+    `atol`; raises if it does not match. `program`: the ExportedProgram that
+    `export_program` returned for the same model, size and `dynamic_size` (saves tracing
+    the model a second time). Returns a report dict.
+    """
+    size = _pair(img_size)
+    if opset < 17:
+        raise ValueError(f"opset {opset} is not supported: use 17 (default) or newer")
+    path = Path(path)
+    if program is None:
+        program, dynamic = _export(model, size, batch, dynamic_size)
+    else:
+        dynamic = check_dynamic_size(model, size, dynamic_size)
+    with torch.no_grad():
+        torch.onnx.export(program, (), os.fspath(path), dynamo=True,
+                          opset_version=max(opset, 18), input_names=["x"],
+                          output_names=_output_names(model), external_data=False, verbose=False)
+    if opset == 17:
+        downgrade_onnx_to_opset17(path)
+    report = {"path": str(path), "opset": _onnx_opset(path), "dynamic_batch": True,
+              "dynamic_size": dynamic, "img_size": size}
+    if check:
+        sizes = [size] + ([_other_size(size)] if dynamic else [])
+        report["check"] = check_onnx(path, model, sizes, check_batches, atol)
+    return report
+
+
+# Operators whose axes became an input in opset 18 (ReduceSum already in 13).
+_REDUCE_AXES_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+                   "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare"}
+# Changed or added in opset 18 in ways this downgrade does not rewrite.
+_NEW_IN_18 = {"Pad", "Split", "ScatterElements", "ScatterND", "LpPool", "Col2Im",
+              "CenterCropPad", "GroupNormalization", "Mish", "BitwiseAnd", "BitwiseOr",
+              "BitwiseXor", "BitwiseNot", "OptionalHasElement", "OptionalGetElement"}
+
+
+def downgrade_onnx_to_opset17(path: str | os.PathLike) -> None:
+    """Rewrite an opset-18 file as opset 17, in place.
+
+    The torch.export-based exporter emits opset 18 at least, and onnx's version converter
+    cannot take this graph down (its Reduce* adapter fails). The only opset-18 changes a
+    MOAT graph uses are Reduce* taking `axes` as an input (back to an attribute) and
+    Resize's new attributes (dropped: they hold their defaults). Anything else is refused.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(os.fspath(path))
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _NEW_IN_18:
+            raise ValueError(f"cannot write opset 17: the graph uses {node.op_type}, which "
+                             "changed in opset 18; export with opset 18")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type in _REDUCE_AXES_18:
+            if attrs.pop("noop_with_empty_axes", 0):
+                raise ValueError(f"cannot write opset 17: {node.name} reduces nothing")
+            if len(node.input) > 1 and node.input[1]:
+                if node.input[1] not in constants:
+                    raise ValueError(f"cannot write opset 17: {node.name} has computed axes")
+                attrs["axes"] = [int(a) for a in constants[node.input[1]].reshape(-1)]
+            del node.input[1:]
+        elif node.op_type == "Resize":
+            defaults = {"antialias": 0, "keep_aspect_ratio_policy": b"stretch"}
+            if "axes" in attrs or any(attrs.pop(k, v) != v for k, v in defaults.items()):
+                raise ValueError(f"cannot write opset 17: {node.name} uses Resize-18 options")
+        else:
+            continue
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(k, v) for k, v in sorted(attrs.items()))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 17
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, os.fspath(path))
+
+
+def _other_size(size: tuple[int, int]) -> tuple[int, int]:
+    return size[0] + SIZE_MULTIPLE, size[1] + 2 * SIZE_MULTIPLE
+
+
+def _onnx_opset(path: Path) -> int:
+    import onnx
+
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def check_onnx(path: str | os.PathLike, model: nn.Module,
+               sizes: Sequence[tuple[int, int]], batches: Sequence[int] = (1, 8),
+               atol: float = 1e-4) -> list[dict]:
+    """Run an exported file in onnxruntime and compare with `model` (eval) in PyTorch."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for size in sizes:
+            for batch in batches:
+                x = _example(model, size, batch).float()
+                with torch.no_grad():
+                    expected = model(x)
+                expected = [expected] if isinstance(expected, Tensor) else list(expected)
+                got = session.run(None, {name: x.cpu().numpy()})
+                error = max(float(np.abs(g - e.cpu().numpy()).max())
+                            for g, e in zip(got, expected))
+                results.append({"img_size": tuple(size), "batch": batch, "max_abs_err": error})
+                if not error <= atol:
+                    raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {error:.2e} "
+                                       f"(> {atol:g}) at batch {batch}, size {size}")
+    finally:
+        model.train(was_training)
+    return results

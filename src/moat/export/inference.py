@@ -1,0 +1,373 @@
+"""`optimize_for_inference`: a fused, eval-only copy of a MOAT model.
+
+What changes (all exact up to float rounding; outputs stay within 1e-4 of the plain model):
+
+* every BatchNorm is folded into a neighbouring convolution: the stem's `norm_0` into
+  `conv_0`; in each block `pre_norm` *and* `expand_norm` into the 1x1 `expand_conv` (which
+  gains a bias; the shortcut keeps reading the un-normalised input), `depthwise_norm` into
+  `depthwise_conv`;
+* drop path is gone, squeeze-excite runs as two small matrix products on the pooled vector;
+* in eager CPU inference each convolution runs with its GELU or its residual add in one
+  oneDNN call (the fusion torch.compile's CPU backend makes); compiled, exported and traced
+  graphs use the plain operators;
+* attention goes through `scaled_dot_product_attention` (the fused CPU kernel) with the
+  relative position bias precomputed as a buffer for every window size known in advance:
+  each window-attention stage, and the global-attention stages for `img_size`;
+* weights and activations are channels-last where that is faster (measured on CPU): the
+  LayerNorm and the global-attention token view then read the feature map in place.
+
+The copy is still a `MoatNet`: `forward`, `forward_features`, `forward_endpoints`,
+`features_only` work as before. It traces without graph breaks under `torch.compile`, and
+exports with `torch.export`, TorchScript tracing and ONNX (see `moat.export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moat.models.blocks import MBConvBlock, MoatBlock, SqueezeExcite
+from moat.models.layers import (Attention, Conv2dSame, _window_regions,
+                                avg_pool_same_exclude_pad, relative_position_bias, same_padding,
+                                window_attention)
+from moat.models.moat import MoatNet
+
+__all__ = ["is_optimized", "optimize_for_inference", "portable_ops"]
+
+
+# --- BatchNorm folding ------------------------------------------------------------------
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as y = scale * x + shift, per channel (float64)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def _conv_with(conv: nn.Conv2d, weight: Tensor, bias: Tensor) -> nn.Conv2d:
+    """A copy of `conv` (a Conv2dSame stays one) with a new weight and a bias."""
+    fused = copy.deepcopy(conv)
+    fused.weight = nn.Parameter(weight.to(conv.weight.dtype), requires_grad=False)
+    fused.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+    return fused
+
+
+def fold_bn_after(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """bn(conv(x)) as one convolution (any groups, with or without a bias)."""
+    scale, shift = _bn_affine(bn)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    return _conv_with(conv, weight, bias)
+
+
+def fold_bn_around_1x1(before: nn.BatchNorm2d, conv: nn.Conv2d,
+                       after: nn.BatchNorm2d) -> nn.Conv2d:
+    """after(conv(before(x))) for a 1x1, ungrouped, bias-free convolution."""
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.bias is not None:
+        raise ValueError("fold_bn_around_1x1 needs a 1x1, ungrouped convolution without bias")
+    a1, b1 = _bn_affine(before)
+    a2, b2 = _bn_affine(after)
+    w = conv.weight.double()[:, :, 0, 0]                       # [out, in]
+    weight = (a2[:, None] * w * a1[None, :])[:, :, None, None]
+    bias = a2 * (w @ b1) + b2
+    return _conv_with(conv, weight, bias)
+
+
+# --- convolution + GELU / + residual in one oneDNN call ----------------------------------
+
+def _onednn_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# oneDNN's fused convolution (what torch.compile's CPU backend emits for conv + GELU and
+# conv + add). Used only in eager CPU inference; compiled, exported and traced graphs get
+# the plain aten ops, which run everywhere.
+_ONEDNN_CONV = _onednn_op()
+
+
+_PORTABLE = threading.local()
+
+
+@contextlib.contextmanager
+def portable_ops():
+    """Within this block the fused model calls only standard operators (and modules)."""
+    before = getattr(_PORTABLE, "on", False)
+    _PORTABLE.on = True
+    try:
+        yield
+    finally:
+        _PORTABLE.on = before
+
+
+def _eager_onednn(x: Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False  # graphs get the standard operators (compile fuses them itself)
+    return (_ONEDNN_CONV is not None and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not getattr(_PORTABLE, "on", False)
+            and not torch.is_autocast_enabled("cpu"))  # autocast casts only aten ops
+
+
+class SamePaddingConv2d(nn.Conv2d):
+    """Conv2dSame without the padded copy of its input.
+
+    TF 'SAME' pads one more row/column at the bottom/right than at the top/left when the
+    total is odd. Instead of copying the input into a padded tensor, the kernel gets a
+    leading row/column of zeros and the convolution pads symmetrically: the same products
+    (plus a few with zero weights), and several times faster for the strided depthwise
+    convolutions in channels-last. Inference only: the extra taps would be counted as work
+    by FLOP counters, and oneDNN's NCHW backward of the larger kernel is slow.
+    """
+
+    def weight_and_padding(self, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
+        k, s = self.kernel_size[0], self.stride[0]
+        top, bottom = same_padding(height, k, s)
+        left, right = same_padding(width, k, s)
+        return F.pad(self.weight, (right - left, 0, bottom - top, 0)), (bottom, right)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, padding = self.weight_and_padding(x.shape[-2], x.shape[-1])
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def _without_input_padding(conv: nn.Conv2d) -> nn.Conv2d:
+    """A Conv2dSame with input-dependent padding -> SamePaddingConv2d (same parameters)."""
+    if not isinstance(conv, Conv2dSame) or conv.static_padding:
+        return conv
+    fused = SamePaddingConv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                              conv.stride, groups=conv.groups, bias=conv.bias is not None)
+    fused.weight, fused.bias = conv.weight, conv.bias
+    return fused
+
+
+def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[int]]:
+    if isinstance(conv, SamePaddingConv2d):
+        return conv.weight_and_padding(x.shape[-2], x.shape[-1])
+    return conv.weight, conv.padding
+
+
+def conv_gelu(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """gelu(conv(x)), exact GELU."""
+    if _eager_onednn(x):
+        weight, padding = _weight_and_padding(conv, x)
+        return _ONEDNN_CONV(x, weight, conv.bias, padding, conv.stride, conv.dilation,
+                            conv.groups, "gelu", [], "none")
+    return F.gelu(conv(x))
+
+
+def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
+    """residual + conv(x)."""
+    if _eager_onednn(x) and residual.shape[1] == conv.out_channels:
+        weight, padding = _weight_and_padding(conv, x)
+        return _ONEDNN_CONV.binary(x, residual, weight, conv.bias, padding, conv.stride,
+                                   conv.dilation, conv.groups, "add", None, None, [], None)
+    return residual + conv(x)
+
+
+class ConvGelu(nn.Sequential):
+    """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_gelu(self[0], x)
+
+
+# --- fused modules -------------------------------------------------------------------------
+
+class FusedSqueezeExcite(nn.Module):
+    """The official SE (SiLU inside, sigmoid gate) on the pooled [B, C] vector."""
+
+    def __init__(self, se: SqueezeExcite) -> None:
+        super().__init__()
+        self.reduce = nn.Linear(se.reduce.in_channels, se.reduce.out_channels)
+        self.expand = nn.Linear(se.expand.in_channels, se.expand.out_channels)
+        for linear, conv in ((self.reduce, se.reduce), (self.expand, se.expand)):
+            linear.weight.data.copy_(conv.weight.detach()[:, :, 0, 0])
+            linear.bias.data.copy_(conv.bias.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.expand(F.silu(self.reduce(x.mean((2, 3)))))
+        return x * scale.sigmoid()[:, :, None, None]
+
+
+class FusedMBConv(nn.Module):
+    """MBConvBlock with its three BatchNorms folded: 1x1 -> GELU -> 3x3 dw -> GELU -> [SE]
+    -> 1x1, plus the (pooled, projected) shortcut of the un-normalised input."""
+
+    def __init__(self, block: MBConvBlock) -> None:
+        super().__init__()
+        self.stride, self.pool_size = block.stride, block.pool_size
+        self.shortcut_conv = copy.deepcopy(block.shortcut_conv)
+        self.expand_conv = fold_bn_around_1x1(block.pre_norm, block.expand_conv,
+                                              block.expand_norm)
+        self.depthwise_conv = _without_input_padding(
+            fold_bn_after(block.depthwise_conv, block.depthwise_norm))
+        self.se = None if block.se is None else FusedSqueezeExcite(block.se)
+        self.shrink_conv = copy.deepcopy(block.shrink_conv)
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = avg_pool_same_exclude_pad(x, self.pool_size, self.stride)
+        return x if self.shortcut_conv is None else self.shortcut_conv(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x))
+        if self.se is not None:
+            y = self.se(y)
+        return conv_add(self.shrink_conv, y, self.shortcut(x))
+
+
+class InferenceAttention(Attention):
+    """Attention whose position bias is a buffer per window size known in advance.
+
+    Other sizes (global attention at an input size not given to `optimize_for_inference`,
+    or a dynamic-shape export) compute the bias from the table inside the forward pass.
+    The buffers are [heads, T, T] (3-D, so `.to(memory_format=...)` leaves them alone).
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        table = attention.relative_position_embedding
+        super().__init__(attention.qkv.in_features, attention.num_heads, attention.head_size,
+                         None if table is None else (table.shape[-1] + 1) // 2)
+        self.load_state_dict(attention.state_dict())
+        self.to(attention.qkv.weight.device, attention.qkv.weight.dtype)
+        self._precomputed: dict[tuple, str] = {}  # (window, crop) -> buffer name
+
+    def precompute(self, window: tuple[int, int], crop: tuple[int, int] | None = None) -> None:
+        table = self.relative_position_embedding
+        if table is None:
+            return
+        crop = None if crop == window else crop
+        name = "position_bias_{}x{}".format(*window)
+        if crop is not None:
+            name += "_crop_{}x{}".format(*crop)
+        if name not in self._buffers:
+            with torch.no_grad():
+                bias = relative_position_bias(table.float(), *window, crop)
+            self.register_buffer(name, bias.to(table.dtype).contiguous(), persistent=False)
+            self._precomputed[(window, crop)] = name
+
+    def attention_bias(self, window: tuple[int, int],
+                       crop: tuple[int, int] | None = None) -> Tensor | None:
+        table = self.relative_position_embedding
+        if table is None:
+            return None
+        crop = None if crop == window else crop
+        if self._precomputed:  # only static shapes reach a lookup: safe for dynamic export
+            name = self._precomputed.get((window, crop))
+            if name is not None:
+                return getattr(self, name)[None]
+            name = self._precomputed.get((window, None))
+            if name is not None:  # a cut window: the top-left part of the window's bias
+                (wh, ww), (ch, cw) = window, crop
+                bias = getattr(self, name).view(-1, wh, ww, wh, ww)[:, :ch, :cw, :ch, :cw]
+                return bias.reshape(1, -1, ch * cw, ch * cw)
+        return super().attention_bias(window, crop)
+
+
+class FusedMoatBlock(FusedMBConv):
+    """MoatBlock with folded BatchNorms, then LayerNorm + window / global attention."""
+
+    def __init__(self, block: MoatBlock) -> None:
+        super().__init__(block)
+        self.window = block.window
+        self.attention_norm = copy.deepcopy(block.attention_norm)
+        self.attention = InferenceAttention(block.attention)
+        if self.window is not None:
+            self.attention.precompute(self.window)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = super().forward(x)
+        window = self.window or tuple(x.shape[-2:])
+        y = self.attention_norm(x.permute(0, 2, 3, 1))
+        return x + window_attention(self.attention, y, window).permute(0, 3, 1, 2)
+
+
+# --- the public function -----------------------------------------------------------------
+
+def _feature_sizes(model: MoatNet, img_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """Spatial size of the input of attention in every stage (TF SAME: ceil(n / stride))."""
+    h, w = -(-img_size[0] // 2), -(-img_size[1] // 2)  # the stem
+    sizes = []
+    for stride in model.cfg.stage_stride:
+        h, w = -(-h // stride), -(-w // stride)
+        sizes.append((h, w))
+    return sizes
+
+
+def _precompute_for_size(model: MoatNet, img_size: tuple[int, int]) -> None:
+    """Position biases of every window and window crop that `img_size` produces."""
+    for stage, (h, w) in zip(model.stages, _feature_sizes(model, img_size)):
+        for block in stage:
+            if isinstance(block, FusedMoatBlock):
+                window = block.window or (h, w)
+                for _, _, ch in _window_regions(h, window[0]):
+                    for _, _, cw in _window_regions(w, window[1]):
+                        block.attention.precompute(window, (ch, cw))
+
+
+def _default_channels_last(device: torch.device) -> bool:
+    # Measured with benchmarks/inference.py (MOAT-0, 224): channels-last is faster on CPU
+    # (oneDNN convolutions; no transposes around LayerNorm and attention). Not measured on
+    # CUDA yet, so it stays opt-in there.
+    return device.type == "cpu"
+
+
+def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = None,
+                           img_size: int | Sequence[int] | None = None) -> MoatNet:
+    """An optimised eval-mode copy of a MOAT model; the model itself is not changed.
+
+    Args:
+        model: a `MoatNet` (from `moat.create_model`), in any mode, on any device.
+        channels_last: store weights channels-last so that activations follow; None picks
+            what was measured faster on the model's device (CPU: channels-last; CUDA: not
+            measured yet, so contiguous).
+        img_size: input size (int or (H, W)) to precompute the global-attention position
+            biases for. Window attention biases are always precomputed; other sizes work
+            and compute their bias once per size (cached) in eager mode. Leave it None for
+            exports with dynamic height and width.
+
+    Returns a `MoatNet` (requires_grad off, eval mode) whose outputs match the plain model
+    in eval mode within 1e-4. It has no BatchNorm statistics and no drop path, so it always
+    computes the eval-mode function: fine-tune the original model, not this copy.
+    """
+    if not isinstance(model, MoatNet):
+        raise TypeError(f"optimize_for_inference takes a MoatNet (moat.create_model), got "
+                        f"{type(model).__name__}")
+    if is_optimized(model):
+        raise ValueError("this model is already optimised for inference")
+    param = next(model.parameters())
+    fused = copy.deepcopy(model).eval()
+    stem = fused.stem
+    stem.conv_0 = ConvGelu(_without_input_padding(fold_bn_after(stem.conv_0, stem.norm_0)))
+    stem.norm_0 = stem.act_0 = nn.Identity()
+    for stage in fused.stages:
+        for index, block in enumerate(stage):
+            stage[index] = (FusedMoatBlock if isinstance(block, MoatBlock) else FusedMBConv)(block)
+    if img_size is not None:
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        _precompute_for_size(fused, size)
+    fused.requires_grad_(False)
+    fused.grad_checkpointing = False
+    fused.optimized_for_inference = True
+    if channels_last is None:
+        channels_last = _default_channels_last(param.device)
+    if channels_last:
+        fused.to(memory_format=torch.channels_last)
+    return fused
+
+
+def is_optimized(model: nn.Module) -> bool:
+    """True for a model returned by `optimize_for_inference`."""
+    return bool(getattr(model, "optimized_for_inference", False))

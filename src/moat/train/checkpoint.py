@@ -1,0 +1,402 @@
+"""Checkpoints: complete, atomic, safe to load.
+
+Layout of a run directory:
+
+    RUN_DIR/checkpoints/step-000001234/
+        model.safetensors   model weights (+ metadata: task, variant, classes, ...)
+        ema.safetensors     EMA weights (when EMA is on)
+        state.pt            optimiser, schedule, grad scaler, RNG states of every process
+                            (python, numpy, torch, cuda); tensors and plain containers only,
+                            loaded with torch.load(weights_only=True), never arbitrary pickle
+        meta.json           epoch, step, position in the epoch, metrics, config, versions,
+                            task metadata; written last
+    RUN_DIR/checkpoints/latest      name of the newest complete checkpoint
+    RUN_DIR/checkpoints/best.json   the checkpoint with the best task.main_metric
+
+A checkpoint is written into a hidden temporary directory, every file is fsync'ed, and the
+directory is renamed into place (atomic on POSIX), then the `latest` pointer is replaced
+atomically. A process killed at any moment leaves either the previous state or the new one,
+never a half-written checkpoint; leftovers of an interrupted write are removed on the next
+save. Only the last `keep_last` checkpoints are kept, plus the best one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+STEP_PREFIX = "step-"
+MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
+                                               "state.pt", "meta.json")
+
+
+# --- atomic file helpers -----------------------------------------------------------------------
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then os.replace over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def versions() -> dict[str, str]:
+    import moat
+
+    return {"moat": moat.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+# --- RNG state -----------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (torch.load weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def _save_safetensors(path: Path, state: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
+               for k, v in state.items()}
+    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    os.chmod(path, 0o644)  # safetensors creates files readable by their owner only
+    _fsync_file(path)
+
+
+class CheckpointManager:
+    """Writes, finds and prunes the checkpoints of one run directory (call on rank 0 only)."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 3) -> None:
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+
+    # .. writing ..
+    def save(self, step: int, *, model: Mapping[str, torch.Tensor],
+             ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
+             meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> Path:
+        """Write checkpoint `step` atomically, point `latest` at it, prune old ones."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+        name = f"{STEP_PREFIX}{step:09d}"
+        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        _save_safetensors(tmp / MODEL_FILE, model, weights_metadata)
+        if ema is not None:
+            _save_safetensors(tmp / EMA_FILE, ema, {**weights_metadata, "weights": "ema"})
+        with open(tmp / STATE_FILE, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        meta = {**meta, "step": step, "name": name, "saved_at": time.time(),
+                "versions": versions(),
+                "files": sorted(p.name for p in tmp.iterdir()) + [META_FILE]}
+        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(tmp)
+        final = self.dir / name
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            old = self.dir / f".old-{name}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        fsync_dir(self.dir)
+        atomic_write_text(self.dir / "latest", name + "\n")
+        self.prune()
+        return final
+
+    def mark_best(self, checkpoint: Path, metric: str, value: float, weights: str) -> None:
+        atomic_write_text(self.dir / "best.json", json.dumps(
+            {"name": checkpoint.name, "metric": metric, "value": value, "weights": weights},
+            indent=1) + "\n")
+
+    def best(self) -> dict[str, Any] | None:
+        path = self.dir / "best.json"
+        if not path.is_file():
+            return None
+        try:
+            best = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return best if is_complete(self.dir / best.get("name", "")) else None
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [p for p in self.dir.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        """The checkpoint to resume from: `latest` if it is complete, else the newest complete."""
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            candidate = self.dir / pointer.read_text().strip()
+            if candidate.name.startswith(STEP_PREFIX) and is_complete(candidate):
+                return candidate
+        done = self.complete()
+        return done[-1] if done else None
+
+    def prune(self) -> None:
+        done = self.complete()
+        best = self.best()
+        keep = {p.name for p in done[-self.keep_last:]}
+        if best:
+            keep.add(best["name"])
+        for path in done:
+            if path.name not in keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _remove_leftovers(self) -> None:
+        for path in self.dir.iterdir():
+            if path.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                    missing_ok=True)
+
+
+def is_complete(path: Path) -> bool:
+    meta = path / META_FILE
+    if not meta.is_file():
+        return False
+    try:
+        files = json.loads(meta.read_text()).get("files", [])
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all((path / f).is_file() for f in files)
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A run directory, its checkpoints/ folder or one checkpoint folder -> checkpoint folder.
+    A weights file is returned as is."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_file():
+        if path.name in (META_FILE, STATE_FILE):
+            return path.parent
+        return path
+    if is_complete(path):
+        return path
+    for manager in (CheckpointManager(path), CheckpointManager(path.parent)):
+        if manager.dir.resolve() == path.resolve() or manager.run_dir.resolve() == path.resolve():
+            latest = manager.latest()
+            if latest is not None:
+                return latest
+    raise FileNotFoundError(f"no complete checkpoint in {str(path)!r} (expected RUN_DIR, "
+                            "RUN_DIR/checkpoints/step-N, or a .safetensors file)")
+
+
+def read_meta(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / META_FILE).read_text())
+
+
+def read_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The optimiser/RNG state, loaded with weights_only=True (no arbitrary code)."""
+    return torch.load(checkpoint / STATE_FILE, map_location=map_location, weights_only=True)
+
+
+def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+    """(state dict, 'model'|'ema') from a checkpoint folder; `which` = model, ema or auto
+    (the weights that scored better on validation, else EMA if present)."""
+    from safetensors.torch import load_file
+
+    if path.is_file():
+        return _read_weights_file(path), "model"
+    meta = read_meta(path)
+    if which == "auto":
+        which = meta.get("preferred_weights") or ("ema" if (path / EMA_FILE).is_file() else "model")
+    if which not in ("model", "ema"):
+        raise ValueError(f"weights must be model, ema or auto, got {which!r}")
+    file = path / (EMA_FILE if which == "ema" else MODEL_FILE)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no {which} weights ({file.name})")
+    return load_file(str(file)), which
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from moat.weights.io import load_state_dict
+    except ImportError:  # pragma: no cover - io.py ships with the package
+        load_state_dict = None
+    if load_state_dict is not None:
+        return dict(load_state_dict(path)[0])
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# --- fine-tuning: weights from anywhere into a model whose head may differ --------------------------
+
+_PREFIXES = ("module.", "_orig_mod.", "backbone.")
+_HEADS = ("logits_head.",)
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        out[name] = value
+    return out
+
+
+@torch.no_grad()
+def load_pretrained(model: nn.Module, path: str | os.PathLike,
+                    backbone: nn.Module | None = None) -> str:
+    """Load weights for fine-tuning into `backbone` (a MoatNet inside `model`; `model` if None).
+
+    Sources: a run directory or checkpoint folder (its preferred weights), a .safetensors or
+    PyTorch state dict (ours, loaded safely), or official weights (TensorFlow checkpoint,
+    .tar.gz, .npz; via moat.weights.load_weights). Tensors whose shape differs (the classifier
+    of another number of classes) and the classifier of official weights are skipped and
+    stay freshly initialised; any other missing tensor is an error (wrong variant).
+    Position tables need no resizing: they are resized to the input at forward time.
+    """
+    target = backbone if backbone is not None else model
+    path = Path(path)
+    if not path.exists() and not str(path).endswith((".tar.gz", ".index")):
+        # a TensorFlow checkpoint prefix (model-ckpt-0) has no file of its own
+        if not Path(str(path) + ".index").exists():
+            raise FileNotFoundError(f"--init-from {str(path)!r} does not exist")
+    ours = path.is_dir() and (is_complete(path) or (path / "checkpoints").is_dir()
+                              or path.name == "checkpoints")
+    if ours or path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
+        if ours:
+            state, which = read_weights(resolve_checkpoint(path))
+            source = f"{path} ({which} weights)"
+        else:
+            state, source = _read_weights_file(path), str(path)
+        if not any(k.startswith("moat/") for k in state):
+            return _load_matching(target, _strip_prefixes(state), source)
+        return _load_official(target, path)
+    return _load_official(target, path)
+
+
+def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> str:
+    own = target.state_dict()
+    loaded, skipped = {}, []
+    for name, value in state.items():
+        if name not in own:
+            continue
+        if tuple(value.shape) != tuple(own[name].shape):
+            skipped.append(f"{name} {list(value.shape)} -> {list(own[name].shape)}")
+            continue
+        loaded[name] = value
+    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")
+               and not k.startswith(_HEADS)
+               and not any(s.startswith(k + " ") for s in skipped)]
+    if missing:
+        raise ValueError(
+            f"--init-from {source} does not fit the model: {len(missing)} tensors missing, e.g. "
+            f"{missing[:5]}; check --model (the variant must match the weights)")
+    bad_shape = [s for s in skipped if not s.startswith(_HEADS)]
+    if bad_shape:
+        raise ValueError(f"--init-from {source}: tensors of another shape (wrong variant?): "
+                         f"{bad_shape[:5]}")
+    target.load_state_dict(loaded, strict=False)
+    unused = len([k for k in state if k not in own])
+    head = f", classifier re-initialised ({skipped[0]})" if skipped else ""
+    return (f"initialised {len(loaded)} tensors from {source}{head}"
+            + (f", {unused} tensors of the source unused" if unused else ""))
+
+
+def _load_official(target: nn.Module, path: Path) -> str:
+    from moat.weights.io import load_weights
+
+    head = getattr(target, "logits_head", None)
+    # Official classifiers have 1000 classes; another head starts from scratch.
+    swap = isinstance(head, nn.Linear) and head.out_features != 1000
+    if swap:  # official names of the classifier are ignored by a model without one
+        target.logits_head = nn.Identity()
+    try:
+        load_weights(target, path)
+    finally:
+        if swap:
+            target.logits_head = head
+    return (f"initialised from official weights {path}"
+            + (" (classifier re-initialised)" if swap else ""))

@@ -1,0 +1,402 @@
+"""Training configuration: one dataclass holding every default, loaded from YAML/JSON plus
+command-line overrides, validated with errors that say what to write instead.
+
+Precedence, lowest first: the defaults below (the recipe, see the table in the README), the
+task's `config_defaults`, the config file, then command-line flags and `--set KEY=VALUE`.
+
+Where the defaults come from ([paper] = the MOAT paper, [model] = the variant's official
+setting, [practice] = common ImageNet practice of the closest models, CoAtNet / MaxViT /
+timm, because the paper's recipe details are not available):
+
+    epochs 300, img_size 224 ......................................... [paper]
+    drop_path_rate = per-variant official value (None) ............... [model]
+    AdamW, betas (0.9, 0.999), lr 1e-3 per 1024 images, wd 0.05 ...... [practice]
+    5 warm-up epochs then cosine to min_lr 1e-5 ...................... [practice]
+    label smoothing 0.1, RandAugment (2, 15), Mixup 0.8 / CutMix 1.0 . [practice]
+    EMA of weights (0.9999), gradient clipping at norm 1.0 ........... [practice]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. `batch_size` is GLOBAL: summed over processes and
+    accumulation steps, so a recipe means the same thing on 1 CPU and on 64 GPUs."""
+
+    # --- what to train ---------------------------------------------------------------------
+    task: str = "classification"
+    model: str = "moat_0"
+    data: str | None = None        # folder with train/ + val/ (or train.csv + val.csv), or a split
+    val_data: str | None = None    # a separate validation split (folder or .csv)
+    output: str | None = None      # RUN_DIR: config, logs, metrics, checkpoints
+    num_classes: int | None = None  # None: from the data
+    img_size: int = 224
+    eval_img_size: int | None = None  # None: img_size
+    crop_pct: float = 0.875        # eval: resize to img_size / crop_pct, centre-crop img_size
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    # --- model options (moat.create_model) ----------------------------------------------------
+    drop_path_rate: float | None = None  # None: the variant's official default
+    position_embedding: bool = True
+    window_size: list | None = None      # one entry per stage, e.g. [null, null, 14, null]
+    pool_size: int = 2
+    bn_momentum: float | None = None     # None: the model's (official 0.01, i.e. Keras 0.99);
+    #                                      higher (0.1) suits short runs: eval statistics catch up
+
+    # --- optimisation -----------------------------------------------------------------------
+    epochs: int = 300
+    batch_size: int = 1024
+    accum_steps: int = 1
+    optimizer: str = "adamw"
+    lr: float | None = None          # peak lr; None: lr_base * batch_size / lr_base_batch
+    lr_base: float = 1e-3
+    lr_base_batch: int = 1024
+    min_lr: float = 1e-5
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9            # sgd only
+    weight_decay: float = 0.05       # not on norms, biases, position tables
+    clip_grad: float | None = 1.0    # max global gradient norm; None or 0: off
+    layer_decay: float | None = None  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
+    frozen_stages: int = -1          # -1 none, 0 stem, K stem + stages 0..K-1 (4: whole backbone)
+    init_from: str | None = None     # weights to fine-tune from (.safetensors/.pt/official/RUN_DIR)
+
+    # --- regularisation and augmentation ------------------------------------------------------
+    label_smoothing: float = 0.1
+    randaugment: tuple[int, int] | None = (2, 15)  # (ops, magnitude on torchvision's 0..30)
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    random_erasing: float = 0.0
+    hflip: float = 0.5
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
+    ema: bool = True
+    ema_decay: float = 0.9999
+
+    # --- hardware -----------------------------------------------------------------------------
+    device: str = "auto"             # auto: cuda:LOCAL_RANK if available, else cpu
+    precision: str = "auto"          # auto: bf16 on GPUs that support it, else fp16; fp32 on CPU
+    channels_last: bool | None = None  # None: on for CUDA
+    grad_checkpointing: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    workers: int = 4                 # DataLoader processes per training process
+    seed: int = 0
+    deterministic: bool = False
+
+    # --- checkpoints, evaluation, logging -----------------------------------------------------
+    save_every_steps: int = 0        # also save mid-epoch every N optimiser steps (0: epoch ends)
+    keep_last: int = 3
+    eval_every_epochs: int = 1
+    log_every_steps: int = 20
+    progress: bool = True            # tqdm bar on rank 0
+    tensorboard: bool = True
+    strict_data: bool = False        # a bad image file stops the run instead of being skipped
+
+    # --- task-specific settings (segmentation, detection, ...) --------------------------------
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+    # --- fault injection for tests: the loss of this optimiser step (1-based) becomes NaN -----
+    debug_nan_step: int | None = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate after warm-up (linear scaling rule unless `lr` is given)."""
+        return self.lr if self.lr is not None else self.lr_base * self.batch_size / self.lr_base_batch
+
+    def validate(self) -> TrainConfig:
+        """Raise ValueError naming the first wrong setting and a valid alternative."""
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(f"config: {message}")
+
+        from moat.models import list_models
+
+        need(self.model in list_models(),
+             f"model {self.model!r} is unknown; choose one of {list_models()}")
+        need(self.img_size >= 16, f"img_size must be >= 16, got {self.img_size}")
+        need(self.eval_img_size is None or self.eval_img_size >= 16,
+             f"eval_img_size must be >= 16, got {self.eval_img_size}")
+        need(0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
+        need(self.batch_size % self.accum_steps == 0,
+             f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        need(self.optimizer in OPTIMIZERS,
+             f"optimizer {self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
+        need(self.peak_lr > 0, f"lr must be > 0, got {self.peak_lr}")
+        need(0 <= self.min_lr <= self.peak_lr,
+             f"min_lr must be in [0, lr={self.peak_lr:g}], got {self.min_lr}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
+        need(self.clip_grad is None or self.clip_grad >= 0,
+             f"clip_grad must be >= 0 or null, got {self.clip_grad}")
+        need(self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+        need(-1 <= self.frozen_stages <= 4,
+             f"frozen_stages must be -1 (none), 0 (stem) .. 4 (whole backbone), "
+             f"got {self.frozen_stages}")
+        need(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1,
+             f"drop_path_rate must be in [0, 1) or null, got {self.drop_path_rate}")
+        need(0 <= self.label_smoothing < 1,
+             f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0 (0: off)")
+        need(self.randaugment is None or (len(self.randaugment) == 2 and self.randaugment[0] >= 0
+                                          and 0 <= self.randaugment[1] <= 30),
+             f"randaugment must be [ops, magnitude 0..30] or null, got {self.randaugment}")
+        need(0 <= self.random_erasing <= 1 and 0 <= self.hflip <= 1,
+             "random_erasing and hflip are probabilities in [0, 1]")
+        need(0 < self.scale[0] <= self.scale[1] <= 1,
+             f"scale must be [min, max] area fractions with 0 < min <= max <= 1, got {self.scale}")
+        need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        need(self.precision in PRECISIONS,
+             f"precision {self.precision!r} is unknown; choose one of {PRECISIONS}")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        need(self.save_every_steps >= 0, "save_every_steps must be >= 0 (0: only at epoch ends)")
+        need(self.eval_every_epochs >= 0, "eval_every_epochs must be >= 0 (0: never)")
+        need(self.log_every_steps >= 1, "log_every_steps must be >= 1")
+        need(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        need(self.bn_momentum is None or 0 < self.bn_momentum <= 1,
+             f"bn_momentum must be in (0, 1] or null, got {self.bn_momentum}")
+        need(self.num_classes is None or self.num_classes >= 1,
+             f"num_classes must be >= 1 or null (from the data), got {self.num_classes}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as YAML (or JSON when the name ends in .json), atomically."""
+        from moat.train.checkpoint import atomic_write_text
+
+        path = Path(path)
+        if path.suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2) + "\n"
+        else:
+            import yaml
+
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write_text(path, text)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], base: TrainConfig | None = None,
+                  source: str = "config") -> TrainConfig:
+        """A config with `values` applied over `base` (the defaults if None); checked."""
+        config = dataclasses.replace(base) if base is not None else cls()
+        config.task_options = dict(config.task_options)
+        for key, value in values.items():
+            _set(config, str(key), value, source)
+        return config
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON (.json) mapping of TrainConfig fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON: {err}") from None
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: invalid YAML: {err}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (key: value), "
+                         f"got {type(values).__name__}")
+    return values
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """['lr=1e-3', 'task_options.crop=512'] -> {'lr': '1e-3', 'task_options.crop': '512'}.
+
+    Values stay strings here; `_set` converts them to the field's type.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
+                base: Mapping[str, Any] | None = None, **flags: Any) -> TrainConfig:
+    """Defaults < task defaults < `base` (e.g. a resumed run's config) < file < flags < --set.
+
+    `flags` are the command-line options (None = not given), `overrides` the `--set` items.
+    """
+    file_values = read_config_file(path) if path else {}
+    set_values = parse_overrides(overrides)
+    flag_values = {k: v for k, v in flags.items() if v is not None}
+    layers = [dict(base or {}), file_values, flag_values, set_values]
+    task = "classification"
+    for layer in layers:
+        task = layer.get("task", task)
+    from moat.train.task import get_task
+
+    config = TrainConfig.from_dict(dict(get_task(str(task)).config_defaults), source="task defaults")
+    for layer, source in zip(layers, ("checkpoint", str(path), "command line", "--set")):
+        config = TrainConfig.from_dict(layer, config, source)
+    return config.validate()
+
+
+# --- typed assignment ------------------------------------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
+    if key.startswith("task_options."):
+        name = key.split(".", 1)[1]
+        config.task_options[name] = _parse_scalar(value) if isinstance(value, str) else value
+        return
+    if key not in _FIELDS:
+        close = difflib.get_close_matches(key, _FIELDS, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else \
+            "; task-specific settings go under task_options (task_options.KEY=VALUE)"
+        raise ValueError(f"{source}: unknown setting {key!r}{hint}")
+    if key == "task_options":
+        if isinstance(value, str):
+            value = _parse_scalar(value)
+        if not isinstance(value, dict):
+            raise ValueError(f"{source}: task_options must be a mapping, got {value!r}")
+        config.task_options.update(value)
+        return
+    try:
+        setattr(config, key, _coerce(value, _HINTS[key]))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {key}={value!r}: {err}") from None
+
+
+def _parse_scalar(text: str) -> Any:
+    """YAML-ish parsing of one command-line value ('1e-3' is a float here, unlike YAML 1.1)."""
+    import yaml
+
+    try:
+        return float(text) if _looks_float(text) else yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _looks_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity") and not text.isdigit()
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Convert `value` (a string from the command line, or a YAML/JSON value) to `hint`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in
+                             ("none", "null", "~", "")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(value, a)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise ValueError("; ".join(errors))
+    if isinstance(value, str) and (origin in (tuple, list) or hint in (list, dict)):
+        value = _parse_scalar(value)
+        if isinstance(value, str):  # "2,15" -> [2, 15]
+            value = [_parse_scalar(v.strip()) for v in value.strip("[]()").split(",")]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            value = value.strip()
+            f = float(value)  # accepts "1e3"
+            if not f.is_integer():
+                raise ValueError(f"expected an integer, got {value!r}")
+            return int(f)
+        if isinstance(value, int):
+            return value
+        raise ValueError(f"expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
+        if len(value) != len(args):
+            raise ValueError(f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    if hint is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        return list(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

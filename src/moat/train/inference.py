@@ -1,0 +1,182 @@
+"""`moat eval` and `moat predict` as library functions: load a task and its model from a
+checkpoint (a run directory, a checkpoint folder or a weights file), then evaluate a dataset
+or predict images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
+    resolve_checkpoint
+from moat.train.config import TrainConfig
+from moat.train.task import Task, get_task
+
+log = logging.getLogger("moat")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
+
+
+def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """A stored config; settings this version does not know are dropped with a warning."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        log.warning("ignoring settings unknown to this version: %s", unknown)
+    return TrainConfig.from_dict({k: v for k, v in values.items() if k in known})
+
+
+def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
+                        device: torch.device | str = "cpu",
+                        settings: Mapping[str, Any] | None = None,
+                        ) -> tuple[Task, nn.Module, dict[str, Any]]:
+    """(task, model in eval mode on `device`, info) from a run dir, checkpoint dir or file.
+
+    `settings` override the stored config (e.g. data, eval_img_size, strict_data).
+    Files without a stored config (converted official weights) need the `variant` metadata
+    that `moat convert` writes.
+    """
+    path = resolve_checkpoint(checkpoint)
+    device = torch.device(device)
+    if path.is_dir():
+        meta = read_meta(path)
+        config, task_meta = config_from_dict(meta["config"]), meta.get("task_metadata", {})
+        state, which = read_weights(path, weights)
+        info = {"checkpoint": str(path), "weights": which, "step": meta.get("step"),
+                "epoch": meta.get("epoch")}
+    else:
+        header = file_metadata(path)
+        if "config" in header:
+            config = config_from_dict(json.loads(header["config"]))
+            task_meta = json.loads(header.get("task_metadata", "{}"))
+        elif "variant" in header:  # converted official weights (moat convert)
+            config = TrainConfig(model=header["variant"])
+            config.position_embedding = json.loads(header.get("position_embedding", "true"))
+            config.num_classes = int(json.loads(header.get("num_classes", "1000")))
+            for key in ("mean", "std"):
+                if key in header:
+                    setattr(config, key, tuple(json.loads(header[key])))
+            if "native_resolution" in header:
+                config.img_size = int(json.loads(header["native_resolution"]))
+            if "crop_pct" in header:
+                config.crop_pct = float(json.loads(header["crop_pct"]))
+            if "interpolation" in header:
+                config.interpolation = str(header["interpolation"]).strip('"')
+            task_meta = {}
+        else:
+            raise ValueError(f"{path}: no model description in the file (neither a moat "
+                             "training checkpoint nor converted weights with a 'variant'); "
+                             "pass the run directory instead")
+        state, which = None, "file"
+        info = {"checkpoint": str(path), "weights": which}
+    for key, value in (settings or {}).items():
+        if value is not None:
+            setattr(config, key, value)
+    task = get_task(config.task)(config)
+    task.load_metadata(task_meta)
+    model = task.build_model()
+    if state is not None:
+        model.load_state_dict(state)
+    elif "config" in file_metadata(path):
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(path)))
+    else:
+        from moat.weights.io import load_weights
+
+        load_weights(model, path)
+    model.to(device).eval()
+    return task, model, info
+
+
+def _report_dir(checkpoint: Path) -> Path:
+    """RUN_DIR/eval for checkpoints inside a run, else <file folder>/eval-<name>."""
+    path = resolve_checkpoint(checkpoint)
+    if path.is_dir() and is_complete(path) and path.parent.name == "checkpoints":
+        return path.parent.parent / "eval"
+    return path.parent / f"eval-{path.stem}"
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
+                        img_size: int | None = None, batch_size: int = 64, workers: int = 2,
+                        weights: str = "auto", device: str = "auto", precision: str = "fp32",
+                        report_dir: str | os.PathLike | None = None, strict_data: bool = False,
+                        task: str | None = None) -> dict[str, Any]:
+    """Metrics of a checkpoint on `data` (a split folder/CSV, or a root with val/).
+
+    Returns {"metrics", "line" (the task's one-line summary), "report" (files written),
+    "bad_images" (skipped files), "checkpoint", "weights"}. Works under torchrun too.
+    """
+    from moat.data.classification import BadImageLog
+    from moat.train import distributed as dist_utils
+    from moat.train.loaders import eval_loader, track_bad
+    from moat.train.loop import amp_dtype, autocast
+
+    info = dist_utils.setup(device)
+    try:
+        settings = {"data": str(data), "strict_data": strict_data, "eval_img_size": img_size}
+        expected = task
+        task, model, ckpt = load_task_and_model(checkpoint, weights=weights, device=info.device,
+                                                settings=settings)
+        if expected and expected != task.name:
+            raise ValueError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
+        dataset = task.build_eval_dataset()
+        loader = eval_loader(dataset, batch_size, collate_fn=task.collate_fn(False),
+                             workers=workers, pin_memory=info.device.type == "cuda")
+        bad = BadImageLog(log)
+        with torch.no_grad(), autocast(info.device, amp_dtype(precision, info.device)):
+            metrics = task.evaluate(model, track_bad(loader, bad), info.device)
+        report: list[str] = []
+        if info.is_main:
+            out = Path(report_dir) if report_dir else _report_dir(Path(checkpoint))
+            report = task.write_report(metrics, str(out))
+        return {"metrics": metrics, "line": task.format_metrics(metrics), "report": report,
+                "bad_images": dict(bad.paths), "task": task, **ckpt}
+    finally:
+        dist_utils.cleanup()
+
+
+def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Files as given; folders replaced by the image files under them (sorted)."""
+    out: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                          and not f.name.startswith("."))
+        else:
+            out.append(str(p))
+    if not out:
+        raise ValueError("no images to predict")
+    return out
+
+
+def predict_checkpoint(images: Sequence[str | os.PathLike], checkpoint: str | os.PathLike, *,
+                       top_k: int = 5, img_size: int | None = None, weights: str = "auto",
+                       device: str = "auto", json_path: str | os.PathLike | None = None,
+                       output_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The task's predictions for image files (and folders of them), optionally as JSON."""
+    from moat.train.distributed import pick_device
+
+    dev = pick_device(device)
+    task, model, _ = load_task_and_model(checkpoint, weights=weights, device=dev)
+    results = task.predict(model, expand_images(images), dev,
+                           output_dir=str(output_dir) if output_dir else None,
+                           top_k=top_k, img_size=img_size)
+    if json_path:
+        text = json.dumps(results, indent=1) + "\n"
+        if str(json_path) == "-":
+            print(text, end="")
+        else:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(text)
+    return results

@@ -1,0 +1,98 @@
+"""DataLoaders for any task: resumable distributed sampling and per-sample seeded augmentation.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index): before each sample
+the Python, NumPy and torch generators are seeded from those three numbers. So a run resumed
+mid-epoch sees exactly the crops and flips the interrupted run would have seen, whatever the
+number of workers, and two runs with the same seed augment identically. The sampler's order
+depends only on (seed, epoch, rank, world size) (`moat.data.classification.ResumableSampler`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from moat.data.classification import BadImageLog, ResumableSampler, ShardSampler
+
+
+class EpochSampler(ResumableSampler):
+    """ResumableSampler yielding (epoch, index) so the dataset can seed per sample."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        return ((self.epoch, i) for i in super().__iter__())
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset: item (epoch, index) is dataset[index] with all RNGs seeded from
+    (seed, epoch, index). In the main process (workers=0) the RNG states are restored after,
+    so the training loop's own random stream is untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        in_main = torch.utils.data.get_worker_info() is None
+        if in_main:
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        seeds = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2)
+        random.seed(int(seeds[0]))
+        np.random.seed(int(seeds[1]))
+        torch.manual_seed(int(seeds[0]) << 32 | int(seeds[1]))
+        try:
+            return self.dataset[index]
+        finally:
+            if in_main:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
+def train_loader(dataset: Dataset, batch_size: int, *, collate_fn: Callable | None, workers: int,
+                 seed: int, pin_memory: bool) -> DataLoader:
+    """Per-process batches of `batch_size`, incomplete last batch dropped, shuffled per epoch."""
+    sampler = EpochSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
+                      drop_last=True, collate_fn=collate_fn, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, collate_fn: Callable | None, workers: int,
+                pin_memory: bool) -> DataLoader:
+    """Each sample exactly once over all processes (no padding)."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(dataset),
+                      collate_fn=collate_fn, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
+
+
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    sampler = loader.sampler
+    assert isinstance(sampler, ResumableSampler)
+    sampler.set_epoch(epoch)
+    if skip_batches:
+        sampler.skip(min(skip_batches * (loader.batch_size or 1), sampler.num_samples))
+
+
+def full_batches(loader: DataLoader) -> int:
+    """Batches per epoch on this process, ignoring any skip."""
+    return loader.sampler.num_samples // loader.batch_size  # type: ignore[union-attr]
+
+
+def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterator[Any]:
+    """Pass batches through, recording the files a collate skipped (`batch.bad`)."""
+    for batch in batches:
+        bad = getattr(batch, "bad", None)
+        if bad:
+            log.add(bad)
+        yield batch
