@@ -225,6 +225,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results as JSON to this file ('-': stdout)")
     p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks)")
+    p.add_argument("--task", help="expected task (default: the checkpoint's)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -234,7 +235,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     results = predict_checkpoint(args.images, args.checkpoint, top_k=args.top_k,
                                  img_size=args.img_size, weights=args.weights,
                                  device=args.device, json_path=args.json,
-                                 output_dir=args.output_dir)
+                                 output_dir=args.output_dir, task=args.task)
     if args.json != "-":
         for r in results:
             if "error" in r:

@@ -104,7 +104,7 @@ def build_detector(
     fpn_channels: int = 256,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
-    anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    anchor_sizes: Sequence[int | Sequence[int]] = (32, 64, 128, 256, 512),
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     representation_size: int = 1024,
     mask_channels: int = 256,
@@ -140,7 +140,8 @@ def build_detector(
         train_resize: False (default) leaves training images at the size the data pipeline
             made (its scale jitter, see `moat.data.coco.train_transforms`); True resizes them
             like evaluation images.
-        anchor_sizes: one anchor size per FPN level (5 levels), with `aspect_ratios`.
+        anchor_sizes: anchor size(s) per FPN level (5 levels): a number or a list of
+            sizes each, every size with every one of `aspect_ratios`.
         representation_size: width of the two-layer box heads; mask_channels: width of the
             four mask-head convs.
         rpn_* / box_*: torchvision's FasterRCNN settings of the same names.
@@ -175,8 +176,9 @@ def build_detector(
     if len(anchor_sizes) != levels:
         raise ValueError(f"anchor_sizes needs one size per FPN level ({levels}), "
                          f"got {list(anchor_sizes)}")
-    anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes),
-                              (tuple(float(a) for a in aspect_ratios),) * levels)
+    sizes = tuple(tuple(int(v) for v in s) if isinstance(s, Sequence) else (int(s),)
+                  for s in anchor_sizes)
+    anchors = AnchorGenerator(sizes, (tuple(float(a) for a in aspect_ratios),) * levels)
     data = variant_data_config(variant)
     names = backbone.featmap_names
     box_roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)

@@ -163,12 +163,16 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
 def predict_checkpoint(images: Sequence[str | os.PathLike], checkpoint: str | os.PathLike, *,
                        top_k: int = 5, img_size: int | None = None, weights: str = "auto",
                        device: str = "auto", json_path: str | os.PathLike | None = None,
-                       output_dir: str | os.PathLike | None = None) -> list[dict]:
+                       output_dir: str | os.PathLike | None = None,
+                       task: str | None = None) -> list[dict]:
     """The task's predictions for image files (and folders of them), optionally as JSON."""
     from moat.train.distributed import pick_device
 
     dev = pick_device(device)
+    expected = task
     task, model, _ = load_task_and_model(checkpoint, weights=weights, device=dev)
+    if expected and expected != task.name:
+        raise ValueError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
     results = task.predict(model, expand_images(images), dev,
                            output_dir=str(output_dir) if output_dir else None,
                            top_k=top_k, img_size=img_size)
