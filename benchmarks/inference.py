@@ -15,16 +15,25 @@ Extra arguments go to `moat benchmark` (see `moat benchmark --help`).
 
 from __future__ import annotations
 
-import argparse
-import sys
+import os
 
-from moat.benchmark import format_table, run_benchmark, write_csv
+# Busy-waiting OpenMP threads (the default) spin on cores that other processes need; on a
+# shared machine that makes every model many times slower and the comparison a lottery.
+# Passive waiting applies to every model alike. Set OMP_WAIT_POLICY yourself to override;
+# it must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from moat.benchmark import format_table, run_benchmark, write_csv  # noqa: E402
+from moat.runtime import keep_freed_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--img-size", type=int, default=224)
@@ -33,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", help="also write the rows (with versions) to this CSV file")
     args = parser.parse_args(argv)
 
+    keep_freed_memory()  # for every model alike; see moat/runtime.py
     rows = run_benchmark(
         ["moat_0"], peers=True, img_sizes=[args.img_size], batch_sizes=[args.batch_size],
         dtypes=["float32"], threads=[args.threads], modes=args.mode, optimized=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Before torch is imported (here and in subprocesses): OpenMP threads that spin while waiting
@@ -26,3 +27,15 @@ def reference_dir() -> Path:
         pytest.fail(f"reference files not found at {REFERENCE_DIR}: the tests expect the "
                     "repository checked out next to 'shared/' (…/shared/reference)")
     return REFERENCE_DIR
+
+
+@pytest.fixture(scope="session")
+def ref_weights(reference_dir: Path) -> dict[str, np.ndarray]:
+    """The reference tiny-MOAT-0 weights under their official names."""
+    return dict(np.load(reference_dir / "tiny_moat0_weights.npz"))
+
+
+@pytest.fixture(scope="session")
+def ref_prefix(reference_dir: Path) -> Path:
+    """The same weights as a real TensorFlow (TF1-style) checkpoint prefix."""
+    return reference_dir / "tf1_checkpoint" / "tiny_moat0"

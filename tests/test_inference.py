@@ -31,20 +31,15 @@ def _randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(scope="module")
-def reference_weights(reference_dir):
-    return dict(np.load(reference_dir / "tiny_moat0_weights.npz"))
-
-
 @pytest.mark.parametrize("case_name,channels_last", [("case_224_global", True),
                                                       ("case_320_window", False)])
-def test_fused_matches_official_outputs(reference_dir, reference_weights, case_name,
+def test_fused_matches_official_outputs(reference_dir, ref_weights, case_name,
                                         channels_last):
     case = np.load(reference_dir / f"{case_name}.npz")
     config = json.loads(str(case["config_json"]))
     plain = moat.create_model("tiny_moat_0", window_size=config["window_size"],
                               pool_size=config["pool_size"]).eval()
-    moat.load_official_weights(plain, reference_weights)
+    moat.load_official_weights(plain, ref_weights)
     fused = moat.optimize_for_inference(plain, channels_last=channels_last)
     x = torch.from_numpy(case["input"]).permute(0, 3, 1, 2)
     with torch.inference_mode():
@@ -102,6 +97,18 @@ def test_features_only_model_is_optimized_too():
     with torch.no_grad():
         for a, b in zip(moat.optimize_for_inference(plain)(x), plain(x)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_large_batches_run_in_parts_with_the_same_results(monkeypatch):
+    from moat.export import inference
+
+    fused = moat.optimize_for_inference(_randomize_bn(MoatNet(MICRO, num_classes=10)).eval())
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        whole = fused(x)
+        monkeypatch.setattr(inference, "CHUNK_BYTES", 1)  # every block: one sample at a time
+        assert inference._batch_chunks(x, 16) == 3
+        torch.testing.assert_close(fused(x), whole, atol=1e-6, rtol=0)
 
 
 def test_cut_windows_equal_padded_windows_with_masked_keys():

@@ -35,11 +35,6 @@ OFFICIAL_GFLOPS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference_weights(reference_dir):
-    return dict(np.load(reference_dir / "tiny_moat0_weights.npz"))
-
-
 def _load_case(reference_dir, name):
     case = np.load(reference_dir / f"{name}.npz")
     return {k: case[k] for k in case.files}, json.loads(str(case["config_json"]))
@@ -51,9 +46,9 @@ def _tiny(weights, **options):
 
 
 @pytest.mark.parametrize("case_name", ["case_224_global", "case_320_window"])
-def test_matches_official_outputs(reference_dir, reference_weights, case_name):
+def test_matches_official_outputs(reference_dir, ref_weights, case_name):
     case, config = _load_case(reference_dir, case_name)
-    model = _tiny(reference_weights, window_size=config["window_size"],
+    model = _tiny(ref_weights, window_size=config["window_size"],
                   pool_size=config["pool_size"])
     x = torch.from_numpy(case["input"]).permute(0, 3, 1, 2)
     with torch.no_grad():
@@ -65,19 +60,19 @@ def test_matches_official_outputs(reference_dir, reference_weights, case_name):
                                    atol=1e-4, rtol=1e-5, err_msg=name)
 
 
-def test_matches_official_pool_size_3(reference_dir, reference_weights):
+def test_matches_official_pool_size_3(reference_dir, ref_weights):
     case, _ = _load_case(reference_dir, "case_224_global")
-    model = _tiny(reference_weights, pool_size=3)
+    model = _tiny(ref_weights, pool_size=3)
     with torch.no_grad():
         logits = model(torch.from_numpy(case["input"]).permute(0, 3, 1, 2))
     np.testing.assert_allclose(logits.numpy(), case["logits_pool3"], atol=1e-4, rtol=0)
 
 
-def test_official_weights_round_trip(reference_weights):
-    model = _tiny(reference_weights)
+def test_official_weights_round_trip(ref_weights):
+    model = _tiny(ref_weights)
     exported = moat.weights.official.to_official(model)
-    assert exported.keys() == reference_weights.keys()
-    for name, value in reference_weights.items():
+    assert exported.keys() == ref_weights.keys()
+    for name, value in ref_weights.items():
         np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
@@ -188,8 +183,8 @@ def test_unknown_model_lists_choices():
         moat.create_model("moat_9")
 
 
-def test_load_official_weights_lists_every_problem(reference_weights):
-    broken = dict(reference_weights)
+def test_load_official_weights_lists_every_problem(ref_weights):
+    broken = dict(ref_weights)
     del broken["moat/stem/conv_0/kernel"]
     broken["moat/extra/thing"] = np.zeros(3)
     broken["moat/block_02_00/attention/o/bias"] = np.zeros(7, np.float32)
@@ -201,17 +196,17 @@ def test_load_official_weights_lists_every_problem(reference_weights):
     assert "wrong shape (1)" in text and "o/bias" in text
     with pytest.raises(ValueError, match="relative_position_embedding"):
         moat.load_official_weights(moat.create_model("tiny_moat_0", position_embedding=False),
-                                   reference_weights)
+                                   ref_weights)
 
 
-def test_bias_cache_follows_new_weights(reference_weights):
+def test_bias_cache_follows_new_weights(ref_weights):
     model = moat.create_model("tiny_moat_0").eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         before = model(x)  # fills the cached position bias
-        moat.load_official_weights(model, reference_weights)
+        moat.load_official_weights(model, ref_weights)
         after = model(x)
-        fresh = _tiny(reference_weights)(x)
+        fresh = _tiny(ref_weights)(x)
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh)
 
@@ -295,9 +290,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-def test_bfloat16_autocast(reference_dir, reference_weights):
+def test_bfloat16_autocast(reference_dir, ref_weights):
     case, _ = _load_case(reference_dir, "case_224_global")
-    model = _tiny(reference_weights)
+    model = _tiny(ref_weights)
     x = torch.from_numpy(case["input"]).permute(0, 3, 1, 2)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(x).float()

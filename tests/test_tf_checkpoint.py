@@ -12,16 +12,6 @@ from moat.weights.tf_checkpoint import CheckpointError, TFCheckpoint, _varint, r
 from tf_writer import Raw, entry_proto, header_proto, make_archive, write_checkpoint, write_table
 
 
-@pytest.fixture(scope="module")
-def ref_weights(reference_dir: Path) -> dict[str, np.ndarray]:
-    return dict(np.load(reference_dir / "tiny_moat0_weights.npz"))
-
-
-@pytest.fixture
-def ref_prefix(reference_dir: Path) -> Path:
-    return reference_dir / "tf1_checkpoint" / "tiny_moat0"
-
-
 def _assert_same(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
     assert sorted(got) == sorted(want)
     for name, value in want.items():

@@ -29,18 +29,8 @@ ENDPOINTS = ("stage1", "stage2", "stage3", "stage4", "stage5")
 
 
 @pytest.fixture(scope="module")
-def ref_weights(reference_dir: Path) -> dict[str, np.ndarray]:
-    return dict(np.load(reference_dir / "tiny_moat0_weights.npz"))
-
-
-@pytest.fixture(scope="module")
 def case(reference_dir: Path) -> dict[str, np.ndarray]:
     return dict(np.load(reference_dir / "case_224_global.npz"))
-
-
-@pytest.fixture
-def ref_prefix(reference_dir: Path) -> Path:
-    return reference_dir / "tf1_checkpoint" / "tiny_moat0"
 
 
 def _model(**kwargs) -> torch.nn.Module:

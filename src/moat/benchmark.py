@@ -26,6 +26,11 @@ Method (the same for every model, so that the numbers compare):
 * latency is the median time of one image (batch 1) in inference;
 * "best" is the fastest run: on a loaded machine the least disturbed one, a useful second
   opinion when the median is noisy.
+
+On a machine shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (the
+`benchmarks/` scripts set it): busy-waiting OpenMP threads otherwise slow every model down
+several times, and models with many operators most. The policy and the load average are
+recorded with the results.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moat.runtime import allocator_setting
 
 __all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
 
@@ -68,10 +75,12 @@ class BenchSpec:
     channels_last: bool = False
     drop_path_rate: float = 0.0
     device: str = "cpu"
+    preset: str | None = None  # MOAT only: a dense-prediction attention layout (PRESETS)
 
     @property
     def label(self) -> str:
-        return self.model + (" (optimized)" if self.optimized else "")
+        return (self.model + (f" [{self.preset}]" if self.preset else "")
+                + (" (optimized)" if self.optimized else ""))
 
 
 def _is_moat(name: str) -> bool:
@@ -84,11 +93,23 @@ def _is_moat(name: str) -> bool:
         return False
 
 
-def _create(name: str, img_size: tuple[int, int], drop_path_rate: float) -> nn.Module:
+def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
+            preset: str | None = None) -> nn.Module:
     if _is_moat(name):
         import moat
 
-        return moat.create_model(name, drop_path_rate=drop_path_rate)
+        layout = {}
+        if preset:
+            from moat.tasks.backbone import PRESETS
+
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+            layout = dict(window_size=PRESETS[preset].window_size,
+                          global_attention_at_end=PRESETS[preset].global_attention_at_end,
+                          pool_size=PRESETS[preset].pool_size)
+        return moat.create_model(name, drop_path_rate=drop_path_rate, **layout)
+    if preset:
+        raise ValueError(f"--preset applies to MOAT models only, not {name!r}")
     import timm
 
     kwargs = {"drop_path_rate": drop_path_rate}
@@ -99,7 +120,7 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float) -> nn.M
 
 def build_model(spec: BenchSpec) -> nn.Module:
     """The model of `spec`, in the mode, memory format and device the measurement uses."""
-    model = _create(spec.model, spec.img_size, spec.drop_path_rate).to(spec.device)
+    model = _create(spec.model, spec.img_size, spec.drop_path_rate, spec.preset).to(spec.device)
     if spec.mode == "train":
         model.train()
     else:
@@ -116,25 +137,20 @@ def build_model(spec: BenchSpec) -> nn.Module:
 
 # --- counting ------------------------------------------------------------------------------
 
-def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def count_macs(name: str, img_size: tuple[int, int]) -> int:
+def count_macs(name: str, img_size: tuple[int, int], preset: str | None = None) -> int:
     """Multiply-adds of one image (convolutions, linear layers, attention matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):  # free: no memory, no compute
-        model = _create(name, img_size, 0.0).eval()
+        model = _create(name, img_size, 0.0, preset).eval()
     if _is_moat(name):
         import moat
 
         return moat.count_flops(model, img_size, method="macs")
-    # torch does not count the CPU flash-attention kernel by itself (see moat.flops).
-    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_flops}
-    with FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.no_grad():
+    from moat.flops import CPU_ATTENTION_FLOPS
+
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, \
+            torch.no_grad():
         model(torch.zeros(1, 3, *img_size, device="meta"))
     return counter.get_total_flops() // 2
 
@@ -253,7 +269,10 @@ def environment(device: str = "cpu") -> dict[str, str]:
 
     env = {"torch": torch.__version__, "moat": moat.__version__,
            "python": platform.python_version(), "cpu": _cpu_model(),
-           "cpu_count": str(os.cpu_count()), "device": device}
+           "cpu_count": str(os.cpu_count()), "device": device,
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+           "allocator": allocator_setting(),
+           "load_average": f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""}
     try:
         import timm
 
@@ -283,12 +302,15 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
                   optimized: bool = False, channels_last: bool = False,
                   drop_path_rate: float = 0.0, warmup: int = 1, repeats: int = 5,
                   latency: bool = True, memory: bool = True, device: str = "cpu",
+                  preset: str | None = None,
                   log: Callable[[str], None] | None = None) -> list[dict]:
     """Measure; return one row per model and configuration (see the module docstring).
 
     `models`: MOAT variants (or any timm model name); `peers` adds `PEERS`. `threads` 0
     keeps torch's default. With `optimized`, MOAT's inference is measured both plainly and
-    through `optimize_for_inference` (rows "moat_0" and "moat_0 (optimized)").
+    through `optimize_for_inference` (rows "moat_0" and "moat_0 (optimized)"). `preset`
+    ("detection", "segmentation") builds the MOAT models with that backbone preset's
+    attention layout and pooling (`moat.tasks.backbone.PRESETS`), the peers as they are.
     """
     names = list(dict.fromkeys([*models, *(PEERS if peers else ())]))
     for mode in modes:
@@ -314,7 +336,8 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
                             common = dict(img_size=size, batch=batch, dtype=dtype,
                                           threads=n_threads or default_threads, mode=mode,
                                           channels_last=channels_last,
-                                          drop_path_rate=drop_path_rate, device=device)
+                                          drop_path_rate=drop_path_rate, device=device,
+                                          preset=preset if _is_moat(name) else None)
                             specs.append(BenchSpec(name, **common))
                             if optimized and mode == "inference" and _is_moat(name):
                                 specs.append(BenchSpec(name, optimized=True, **common))
@@ -338,9 +361,9 @@ def _measure(specs: list[BenchSpec], warmup: int, repeats: int, latency: bool, m
     del built, steps
     rows = []
     for spec in specs:
-        key = (spec.model, spec.img_size)
+        key = (spec.model, spec.img_size, spec.preset)
         if key not in macs_cache:
-            macs_cache[key] = count_macs(spec.model, spec.img_size)
+            macs_cache[key] = count_macs(spec.model, spec.img_size, spec.preset)
         macs = macs_cache[key]
         seconds = statistics.median(times[spec])
         row = {
@@ -393,7 +416,10 @@ def format_table(rows: Sequence[dict]) -> str:
         env = rows[0]
         lines.append(f"\ntorch {env['torch']}, moat {env['moat']}, timm {env['timm'] or '-'}, "
                      f"python {env['python']}, {env['cpu']} ({env['cpu_count']} CPUs), "
-                     f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}; "
+                     f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}, "
+                     f"OMP_WAIT_POLICY={env['omp_wait_policy'] or 'unset'}, "
+                     f"allocator: {env['allocator']}, load average "
+                     f"{env['load_average'] or '-'} at the start; "
                      f"median of {rows[0]['repeats']} interleaved runs after "
                      f"{rows[0]['warmup']} warm-up (best: the fastest run); 'vs MOAT': "
                      "GMAC/s over the compared MOAT row's (the optimized one if measured)")

@@ -358,6 +358,9 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", dest="latency", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", choices=["detection", "segmentation"],
+                   help="MOAT models with this dense-prediction attention layout, e.g. "
+                   "detection: 14x14 windows in the third stage (see moat.tasks.backbone)")
     p.add_argument("--csv", help="write every row, with versions, to this CSV file")
     p.set_defaults(func=_cmd_benchmark)
 
@@ -370,7 +373,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
         dtypes=args.dtype, threads=args.threads, modes=args.mode, optimized=args.optimized,
         channels_last=args.channels_last, drop_path_rate=args.drop_path_rate,
         warmup=args.warmup, repeats=args.repeats, latency=args.latency, memory=args.memory,
-        device=args.device, log=lambda line: print(line, file=sys.stderr, flush=True))
+        device=args.device, preset=args.preset,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(rows))
     if args.csv:
         write_csv(rows, args.csv)
@@ -387,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
+    from moat.runtime import keep_freed_memory
+
+    keep_freed_memory()  # this process is ours: see moat/runtime.py
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:

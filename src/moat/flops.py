@@ -23,13 +23,16 @@ _aten = torch.ops.aten
 OFFICIAL_BATCH = 8  # the official count amortises batch-independent work over this batch
 
 
-def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query.shape, key.shape, value.shape)
+def _cpu_flash_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
+                               **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # FlopCounterMode passes shapes
 
 
 # torch counts the CUDA attention kernels but not the CPU flash kernel that
-# scaled_dot_product_attention picks without a mask (MOAT-0 would read 5.42, not 5.64 GMACs).
-_CUSTOM = {_aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops}
+# scaled_dot_product_attention picks on CPU tensors (MOAT-0 would read 5.42, not 5.64 GMACs).
+# Pass it as FlopCounterMode(custom_mapping=...) when counting any model.
+CPU_ATTENTION_FLOPS = {_aten._scaled_dot_product_flash_attention_for_cpu:
+                       _cpu_flash_attention_flops}
 
 # Float ops per output element that TF's profiler registers for the equivalent TF ops.
 _ELEMENTWISE = {
@@ -88,7 +91,7 @@ def count_flops(model: nn.Module, img_size: tuple[int, int] | int, method: str =
     model.eval()
     elementwise = _ElementwiseCounter()
     try:
-        with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, torch.no_grad():
             if method == "official":
                 with elementwise:
                     model(x)

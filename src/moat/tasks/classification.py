@@ -305,32 +305,17 @@ def run_demo(output_dir: str | os.PathLike = "moat-demo", *, epochs: int | None 
              overrides: Sequence[str] = (), progress: bool = True, **_: Any) -> dict[str, Any]:
     """Write the shapes dataset, train tiny_moat_0 on it, evaluate, predict a few images."""
     from moat.data.synthetic import write_shapes_dataset
-    from moat.train.config import load_config
-    from moat.train.inference import evaluate_checkpoint, predict_checkpoint
-    from moat.train.loop import train
+    from moat.train.demo import train_evaluate_predict
 
     out = Path(output_dir)
     t0 = time.time()
     data = write_shapes_dataset(out / "data", **DEMO_DATA)
-    run_dir = out / "run"
-    settings = dict(DEMO_SETTINGS, data=str(data.root), output=str(run_dir), progress=progress)
-    if epochs is not None:
-        settings["epochs"] = epochs
-    config = load_config(None, overrides, **settings)
-    resume = (run_dir / "checkpoints").is_dir()  # a demo run that was interrupted continues
-    result = train(config, resume=resume)
-    train_s = time.time() - t0
-    metrics = evaluate_checkpoint(str(run_dir), data=str(data.val_dir),
-                                  report_dir=str(out / "eval"))["metrics"]
     samples = [str(min((data.val_dir / c).iterdir())) for c in data.classes[:4]]
-    predictions = predict_checkpoint(samples, str(run_dir), top_k=3,
-                                     json_path=str(out / "predictions.json"))
-    return {
-        "outputs": {"dataset": str(data.root), "run": str(run_dir),
-                    "metrics": str(run_dir / "metrics.jsonl"),
-                    "checkpoint": str(result["checkpoint"]),
-                    "evaluation": str(out / "eval"), "predictions": str(out / "predictions.json")},
-        "predictions": predictions, "metrics": metrics, "train_seconds": round(train_s, 1),
-        "summary": f"top-1: {metrics['top-1']:.2f}%  top-5: {metrics['top-5']:.2f}%  "
-                   f"(tiny_moat_0, {config.epochs} epochs, {time.time() - t0:.0f} s)",
-    }
+    result = train_evaluate_predict(out, str(data.root), DEMO_SETTINGS, samples=samples,
+                                    epochs=epochs, overrides=overrides, progress=progress,
+                                    eval_data=str(data.val_dir), predict_options={"top_k": 3})
+    metrics = result["metrics"]
+    result["summary"] = (f"top-1: {metrics['top-1']:.2f}%  top-5: {metrics['top-5']:.2f}%  "
+                         f"(tiny_moat_0, {result['config'].epochs} epochs, "
+                         f"{time.time() - t0:.0f} s)")
+    return result

@@ -617,37 +617,22 @@ def run_detection_demo(output_dir: str | Path = "moat-demo-detection", *,
     """Write the synthetic detection dataset, train the demo detector on it through the shared
     loop, evaluate (COCO box and mask AP) and draw the detections of a few validation images."""
     from moat.data.synthetic_detection import write_synthetic_detection
-    from moat.train.config import load_config
-    from moat.train.inference import evaluate_checkpoint, predict_checkpoint
-    from moat.train.loop import train
+    from moat.train.demo import train_evaluate_predict
 
     out = Path(output_dir)
     t0 = time.time()
     data = write_synthetic_detection(out / "data", **DEMO_DATA)
-    run_dir = out / "run"
-    settings = dict(DEMO_SETTINGS, data=str(data.root), output=str(run_dir), progress=progress)
-    if epochs is not None:
-        settings["epochs"] = settings["eval_every_epochs"] = epochs
-    config = load_config(None, overrides, **settings)
-    resume = (run_dir / "checkpoints").is_dir()  # an interrupted demo continues
-    result = train(config, resume=resume)
-    train_s = time.time() - t0
-    evaluation = evaluate_checkpoint(str(run_dir), data=str(data.root), batch_size=8,
-                                     workers=0, report_dir=str(out / "eval"))
-    metrics = evaluation["metrics"]
     samples = [str(p) for p in sorted(data.images("val").iterdir())[:6]]
-    predictions = predict_checkpoint(samples, str(run_dir), output_dir=str(out / "predictions"),
-                                     json_path=str(out / "predictions.json"))
+    result = train_evaluate_predict(
+        out, str(data.root), DEMO_SETTINGS, samples=samples, epochs=epochs,
+        overrides=overrides, progress=progress, eval_options={"batch_size": 8, "workers": 0},
+        predict_options={"output_dir": str(out / "predictions")})
+    result["outputs"]["drawings"] = str(out / "predictions")
+    metrics, config = result["metrics"], result["config"]
     arch = config.task_options.get("arch", "cascade_mask_rcnn")
     masks = (f"  mask AP: {metrics['mask_AP']:.4f}  mask AP50: {metrics['mask_AP50']:.4f}"
              if "mask_AP" in metrics else "")
-    return {
-        "outputs": {"dataset": str(data.root), "run": str(run_dir),
-                    "metrics": str(run_dir / "metrics.jsonl"),
-                    "checkpoint": str(result["checkpoint"]),
-                    "predictions": str(out / "predictions")},
-        "predictions": predictions, "metrics": metrics, "train_seconds": round(train_s, 1),
-        "summary": f"box AP: {metrics['AP']:.4f}  box AP50: {metrics['AP50']:.4f}{masks}  "
-                   f"({arch}, {config.model}, {config.epochs} epochs, "
-                   f"{time.time() - t0:.0f} s)",
-    }
+    result["summary"] = (f"box AP: {metrics['AP']:.4f}  box AP50: {metrics['AP50']:.4f}{masks}  "
+                         f"({arch}, {config.model}, {config.epochs} epochs, "
+                         f"{time.time() - t0:.0f} s)")
+    return result

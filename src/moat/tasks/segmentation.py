@@ -683,7 +683,7 @@ def _same_size_groups(images: list[Tensor], masks: list[Tensor]) -> list[list[in
 # synthetic shapes, batch 8 at AdamW 2e-3 for 360 steps, BN statistics at momentum 0.1 (the
 # official 0.01 lags in so short a run). At output stride 32 the 4x4 deepest map missed the
 # triangles (mIoU 0.77); at 16 the demo reaches ~0.94 in about 8 minutes on 2 busy CPU cores
-# (benchmarks/segmentation_demo.py).
+# (benchmarks/demo.py --task segmentation).
 DEMO_SETTINGS: dict[str, Any] = {
     "task": "segmentation", "model": "tiny_moat_0", "img_size": 128, "epochs": 6,
     "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5, "min_lr": 1e-5, "weight_decay": 0.01,
@@ -702,35 +702,20 @@ def run_demo(output_dir: str | os.PathLike = "moat-demo-segmentation", *,
     import time
 
     from moat.data.synthetic_segmentation import write_segmentation_dataset
-    from moat.train.config import load_config
-    from moat.train.inference import evaluate_checkpoint, predict_checkpoint
-    from moat.train.loop import train
+    from moat.train.demo import train_evaluate_predict
 
     out = Path(output_dir)
     t0 = time.time()
     data = write_segmentation_dataset(out / "data", **DEMO_DATA)
-    run_dir = out / "run"
-    settings = dict(DEMO_SETTINGS, data=str(data.root), output=str(run_dir), progress=progress)
-    if epochs is not None:
-        settings["epochs"] = epochs
-    config = load_config(None, overrides, **settings)
-    resume = (run_dir / "checkpoints").is_dir()  # an interrupted demo continues
-    result = train(config, resume=resume)
-    train_s = time.time() - t0
-    evaluation = evaluate_checkpoint(str(run_dir), data=str(data.root),
-                                     report_dir=str(out / "eval"), batch_size=16)
-    metrics = evaluation["metrics"]
     samples = [str(p) for p in sorted((data.root / "val" / "images").iterdir())[:4]]
-    predictions = predict_checkpoint(samples, str(run_dir), output_dir=str(out / "predictions"),
-                                     json_path=str(out / "predictions.json"))
+    result = train_evaluate_predict(
+        out, str(data.root), DEMO_SETTINGS, samples=samples, epochs=epochs,
+        overrides=overrides, progress=progress, eval_options={"batch_size": 16},
+        predict_options={"output_dir": str(out / "predictions")})
+    result["outputs"]["drawings"] = str(out / "predictions")
+    metrics = result["metrics"]
     per_class = ", ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items() if k.startswith("IoU/"))
-    return {
-        "outputs": {"dataset": str(data.root), "run": str(run_dir),
-                    "metrics": str(run_dir / "metrics.jsonl"),
-                    "checkpoint": str(result["checkpoint"]),
-                    "predictions": str(out / "predictions")},
-        "predictions": predictions, "metrics": metrics, "train_seconds": round(train_s, 1),
-        "summary": f"mIoU: {metrics['mIoU']:.4f}  pixel_acc: {metrics['pixel_acc']:.4f}  "
-                   f"(per class: {per_class}; tiny_moat_0 DeepLabv3+, {config.epochs} epochs, "
-                   f"{time.time() - t0:.0f} s)",
-    }
+    result["summary"] = (f"mIoU: {metrics['mIoU']:.4f}  pixel_acc: {metrics['pixel_acc']:.4f}  "
+                         f"(per class: {per_class}; tiny_moat_0 DeepLabv3+, "
+                         f"{result['config'].epochs} epochs, {time.time() - t0:.0f} s)")
+    return result
