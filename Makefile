@@ -21,7 +21,9 @@ test: venv
 	$(BIN)/python -m pytest -n 2 -q
 
 bench: venv
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/inference.py
+	for task in classification segmentation detection; do \
+		$(BIN)/python benchmarks/demo.py --task $$task || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs
