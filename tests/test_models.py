@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import moat
 from moat.cli import main as cli
-from moat.models.layers import relative_position_bias, window_partition, window_reverse
+from moat.models.layers import pointwise, relative_position_bias, window_partition, window_reverse
 
 # ARCHITECTURE.md §1: trainable parameters of the official models, with and without PE.
 OFFICIAL_PARAMS = {
@@ -325,3 +325,18 @@ def test_cli_models_and_summary(capsys):
     assert "128x15x19" in out and "7x7, global" in out and "3,355,348" in out
     assert cli(["summary", "tiny_moat_0", "--window-size", "7", "none", "none", "none"]) == 2
     assert "MBConv stage" in capsys.readouterr().err
+
+
+def test_pointwise_projection_equals_linear_with_gradients():
+    # Attention projections run as 1x1 convolutions on CPU; same values and gradients.
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 40)
+    x = torch.randn(2, 3, 7, 24, requires_grad=True)
+    y = pointwise(linear, x)
+    expected = linear(x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, linear.weight, linear.bias), grad)
+    want = torch.autograd.grad(expected, (x, linear.weight, linear.bias), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -91,7 +91,8 @@ def count_flops(model: nn.Module, img_size: tuple[int, int] | int, method: str =
     model.eval()
     elementwise = _ElementwiseCounter()
     try:
-        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, torch.no_grad():
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, \
+                torch.no_grad():
             if method == "official":
                 with elementwise:
                     model(x)

@@ -289,8 +289,8 @@ def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path: Path) ->
 # crops (80-100% of the area: smaller crops cut shapes off), no Mixup/CutMix/RandAugment (they
 # slow short runs down), BatchNorm momentum 0.1 so that evaluation statistics keep up with a
 # few hundred steps (with the official 0.01 a 300-step run evaluates at chance), data loading in
-# the main process (2 cores). Measured with benchmarks/demo.py on the shared 2-core machine
-# (load average ~7, OMP_WAIT_POLICY=PASSIVE): 96.2% top-1 in 523 s wall, 272 s CPU.
+# the main process (2 cores). Measured with benchmarks/demo.py on the idle 2-core machine:
+# 94.2% top-1 in 186 s wall (96.2% in 523 s while the machine was shared).
 DEMO_SETTINGS: dict[str, Any] = {
     "model": "tiny_moat_0", "img_size": 64, "crop_pct": 1.0, "epochs": 10, "batch_size": 32,
     "lr": 1e-3, "warmup_epochs": 0.5, "min_lr": 1e-5, "weight_decay": 0.05,
