@@ -29,8 +29,9 @@ Method (the same for every model, so that the numbers compare):
 
 On a machine shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (the
 `benchmarks/` scripts set it): busy-waiting OpenMP threads otherwise slow every model down
-several times, and models with many operators most. The policy and the load average are
-recorded with the results.
+several times, and models with many operators most. The benchmark scripts and `moat
+benchmark` also make glibc keep freed memory (`moat.runtime`), for every model alike. The
+policy, the allocator setting and the load average are recorded with the results.
 """
 
 from __future__ import annotations
