@@ -140,6 +140,27 @@ class ShapesDataset:
         return self.root / "val"
 
 
+def reuse_or_clear(root: Path, marker: str, params: dict, parts: set[str], what: str) -> bool:
+    """True if `root` already holds the generated dataset described by `params`.
+
+    The JSON `marker` file is written last by every generator, so a folder without it holds
+    at most the leftovers (`parts`) of an interrupted write; those are removed, as is a
+    dataset written with other parameters. Anything else in `root` is refused: the folder is
+    the user's, not ours to empty.
+    """
+    marker_file = root / marker
+    if marker_file.is_file():
+        if json.loads(marker_file.read_text()) == params:
+            return True
+        marker_file.unlink()
+    elif root.exists() and not {p.name for p in root.iterdir()} <= parts:
+        raise FileExistsError(f"{str(root)!r} is not empty and holds no {what}; "
+                              "choose an empty or new folder")
+    for name in parts:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return False
+
+
 def write_shapes_dataset(
     root: str | Path,
     num_classes: int = 10,
@@ -165,20 +186,8 @@ def write_shapes_dataset(
     params = dict(version=_FORMAT_VERSION, classes=classes, per_class=per_class,
                   img_size=img_size, seed=seed, image_format=image_format)
     result = ShapesDataset(root, classes, {k: n * num_classes for k, n in per_class.items()})
-    marker = root / "shapes.json"
-    if marker.is_file():
-        if json.loads(marker.read_text()) == params:
-            return result
-        marker.unlink()
-        for split in per_class:
-            shutil.rmtree(root / split, ignore_errors=True)
-    elif root.exists() and any(root.iterdir()):
-        names = {p.name for p in root.iterdir()}
-        if not names <= {"train", "val"}:  # leftovers of an interrupted write are fine
-            raise FileExistsError(f"{str(root)!r} is not empty and holds no shapes dataset; "
-                                  "choose an empty or new folder")
-        for split in per_class:
-            shutil.rmtree(root / split, ignore_errors=True)
+    if reuse_or_clear(root, "shapes.json", params, set(per_class), "shapes dataset"):
+        return result
 
     ext = "png" if image_format == "png" else "jpg"
     for split_id, (split, n) in enumerate(per_class.items()):
@@ -190,5 +199,5 @@ def write_shapes_dataset(
                 img = Image.fromarray(render_shape(name, rng, img_size))
                 options = {"compress_level": 1} if ext == "png" else {"quality": 92}
                 img.save(folder / f"{name}_{i:05d}.{ext}", **options)
-    marker.write_text(json.dumps(params, indent=1))
+    (root / "shapes.json").write_text(json.dumps(params, indent=1))
     return result

@@ -14,14 +14,13 @@ for a seed whatever the order or subset generated.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from moat.data.synthetic import SHAPES, _colour_far_from
+from moat.data.synthetic import SHAPES, _colour_far_from, reuse_or_clear
 
 _FORMAT_VERSION = 1  # bump when rendering changes, so cached datasets are regenerated
 DEFAULT_CLASSES = ("circle", "square", "triangle")
@@ -153,18 +152,9 @@ def write_synthetic_detection(
                   max_objects=max_objects, radius=[float(r) for r in radius],
                   empty_fraction=empty_fraction, seed=seed)
     result = SyntheticDetection(root, classes, counts)
-    marker = root / "synthetic_detection.json"
-    ours = {"train", "val", "annotations"}
-    if marker.is_file():
-        if json.loads(marker.read_text()) == params:
-            return result
-        marker.unlink()
-    elif root.exists() and any(root.iterdir()):
-        if not {p.name for p in root.iterdir()} <= ours:  # leftovers of an interrupted write
-            raise FileExistsError(f"{str(root)!r} is not empty and holds no synthetic detection "
-                                  "dataset; choose an empty or new folder")
-    for name in ours:
-        shutil.rmtree(root / name, ignore_errors=True)
+    if reuse_or_clear(root, "synthetic_detection.json", params, {"train", "val", "annotations"},
+                      "synthetic detection dataset"):
+        return result
 
     (root / "annotations").mkdir(parents=True)
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
@@ -191,5 +181,5 @@ def write_synthetic_detection(
         coco = {"info": {"description": f"moat synthetic detection ({split})"},
                 "images": images, "annotations": annotations, "categories": categories}
         result.annotations(split).write_text(json.dumps(coco))
-    marker.write_text(json.dumps(params, indent=1))
+    (root / "synthetic_detection.json").write_text(json.dumps(params, indent=1))
     return result

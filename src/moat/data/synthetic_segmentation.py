@@ -19,12 +19,13 @@ same files, whatever subset is written. Writing 600 128x128 pairs takes a few se
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from moat.data.synthetic import reuse_or_clear
 
 _FORMAT_VERSION = 1  # bump when rendering changes, so cached datasets are regenerated
 
@@ -154,17 +155,9 @@ def write_segmentation_dataset(
     params = dict(version=_FORMAT_VERSION, classes=classes, sizes=sizes, img_size=img_size,
                   seed=seed)
     result = SyntheticSegmentation(root, classes, dict(sizes))
-    marker = root / "segmentation.json"
-    if marker.is_file():
-        if json.loads(marker.read_text()) == params:
-            return result
-        marker.unlink()
-    elif root.exists() and any(root.iterdir()):
-        if not {p.name for p in root.iterdir()} <= set(sizes):
-            raise FileExistsError(f"{str(root)!r} is not empty and holds no synthetic "
-                                  "segmentation dataset; choose an empty or new folder")
-    for split in sizes:
-        shutil.rmtree(root / split, ignore_errors=True)
+    if reuse_or_clear(root, "segmentation.json", params, set(sizes),
+                      "synthetic segmentation dataset"):
+        return result
 
     palette = np.zeros((256, 3), np.uint8)
     palette[:len(PALETTE)] = PALETTE
@@ -180,5 +173,5 @@ def write_segmentation_dataset(
             m = Image.fromarray(mask)  # mode L; putpalette makes it P with the same indices
             m.putpalette(palette.reshape(-1).tolist())
             m.save(root / split / "masks" / f"{i:05d}.png", compress_level=1)
-    marker.write_text(json.dumps(params, indent=1))
+    (root / "segmentation.json").write_text(json.dumps(params, indent=1))
     return result

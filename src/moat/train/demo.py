@@ -28,9 +28,7 @@ def train_evaluate_predict(out: Path, data_root: str, settings: Mapping[str, Any
     run_dir = out / "run"
     settings = dict(settings, data=data_root, output=str(run_dir), progress=progress)
     if epochs is not None:
-        settings["epochs"] = epochs
-        if "eval_every_epochs" in settings:
-            settings["eval_every_epochs"] = epochs
+        settings["epochs"] = settings["eval_every_epochs"] = epochs
     config = load_config(None, overrides, **settings)
     result = train(config, resume=(run_dir / "checkpoints").is_dir())
     train_seconds = time.time() - t0
@@ -42,7 +40,7 @@ def train_evaluate_predict(out: Path, data_root: str, settings: Mapping[str, Any
     return {
         "config": config, "metrics": metrics, "predictions": predictions,
         "train_seconds": round(train_seconds, 1),
-        "outputs": {"dataset": str(Path(data_root)), "run": str(run_dir),
+        "outputs": {"dataset": data_root, "run": str(run_dir),
                     "metrics": str(run_dir / "metrics.jsonl"),
                     "checkpoint": str(result["checkpoint"]), "evaluation": str(out / "eval"),
                     "predictions": str(out / "predictions.json")},
