@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from moat.kernels import batch_norm_gelu
 from moat.models.config import MoatConfig
 from moat.models.layers import (Attention, Conv2dSame, DropPath, avg_pool_same_exclude_pad,
                                 window_attention)
@@ -43,7 +44,6 @@ class MBConvBlock(nn.Module):
         self.expand_norm = batch_norm(mid, cfg)
         self.depthwise_conv = Conv2dSame(mid, mid, 3, stride, groups=mid, bias=False)
         self.depthwise_norm = batch_norm(mid, cfg)
-        self.act = nn.GELU()
         self.se = SqueezeExcite(mid, max(1, int(out_chs * cfg.se_ratio))) if use_se else None
         self.shrink_conv = nn.Conv2d(mid, out_chs, 1)
         self.drop_path = DropPath(keep_prob)
@@ -55,8 +55,9 @@ class MBConvBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.expand_conv(self.pre_norm(x))
-        y = self.act(self.expand_norm(y))
-        y = self.act(self.depthwise_norm(self.depthwise_conv(y)))
+        pad = self.depthwise_conv.pad_for(*y.shape[-2:])
+        y = self.depthwise_conv(batch_norm_gelu(self.expand_norm, y, pad), padded=True)
+        y = batch_norm_gelu(self.depthwise_norm, y)
         if self.se is not None:
             y = self.se(y)
         return self.shortcut(x) + self.drop_path(self.shrink_conv(y))

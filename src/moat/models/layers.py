@@ -32,12 +32,18 @@ class Conv2dSame(nn.Conv2d):
                          padding=kernel_size // 2 if self.static_padding else 0,
                          groups=groups, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.static_padding:
-            k, s = self.kernel_size[0], self.stride[0]
-            top, bottom = same_padding(x.shape[-2], k, s)
-            left, right = same_padding(x.shape[-1], k, s)
-            x = F.pad(x, (left, right, top, bottom))
+    def pad_for(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The F.pad (left, right, top, bottom) this convolution needs; zeros when it pads
+        by itself."""
+        if self.static_padding:
+            return (0, 0, 0, 0)
+        k, s = self.kernel_size[0], self.stride[0]
+        return (*same_padding(width, k, s), *same_padding(height, k, s))
+
+    def forward(self, x: Tensor, padded: bool = False) -> Tensor:
+        """`padded`: x already carries `pad_for` of its unpadded size."""
+        if not padded and any(pad := self.pad_for(*x.shape[-2:])):
+            x = F.pad(x, pad)
         return super().forward(x)
 
 
@@ -232,7 +238,13 @@ class Attention(nn.Module):
         qkv = pointwise(self.qkv, x).view(batch * windows, tokens, 3, self.num_heads,
                                           self.head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*windows, heads, T, K]
+        scale = self.head_size ** -0.5
         if bias is not None:
             bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_size ** -0.5)
+        if bias is not None and bias.requires_grad and q.device.type == "cpu":
+            # SDPA's fused CPU kernel cannot return a bias gradient; its fallback is slower
+            # than these three ops (it adds masking passes for fully masked rows).
+            out = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias).softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         return pointwise(self.proj, out.transpose(1, 2).reshape(batch, windows, tokens, -1))

@@ -1,0 +1,105 @@
+"""GELU(BatchNorm(x)) fused for CPU training: the one kernel eager PyTorch is missing.
+
+MOAT's MBConv blocks apply BatchNorm then GELU to their widest activations (384 channels
+at 112x112 in MOAT-0's first block). In training, eager PyTorch makes ten memory-bound
+passes over each of those tensors and keeps two of them for backward; the fused kernel
+(`batch_norm_gelu.cpp`) makes four and keeps one. Everywhere else, and whenever it cannot
+run, the unfused ops do the same computation.
+
+The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler, once,
+about a minute; cached in PyTorch's extension folder). Without a compiler it warns once and
+the unfused ops run. `MOAT_FUSED_KERNELS=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+# The flags ATen compiles its own vectorised CPU kernels with, per capability.
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+}
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled kernel, or None (turned off, or it could not be built)."""
+    if os.environ.get("MOAT_FUSED_KERNELS", "1") == "0":
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(capability)
+    defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"] \
+        if flags else ["-DCPU_CAPABILITY=DEFAULT"]
+    log.info("compiling the fused BatchNorm+GELU kernel (once, for %s)", capability)
+    try:
+        from torch.utils.cpp_extension import load
+        return load(name=f"moat_batch_norm_gelu_{capability.lower()}",
+                    sources=[str(Path(__file__).with_name("batch_norm_gelu.cpp"))],
+                    extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
+    except Exception as error:  # no compiler, no headers, ...: same results, just slower
+        warnings.warn(f"moat: the fused BatchNorm+GELU kernel could not be built ({error}); "
+                      "training uses the unfused PyTorch ops", stacklevel=2)
+        return None
+
+
+class _BatchNormGELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                pad: tuple[int, int, int, int]):
+        out, mean, var, invstd = extension().forward(x, weight, bias, eps, list(pad))
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.pad = pad
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _mean: None, _var: None):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        left, _, top, _ = ctx.pad
+        grad_out = grad_out[:, :, top:top + x.shape[2], left:left + x.shape[3]]
+        if grad_out.stride(1) != 1:
+            grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+        grad_x, grad_weight, grad_bias = extension().backward(grad_out, x, weight, bias,
+                                                              mean, invstd)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def _fusable(norm: nn.Module, x: Tensor) -> bool:
+    # Exactly BatchNorm2d (not SyncBatchNorm: its statistics span processes), in training
+    # mode with running statistics and an exponential average, on float32 channels-last CPU
+    # tensors, in eager mode (compilers and exporters see the plain ops).
+    return (type(norm) is nn.BatchNorm2d and norm.training and norm.affine
+            and norm.track_running_stats and norm.momentum is not None
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.stride(1) == 1 and x.shape[1] > 1
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.jit.is_scripting() and not torch.is_autocast_enabled("cpu")
+            and extension() is not None)
+
+
+def batch_norm_gelu(norm: nn.BatchNorm2d, x: Tensor,
+                    pad: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Tensor:
+    """F.pad(F.gelu(norm(x)), pad), fused on CPU in training mode (running statistics
+    updated alike). `pad` is F.pad's (left, right, top, bottom)."""
+    if not _fusable(norm, x):
+        y = F.gelu(norm(x))
+        return F.pad(y, pad) if any(pad) else y
+    out, mean, var = _BatchNormGELU.apply(x, norm.weight, norm.bias, norm.eps, pad)
+    with torch.no_grad():
+        count = x.numel() // x.shape[1]
+        norm.running_mean.lerp_(mean, norm.momentum)
+        norm.running_var.lerp_(var * (count / (count - 1)), norm.momentum)
+        norm.num_batches_tracked.add_(1)
+    return out
