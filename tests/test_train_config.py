@@ -100,3 +100,18 @@ def test_task_defaults_apply_before_file(monkeypatch):
     c = load_config(None, ["epochs=5"], task=Dummy.name)
     assert (c.mixup, c.epochs, c.task) == (0.0, 5, Dummy.name)
     assert TrainConfig().mixup == 0.8
+
+
+def test_channels_last_is_the_default_and_can_be_turned_off(monkeypatch):
+    from moat.cli import main
+
+    assert load_config().channels_last is True
+    seen = []
+    monkeypatch.setattr("moat.train.loop.run_training",
+                        lambda config, sets, resume, **flags: seen.append(flags)
+                        or {"metrics": None, "checkpoint": "-"})
+    for argv, expected in ((["train"], None), (["train", "--no-channels-last"], False),
+                           (["train", "--channels-last"], True)):
+        assert main(argv) == 0
+        assert seen[-1]["channels_last"] is expected
+    assert load_config(channels_last=None).channels_last is True  # None: keep the default

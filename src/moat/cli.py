@@ -137,9 +137,10 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                         "skipping it"),
                        ("--sync-bn", "synchronise BatchNorm statistics across processes"),
                        ("--compile", "torch.compile the model"),
-                       ("--grad-checkpointing", "recompute blocks in backward (less memory)"),
-                       ("--channels-last", "channels-last memory format (default on CUDA)")):
+                       ("--grad-checkpointing", "recompute blocks in backward (less memory)")):
         p.add_argument(flag, action="store_true", default=None, help=what)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format (default: on)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no progress bar")
 

@@ -33,6 +33,18 @@ _CAPABILITY_FLAGS = {
 }
 
 
+def _import_cpp_extension():
+    # Its import warns when no CUDA runtime is found: irrelevant for a CPU kernel.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """The compiled kernel, or None (turned off, or it could not be built)."""
@@ -42,12 +54,13 @@ def extension() -> ModuleType | None:
     flags = _CAPABILITY_FLAGS.get(capability)
     defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"] \
         if flags else ["-DCPU_CAPABILITY=DEFAULT"]
-    log.info("compiling the fused BatchNorm+GELU kernel (once, for %s)", capability)
+    log.info("loading the fused BatchNorm+GELU kernel for %s (the first time on a machine "
+             "it is compiled, about a minute)", capability)
     try:
-        from torch.utils.cpp_extension import load
-        return load(name=f"moat_batch_norm_gelu_{capability.lower()}",
-                    sources=[str(Path(__file__).with_name("batch_norm_gelu.cpp"))],
-                    extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
+        cpp_extension = _import_cpp_extension()
+        return cpp_extension.load(name=f"moat_batch_norm_gelu_{capability.lower()}",
+                                  sources=[str(Path(__file__).with_name("batch_norm_gelu.cpp"))],
+                                  extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
     except Exception as error:  # no compiler, no headers, ...: same results, just slower
         warnings.warn(f"moat: the fused BatchNorm+GELU kernel could not be built ({error}); "
                       "training uses the unfused PyTorch ops", stacklevel=2)

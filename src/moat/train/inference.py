@@ -95,7 +95,9 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
         from moat.weights.io import load_weights
 
         load_weights(model, path)
-    model.to(device).eval()
+    # the training run's memory format: the same arithmetic, so the same predictions
+    task.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device, memory_format=task.memory_format).eval()
     return task, model, info
 
 

@@ -159,8 +159,7 @@ class _Run:
         seed_everything(config.seed + info.rank)
         set_deterministic(config.deterministic)
         self.amp = amp_dtype(config.precision, self.device)
-        channels_last = config.channels_last if config.channels_last is not None \
-            else self.device.type == "cuda"
+        channels_last = config.channels_last
 
         # task, data, model
         self.task = get_task(config.task)(config)
