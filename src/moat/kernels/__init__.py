@@ -1,10 +1,11 @@
 """GELU(BatchNorm(x)) fused for CPU training: the one kernel eager PyTorch is missing.
 
 MOAT's MBConv blocks apply BatchNorm then GELU to their widest activations (384 channels
-at 112x112 in MOAT-0's first block). In training, eager PyTorch makes ten memory-bound
-passes over each of those tensors and keeps two of them for backward; the fused kernel
-(`batch_norm_gelu.cpp`) makes four and keeps one. Everywhere else, and whenever it cannot
-run, the unfused ops do the same computation.
+at 112x112 in MOAT-0's first block). In training, eager PyTorch makes seven memory-bound
+passes over each of those tensors (eight with the padding of the next convolution) and
+keeps two of them for backward; the fused kernel (`batch_norm_gelu.cpp`) makes four and
+keeps one. Everywhere else, and whenever it cannot run, the unfused ops do the same
+computation.
 
 The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler, once,
 about a minute; cached in PyTorch's extension folder). Without a compiler it warns once and

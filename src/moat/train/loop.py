@@ -159,11 +159,11 @@ class _Run:
         seed_everything(config.seed + info.rank)
         set_deterministic(config.deterministic)
         self.amp = amp_dtype(config.precision, self.device)
-        channels_last = config.channels_last
 
         # task, data, model
         self.task = get_task(config.task)(config)
-        self.task.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.task.memory_format = torch.channels_last if config.channels_last \
+            else torch.contiguous_format
         train_set, val_set = self.task.build_datasets()
         model = self.task.build_model()
         backbone = self.task.backbone(model)
@@ -233,7 +233,7 @@ class _Run:
                      "%d x %d process(es) x %d accumulation step(s); %d steps/epoch, "
                      "peak lr %.3g", info.world_size, self.device,
                      {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp],
-                     channels_last, config.batch_size, micro, info.world_size,
+                     config.channels_last, config.batch_size, micro, info.world_size,
                      config.accum_steps, self.steps_per_epoch, config.peak_lr)
 
     def _micro_batch(self) -> int:
