@@ -48,8 +48,9 @@ void for_each_part(int64_t parts, int64_t lines, const F& fn) {
   });
 }
 
-// Per-channel sums of a(x) and b(x) over pixels, accumulated in float over short runs and
-// in double across them; `body(pixel pointers..., c, vec_a, vec_b)` adds into the vectors.
+// Two per-channel sums over all pixels: `fn(line, w, sum_a, sum_b)` adds one pixel's terms
+// into float sums, which are moved into double ones every kFlushRows pixels. Each thread
+// sums one contiguous part of the lines; the parts are added in a fixed order.
 struct ChannelSums {
   std::vector<double> a, b;
   explicit ChannelSums(int64_t channels) : a(channels, 0.0), b(channels, 0.0) {}
@@ -80,7 +81,7 @@ ChannelSums sum_over_pixels(int64_t lines, int64_t width, int64_t channels, cons
     }
     partial[part].flush(fa, fb);
   });
-  ChannelSums total(channels);  // a fixed order of parts: deterministic for a thread count
+  ChannelSums total(channels);  // deterministic for a given thread count
   for (const auto& p : partial) {
     for (int64_t c = 0; c < channels; ++c) {
       total.a[c] += p.a[c];
