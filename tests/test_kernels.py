@@ -102,6 +102,25 @@ def test_turned_off_by_environment(monkeypatch):
     assert extension() is not None
 
 
+def test_without_a_compiler_it_warns_and_falls_back(monkeypatch):
+    class NoCompiler:
+        @staticmethod
+        def load(**kwargs):
+            raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(moat.kernels, "_import_cpp_extension", lambda: NoCompiler)
+    extension.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Ninja is required.*unfused PyTorch ops"):
+            assert extension() is None
+        norm, plain = _pair(8)
+        x = torch.randn(2, 8, 5, 5).contiguous(memory_format=CL)
+        assert torch.allclose(batch_norm_gelu(norm, x), F.gelu(plain(x)))
+    finally:
+        monkeypatch.undo()
+        extension.cache_clear()
+    assert extension() is not None
+
+
 def test_mbconv_training_step_same_with_and_without_the_kernel(monkeypatch):
     torch.manual_seed(0)
     fused = MBConvBlock(16, 32, 2, MODEL_CONFIGS["tiny_moat_0"]).train()

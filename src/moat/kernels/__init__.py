@@ -7,9 +7,9 @@ keeps two of them for backward; the fused kernel (`batch_norm_gelu.cpp`) makes f
 keeps one. Everywhere else, and whenever it cannot run, the unfused ops do the same
 computation.
 
-The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler, once,
-about a minute; cached in PyTorch's extension folder). Without a compiler it warns once and
-the unfused ops run. `MOAT_FUSED_KERNELS=0` turns it off.
+The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and
+ninja, once, about 30 s; cached in PyTorch's extension folder). Without them it warns once
+and the unfused ops run. `MOAT_FUSED_KERNELS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def extension() -> ModuleType | None:
                                   extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
     except Exception as error:  # no compiler, no headers, ...: same results, just slower
         warnings.warn(f"moat: the fused BatchNorm+GELU kernel could not be built ({error}); "
-                      "training uses the unfused PyTorch ops", stacklevel=2)
+                      "training uses the unfused PyTorch ops, which are slower. It needs a "
+                      "C++ compiler and ninja (`pip install ninja`) on the PATH",
+                      stacklevel=2)
         return None
 
 
