@@ -96,7 +96,6 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
 
         load_weights(model, path)
     # the training run's memory format: the same arithmetic, so the same predictions
-    task.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(device, memory_format=task.memory_format).eval()
     return task, model, info
 

@@ -162,8 +162,6 @@ class _Run:
 
         # task, data, model
         self.task = get_task(config.task)(config)
-        self.task.memory_format = torch.channels_last if config.channels_last \
-            else torch.contiguous_format
         train_set, val_set = self.task.build_datasets()
         model = self.task.build_model()
         backbone = self.task.backbone(model)

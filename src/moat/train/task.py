@@ -71,9 +71,11 @@ class Task:
     # gradient in a step (e.g. a branch that only runs for some batches).
     find_unused_parameters: bool = False
 
-    # Set by the loop before training/evaluation: inputs should be moved with it
-    # (`x.to(device, memory_format=self.memory_format)`); ignoring it is correct, only slower.
-    memory_format: torch.memory_format = torch.contiguous_format
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """The model's memory format (config.channels_last): inputs should be moved with it
+        (`x.to(device, memory_format=self.memory_format)`); ignoring it is correct, only slower."""
+        return torch.channels_last if self.config.channels_last else torch.contiguous_format
 
     def build_eval_dataset(self) -> Dataset:
         """The dataset `moat eval --data DIR` measures (config.data = DIR). Default: the
