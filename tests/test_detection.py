@@ -491,18 +491,19 @@ def trained_run(synthetic, tmp_path_factory):
     """Two steps of the shared loop (Cascade Mask R-CNN, 8 images, batch 4) + evaluation;
     returns (run directory, the in-memory trained model, the loop's result)."""
     from moat.train import distributed as dist_utils
-    from moat.train.loop import _Run
+    from moat.train.assemble import assemble
+    from moat.train.loop import Trainer
 
     torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("detection_run") / "run"
     config = _tiny_config(synthetic.root, run_dir)
     info = dist_utils.setup("cpu")
     try:
-        run = _Run(config, info, resume=False)  # train() without discarding the model
-        result = run.fit()
+        run, progress = assemble(config, info, resume=False)  # train() keeping the model
+        result = Trainer(run, progress).fit()
     finally:
         dist_utils.cleanup()
-    assert run.step == 2 and config.num_classes == 3
+    assert progress.step == 2 and config.num_classes == 3
     return run_dir, run.model.eval(), result
 
 

@@ -10,12 +10,12 @@ from moat.train.config import TrainConfig, load_config, parse_overrides
 
 
 def test_defaults_are_the_documented_recipe():
-    c = load_config()
+    c = load_config(recipe="imagenet")
     assert (c.epochs, c.img_size, c.optimizer, c.weight_decay, c.label_smoothing) == \
         (300, 224, "adamw", 0.05, 0.1)
     assert (c.mixup, c.cutmix, c.ema, c.clip_grad, c.drop_path_rate) == (0.8, 1.0, True, 1.0, None)
     assert c.peak_lr == pytest.approx(1e-3)  # 1e-3 at batch 1024
-    assert load_config(batch_size=256).peak_lr == pytest.approx(2.5e-4)  # linear scaling
+    assert load_config(batch_size=256, recipe="imagenet").peak_lr == pytest.approx(2.5e-4)
 
 
 def test_overrides_are_typed():

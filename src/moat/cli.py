@@ -111,6 +111,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="override any setting, e.g. --set lr=5e-4 --set mixup=0 "
                    "--set task_options.ignore_index=255 (repeatable)")
     p.add_argument("--task", help="classification (default), segmentation, ...")
+    p.add_argument("--recipe", help="default settings: auto (default: finetune from weights, "
+                   "else scratch, adapted to the data), scratch, finetune, imagenet; what you "
+                   "set yourself always wins")
     p.add_argument("--data", help="folder with train/<class>/ and val/<class>/ (or train.csv "
                    "and val.csv), or the training split itself")
     p.add_argument("--val-data", help="separate validation split (folder or .csv)")
@@ -120,7 +123,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="GLOBAL batch: over all processes and "
                    "accumulation steps")
     p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 x batch/1024)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--output", help="RUN_DIR: checkpoints, logs, metrics")
     p.add_argument("--init-from", help="fine-tune from weights: RUN_DIR, .safetensors, .pt or "
                    "an official checkpoint (a new head is made for another class count)")
@@ -145,7 +148,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="no progress bar")
 
 
-_TRAIN_FLAGS = ("task", "data", "val_data", "model", "img_size", "epochs", "batch_size",
+_TRAIN_FLAGS = ("task", "recipe", "data", "val_data", "model", "img_size", "epochs", "batch_size",
                 "accum_steps", "lr", "output", "init_from", "layer_decay", "frozen_stages",
                 "precision", "device", "workers", "seed", "save_every_steps", "deterministic",
                 "strict_data", "sync_bn", "compile", "grad_checkpointing", "channels_last",

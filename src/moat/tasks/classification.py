@@ -67,6 +67,11 @@ class ClassificationTask(Task):
         self._set_classes(train.classes)
         return train, val
 
+    def train_size(self) -> int:
+        from moat.data.classification import classification_datasets
+
+        return len(classification_datasets(self.config.data, self.config.val_data)[0])
+
     def build_eval_dataset(self):
         from moat.data.classification import open_split
 

@@ -1,12 +1,16 @@
 """Training configuration: one dataclass holding every default, loaded from YAML/JSON plus
 command-line overrides, validated with errors that say what to write instead.
 
-Precedence, lowest first: the defaults below (the recipe, see the table in the README), the
-task's `config_defaults`, the config file, then command-line flags and `--set KEY=VALUE`.
+Precedence, lowest first: the recipe (moat.train.recipes: `imagenet`, `scratch`, `finetune`;
+`auto` picks one for the run), the task's `config_defaults`, the config file, then
+command-line flags and `--set KEY=VALUE`. The recipe only fills what nobody set; `sources`
+records, for every value the recipe owns and every value set explicitly, the rule or the
+place it came from (config.yaml and train.log show it).
 
-Where the defaults come from ([paper] = the MOAT paper, [model] = the variant's official
-setting, [practice] = common ImageNet practice of the closest models, CoAtNet / MaxViT /
-timm, because the paper's recipe details are not available):
+The dataclass defaults below are the `imagenet` recipe, the paper-like one (a test pins it).
+Where they come from ([paper] = the MOAT paper, [model] = the variant's official setting,
+[practice] = common ImageNet practice of the closest models, CoAtNet / MaxViT / timm, because
+the paper's recipe details are not available):
 
     epochs 300, img_size 224 ......................................... [paper]
     drop_path_rate = per-variant official value (None) ............... [model]
@@ -29,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moat.train import recipes
+from moat.train.recipes import RECIPES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -43,6 +50,7 @@ class TrainConfig:
 
     # --- what to train ---------------------------------------------------------------------
     task: str = "classification"
+    recipe: str = "auto"           # auto, imagenet, scratch, finetune (moat.train.recipes)
     model: str = "moat_0"
     data: str | None = None        # folder with train/ + val/ (or train.csv + val.csv), or a split
     val_data: str | None = None    # a separate validation split (folder or .csv)
@@ -81,6 +89,7 @@ class TrainConfig:
     layer_decay: float | None = None  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
     frozen_stages: int = -1          # -1 none, 0 stem, K stem + stages 0..K-1 (4: whole backbone)
     init_from: str | None = None     # weights to fine-tune from (.safetensors/.pt/official/RUN_DIR)
+    pretrained: str | None = None    # a released model's weights to start from (moat.weights)
 
     # --- regularisation and augmentation ------------------------------------------------------
     label_smoothing: float = 0.1
@@ -116,6 +125,9 @@ class TrainConfig:
     # --- task-specific settings (segmentation, detection, ...) --------------------------------
     task_options: dict[str, Any] = field(default_factory=dict)
 
+    # --- written by load_config: {setting: the recipe rule or the place that set it} ------------
+    sources: dict[str, str] = field(default_factory=dict)
+
     # --- fault injection for tests: the loss of this optimiser step (1-based) becomes NaN -----
     debug_nan_step: int | None = None
 
@@ -133,6 +145,8 @@ class TrainConfig:
 
         from moat.models import list_models
 
+        need(self.recipe == "auto" or self.recipe in RECIPES,
+             f"recipe {self.recipe!r} is unknown; choose auto or one of {sorted(RECIPES)}")
         need(self.model in list_models(),
              f"model {self.model!r} is unknown; choose one of {list_models()}")
         need(self.img_size >= 16, f"img_size must be >= 16, got {self.img_size}")
@@ -259,23 +273,46 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
                 base: Mapping[str, Any] | None = None, **flags: Any) -> TrainConfig:
-    """Defaults < task defaults < `base` (e.g. a resumed run's config) < file < flags < --set.
+    """Recipe < task defaults < `base` (e.g. a resumed run's config) < file < flags < --set.
 
     `flags` are the command-line options (None = not given), `overrides` the `--set` items.
+    The recipe fills the fields no layer set; `sources` says where each value came from.
     """
+    base = dict(base or {})
+    base_sources = base.pop("sources", None) or {}
     file_values = read_config_file(path) if path else {}
-    set_values = parse_overrides(overrides)
-    flag_values = {k: v for k, v in flags.items() if v is not None}
-    layers = [dict(base or {}), file_values, flag_values, set_values]
+    file_values.pop("sources", None)  # a previous run's record, not a setting
+    layers = [("checkpoint", base), (f"config file {path}", file_values),
+              ("command line", {k: v for k, v in flags.items() if v is not None}),
+              ("--set", parse_overrides(overrides))]
     task = "classification"
-    for layer in layers:
-        task = layer.get("task", task)
+    for _, values in layers:
+        task = values.get("task", task)
     from moat.train.task import get_task
 
-    config = TrainConfig.from_dict(dict(get_task(str(task)).config_defaults), source="task defaults")
-    for layer, source in zip(layers, ("checkpoint", str(path), "command line", "--set")):
-        config = TrainConfig.from_dict(layer, config, source)
-    return config.validate()
+    task_cls = get_task(str(task))
+    layers.insert(0, ("task defaults", dict(task_cls.config_defaults)))
+    config, explicit = TrainConfig(), {}
+    for source, values in layers:
+        config = TrainConfig.from_dict(values, config, source)
+        for key in values:
+            explicit[key] = base_sources.get(key, source) if source == "checkpoint" else source
+    return apply_recipe(config, explicit, task_cls).validate()
+
+
+def apply_recipe(config: TrainConfig, explicit: dict[str, str], task_cls) -> TrainConfig:
+    """`config` with its recipe's values in the fields that `explicit` lacks, and `sources`."""
+    name, why = recipes.choose(config.recipe, bool(config.init_from or config.pretrained),
+                               bool(task_cls.config_defaults))
+    needs_data = name != "imagenet" and not set(recipes.RECIPE_FIELDS) <= explicit.keys()
+    facts = recipes.RunFacts(
+        batch_size=config.batch_size, epochs=config.epochs, model=config.model,
+        train_size=task_cls(config).train_size() if needs_data and config.data else None,
+        lr_base=config.lr_base, lr_base_batch=config.lr_base_batch)
+    values, rules = recipes.resolve(name, facts, explicit)
+    sources = {k: v for k, v in explicit.items() if not k.startswith("task_options.")}
+    sources.update(recipe=f"{name} ({why})", **rules)
+    return dataclasses.replace(config, recipe=name, sources=sources, **values)
 
 
 # --- typed assignment ------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     from moat.data.classification import BadImageLog
     from moat.train import distributed as dist_utils
     from moat.train.loaders import eval_loader, track_bad
-    from moat.train.loop import amp_dtype, autocast
+    from moat.train.precision import amp_dtype, autocast
 
     info = dist_utils.setup(device)
     try:

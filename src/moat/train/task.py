@@ -77,6 +77,11 @@ class Task:
         (`x.to(device, memory_format=self.memory_format)`); ignoring it is correct, only slower."""
         return torch.channels_last if self.config.channels_last else torch.contiguous_format
 
+    def train_size(self) -> int | None:
+        """The number of training samples, counted before the run is assembled (the recipe
+        adapts to the schedule's length, moat.train.recipes); None: unknown."""
+        return None
+
     def build_eval_dataset(self) -> Dataset:
         """The dataset `moat eval --data DIR` measures (config.data = DIR). Default: the
         validation set of `build_datasets()`."""

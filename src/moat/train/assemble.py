@@ -1,0 +1,154 @@
+"""`assemble`: everything a training run needs, built in one function that reads top to bottom.
+
+    where it starts -> logging, seeds, precision -> task, data, model -> EMA, optimiser,
+    scaler -> loaders, schedule -> progress (fresh, or restored from the checkpoint)
+    -> DDP / compile wrappers -> metrics files, config.yaml, the log's header
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moat.data.classification import BadImageLog
+from moat.train import distributed as dist_utils
+from moat.train.checkpoint import CheckpointManager
+from moat.train.config import TrainConfig
+from moat.train.loaders import eval_loader, full_batches, train_loader
+from moat.train.logger import MetricsWriter, setup_logging
+from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, freeze_stages
+from moat.train.precision import amp_dtype, precision_name
+from moat.train.recipes import RECIPE_FIELDS
+from moat.train.run import Progress, Run, restore, resume_point, seed_everything
+from moat.train.task import get_task
+
+log = logging.getLogger("moat")
+
+
+def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tuple[Run, Progress]:
+    """The run of `config` on this process, and where its training starts."""
+    run_dir = Path(config.output)
+    start = resume_point(run_dir, resume)  # None: a fresh run
+    setup_logging(run_dir, info.is_main)
+    if resume and start is None:
+        log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
+    _warn_if_cpu_busy(info.device)
+    seed_everything(config.seed + info.rank)
+    set_deterministic(config.deterministic)
+    amp = amp_dtype(config.precision, info.device)
+
+    # the task builds the data, then the model (which may depend on the data's classes)
+    task = get_task(config.task)(config)
+    train_set, val_set = task.build_datasets()
+    model = task.build_model()
+    model = _apply_model_settings(model, task, config, info, load_init=start is None)
+    model = model.to(info.device, memory_format=task.memory_format)
+    backbone = task.backbone(model)
+    ema = ModelEma(model, config.ema_decay) if config.ema else None
+    optimizer = build_optimizer(model, config, backbone)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+
+    micro = _micro_batch(config, info.world_size)
+    pin = info.device.type == "cuda"
+    train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
+                                 workers=config.workers, seed=config.seed, pin_memory=pin)
+    val_batches = None if val_set is None or config.eval_every_epochs == 0 else \
+        eval_loader(val_set, micro, collate_fn=task.collate_fn(False),
+                    workers=min(config.workers, 2), pin_memory=pin)
+    steps_per_epoch = full_batches(train_batches) // config.accum_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one "
+                         f"global batch ({config.batch_size}); lower --batch-size")
+    schedule = WarmupCosine(config.peak_lr, config.epochs * steps_per_epoch,
+                            round(config.warmup_epochs * steps_per_epoch), config.warmup_lr,
+                            config.min_lr)
+
+    train_model: nn.Module = model
+    if info.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device] if info.device.type == "cuda" else None,
+            find_unused_parameters=task.find_unused_parameters)
+    if config.compile:
+        train_model = torch.compile(train_model)
+    run = Run(config=config, info=info, task=task, model=model, train_model=train_model,
+              ema=ema, optimizer=optimizer, scaler=scaler, schedule=schedule, amp=amp,
+              train_loader=train_batches, val_loader=val_batches,
+              steps_per_epoch=steps_per_epoch,
+              checkpoints=CheckpointManager(run_dir, config.keep_last),
+              metrics=MetricsWriter(run_dir, info.is_main, config.tensorboard),
+              bad=BadImageLog(log))
+    progress = restore(run, start) if start is not None else \
+        Progress(preferred="ema" if ema is not None else "model")
+
+    if info.is_main:
+        config.save(run_dir / "config.yaml")
+        _log_header(run, micro)
+    return run, progress
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only on CUDA: a few backward kernels (e.g. the bilinear resize of position tables
+    # at a non-native resolution) have no deterministic CUDA version; they warn instead.
+    torch.use_deterministic_algorithms(enabled, warn_only=torch.cuda.is_available())
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def _apply_model_settings(model: nn.Module, task, config: TrainConfig,
+                          info: dist_utils.DistInfo, load_init: bool) -> nn.Module:
+    """BatchNorm momentum, --init-from (not when resuming: the checkpoint has the weights),
+    frozen stages, gradient checkpointing, SyncBatchNorm (which returns a new model)."""
+    backbone = task.backbone(model)
+    if config.bn_momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = config.bn_momentum
+    if config.init_from and load_init:
+        log.info("%s", task.load_pretrained(model, config.init_from))
+    if config.frozen_stages >= 0:
+        if backbone is None:
+            raise ValueError("frozen_stages needs a model with a MOAT backbone")
+        freeze_stages(backbone, config.frozen_stages)
+    if config.grad_checkpointing:
+        (backbone or model).set_grad_checkpointing(True)
+    if config.sync_bn and info.distributed:
+        model = dist_utils.convert_sync_batchnorm(model, info.device)
+    return model
+
+
+def _micro_batch(config: TrainConfig, world_size: int) -> int:
+    if config.batch_size % (world_size * config.accum_steps):
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes "
+                         f"({world_size}) x accum_steps ({config.accum_steps})")
+    return config.batch_size // (world_size * config.accum_steps)
+
+
+def _warn_if_cpu_busy(device: torch.device) -> None:
+    if device.type == "cpu" and "OMP_WAIT_POLICY" not in os.environ \
+            and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        log.warning("the CPU is busy (load %.1f on %d cores): spinning OpenMP threads can "
+                    "make training 10x slower; start with OMP_WAIT_POLICY=PASSIVE",
+                    os.getloadavg()[0], os.cpu_count() or 1)
+
+
+def _log_header(run: Run, micro: int) -> None:
+    c, info = run.config, run.info
+    total = sum(p.numel() for p in run.model.parameters())
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log.info("task %s, model %s: %.2fM parameters (%.2fM trainable), %d classes",
+             c.task, c.model, total / 1e6, trainable / 1e6, c.num_classes or 0)
+    log.info("%d process(es) on %s, precision %s, channels_last %s; global batch %d = "
+             "%d x %d process(es) x %d accumulation step(s); %d steps/epoch, peak lr %.3g",
+             info.world_size, info.device, precision_name(run.amp), c.channels_last,
+             c.batch_size, micro, info.world_size, c.accum_steps, run.steps_per_epoch,
+             c.peak_lr)
+    log.info("recipe %s; the settings it owns (value: the rule or the place that set it):",
+             c.sources.get("recipe", c.recipe))
+    for name in RECIPE_FIELDS:
+        log.info("  %-16s %-14s %s", name, getattr(c, name), c.sources.get(name, "default"))
