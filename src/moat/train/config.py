@@ -126,7 +126,7 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict)
 
     # --- written by load_config: {setting: the recipe rule or the place that set it} ------------
-    sources: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
 
     # --- fault injection for tests: the loss of this optimiser step (1-based) becomes NaN -----
     debug_nan_step: int | None = None
