@@ -272,6 +272,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             best = r["top_k"][0]
             print(f"predicted {r['path']}: {best['label']} ({best['probability']:.3f})")
     print(result.get("summary", result.get("metrics")))
+    if "app_command" in result:
+        print(f"try it on your own images in a local web page: {result['app_command']}")
     return 0
 
 
