@@ -36,6 +36,10 @@ from moat.train.loaders import eval_loader, full_batches, set_epoch, track_bad, 
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, freeze_stages
 from moat.train.task import Task, get_task
+from moat.weights.catalogue import split_name
+from moat.weights.hub import is_hub_name
+from moat.weights.loader import weights_file
+from moat.weights.metadata import WeightsMetadata
 
 log = logging.getLogger("moat")
 
@@ -87,16 +91,14 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def weights_metadata(config: TrainConfig, task: Task) -> dict[str, str]:
     """Safetensors header: enough to rebuild the model and its preprocessing from the file."""
-    import json
-
     meta = task.metadata()
-    out = {"format": "moat-train", "task": task.name, "config": json.dumps(config.to_dict()),
-           "task_metadata": json.dumps(meta)}
-    if "variant" in meta:  # readable by moat.weights.load_weights too
-        out["variant"] = str(meta["variant"])
-        out["position_embedding"] = json.dumps(bool(meta.get("position_embedding", True)))
-        out["num_classes"] = str(meta.get("num_classes"))
-    return out
+    header = WeightsMetadata(format="moat-train", task=task.name, config=config.to_dict(),
+                             task_metadata=meta)
+    if "variant" in meta and not is_hub_name(meta["variant"]):  # for load_weights too
+        header.variant = split_name(str(meta["variant"]))[0]
+        header.position_embedding = bool(meta.get("position_embedding", True))
+        header.num_classes = meta.get("num_classes")
+    return header.to_header()
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -169,8 +171,9 @@ class _Run:
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.momentum = config.bn_momentum
-        if config.init_from and self.resume_from is None:
-            log.info("%s", self.task.load_pretrained(model, config.init_from))
+        if (config.init_from or config.pretrained) and self.resume_from is None:
+            start = config.init_from or weights_file(config.model, pretrained=True)
+            log.info("%s", self.task.load_pretrained(model, str(start)))
         if config.frozen_stages >= 0:
             if backbone is None:
                 raise ValueError("frozen_stages needs a model with a MOAT backbone")
