@@ -211,3 +211,26 @@ def test_predict_prints_imagenet_names_with_release_preprocessing(bucket, home, 
     assert line == f"{path}: {expected}"
     assert np.isclose(float(top.values.sum()), sum(float(t.split()[-1]) for t in
                                                    line.split(": ", 1)[1].split(", ")), atol=2e-3)
+
+
+def test_train_pretrained_fine_tunes_from_the_release(bucket, home, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from moat.data.synthetic import write_shapes_dataset
+    from moat.train.checkpoint import CheckpointManager
+
+    data = tmp_path / "shapes"
+    write_shapes_dataset(data, num_classes=4, train_per_class=4, val_per_class=2, img_size=32)
+    monkeypatch.setenv("MOAT_WEIGHTS_URL", bucket.as_uri())
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", TAG, "--pretrained", "--epochs", "1",
+                 "--img-size", "32", "--batch-size", "8", "--workers", "0", "--frozen-stages", "4", "--lr", "1e-3",
+                 "--output", str(run), "--no-progress", "--set", "tensorboard=false",
+                 "--set", "ema_decay=0"]) == 0
+    log = (run / "train.log").read_text()
+    assert f"{TAG}.safetensors" in log and "classifier re-initialised" in log
+    state = load_file(str(CheckpointManager(run).latest() / "model.safetensors"))
+    release = moat.create_model(TAG, pretrained=True).state_dict()
+    assert state["logits_head.weight"].shape == (4, 256)  # a new head for the data's classes
+    # the frozen backbone's weights are the release's
+    assert torch.equal(state["stem.conv_0.weight"], release["stem.conv_0.weight"])

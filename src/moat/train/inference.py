@@ -69,6 +69,9 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
                 if value is not None:
                     setattr(config, key, tuple(value) if key in ("mean", "std") else value)
             config.img_size = header.native_resolution or config.img_size
+            for key, value in (header.model_args or {}).items():  # a saved folder's layout
+                if hasattr(config, key):
+                    setattr(config, key, value)
             task_meta = {"classes": list(header.label_names)} if header.label_names else {}
         else:
             raise ValueError(f"{path}: no model description in the file (neither a moat "

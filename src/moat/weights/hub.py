@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from moat.weights.catalogue import DATASETS, PRETRAINED
+from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
 from moat.weights.variant import model_variant
@@ -125,9 +125,10 @@ def hub_config(model: nn.Module, label_names: Sequence[str] | None = None) -> di
     args["position_embedding"] = variant.position_embedding
     if getattr(model, "features_only", False):
         raise ValueError("save the classification model, not a features_only backbone")
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg = {k: cfg[k] for k in ("tag", "input_size", "interpolation", "crop_pct", "mean", "std",
-                               "first_conv", "classifier", "license", "paper_ids") if k in cfg}
+    own = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg = release(variant.model_name).data_config()  # the variant's, unless the model has its own
+    cfg.update({k: own[k] for k in ("tag", "input_size", "interpolation", "crop_pct", "mean",
+                                    "std", "license", "paper_ids") if k in own})
     cfg.update(num_classes=model.num_classes, first_conv="stem.conv_0",
                classifier="logits_head", label_names=_label_names(model, label_names))
     return {"architecture": variant.name, "num_classes": model.num_classes,
@@ -151,7 +152,7 @@ license: apache-2.0
 # {arch} ({config['num_classes']} classes)
 
 MOAT (Yang et al., "MOAT: Alternating Mobile Convolution and Attention Brings Strong Vision
-Models", ICLR 2023) in PyTorch, saved by [moat](https://github.com/) in timm's format.
+Models", ICLR 2023) in PyTorch, saved by the `moat` library in timm's format.
 
 - **Variant:** `{arch}`, model arguments `{json.dumps(config['model_args'])}`
 - **Weights from:** {('release `' + release.tag + '`') if release else 'a moat training run'}
