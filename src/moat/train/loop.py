@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.data.bad_images import BadImageLog, BadSample
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
     rng_state, set_rng_state
@@ -185,8 +186,6 @@ class _Run:
         self.schedule = WarmupCosine(
             config.peak_lr, config.epochs * self.steps_per_epoch,
             round(config.warmup_epochs * self.steps_per_epoch), config.warmup_lr, config.min_lr)
-
-        from moat.data.classification import BadImageLog
 
         self.bad = BadImageLog(log)
         self.bad_reported = 0
@@ -399,8 +398,6 @@ class _Run:
         """Gather the files every process skipped; rank 0 logs new ones and the total count."""
         gathered = dist_utils.all_gather_objects(dict(self.bad.paths))
         for paths in gathered[1:]:
-            from moat.data.classification import BadSample
-
             self.bad.add(BadSample(p, r) for p, r in paths.items() if p not in self.bad.paths)
         if len(self.bad.paths) > self.bad_reported:
             log.warning("%d unreadable image file(s) skipped so far (listed above and in "

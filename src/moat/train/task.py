@@ -8,7 +8,7 @@ Order of calls in `moat train` (src/moat/train/loop.py): `Task(config)`, `build_
 classes, which the task may write back into `config`), then per step `loss(...)` under autocast, per epoch
 `evaluate(...)` under autocast and no_grad on every rank (each sees a shard; called for the
 model and again for its EMA), and `metadata()` whenever a checkpoint is written. A batch may
-carry `.bad` (a list of `moat.data.classification.BadSample`): the loop logs those files; a
+carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop logs those files; a
 training batch whose `batch_size()` is 0 is skipped (it still takes part in DDP's all-reduce). `moat eval` / `moat predict` rebuild the task
 from the config stored in the checkpoint, call `load_metadata(...)` and `build_model()`.
 
