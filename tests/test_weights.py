@@ -359,7 +359,7 @@ def test_cli_info_on_converted_file(tmp_path: Path, ref_prefix: Path, capsys) ->
                                    "tiny_moat1", "tiny_moat2", "tiny_moat3"])
 def test_detection_on_official_variable_tables(reference_dir: Path, table: str) -> None:
     """The official names and shapes of every variant (spec/variables) are recognised."""
-    from moat.weights.convert import detect_variant
+    from moat.weights.variant import detect_variant
     from moat.weights.official import official_tensors
 
     lines = (reference_dir.parent / "spec" / "variables" / f"{table}.txt").read_text()
