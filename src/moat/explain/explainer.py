@@ -86,11 +86,11 @@ class Explainer:
                   **model_kwargs: Any) -> Explainer:
         """A classifier from a variant or pretrained tag (see `moat.create_model`)."""
         import moat
-        from moat.weights.zoo import data_config
 
         model = moat.create_model(name, **model_kwargs).to(device)
-        config = data_config(name)
-        names = getattr(model, "class_names", None) or config.get("class_names")
+        config = moat.data_config(name)
+        # class names travel with pretrained weights (timm's pretrained_cfg["label_names"])
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
         return cls(model, "classification", transform=moat.create_transform(
             name, img_size=img_size), mean=config["mean"], std=config["std"],
             class_names=names or [str(i) for i in range(model.num_classes)], device=device)
