@@ -137,7 +137,7 @@ def test_from_weights_picks_finetune(folder):
     c = load_config(data=str(folder), model="tiny_moat_0", epochs=10, batch_size=32,
                     init_from="some.safetensors")
     assert c.recipe == "finetune" and c.layer_decay == 0.75
-    assert load_config(data=str(folder), model="tiny_moat_0", pretrained="in1k_224",
+    assert load_config(data=str(folder), model="tiny_moat_0", pretrained=True,
                        epochs=10, batch_size=32).recipe == "finetune"
 
 @pytest.mark.parametrize("batch", [1, 4, 8, 10])

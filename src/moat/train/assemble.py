@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moat.data.classification import BadImageLog
+from moat.data.bad_images import BadImageLog
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager
 from moat.train.config import TrainConfig
 from moat.train.loaders import eval_loader, full_batches, train_loader
 from moat.train.logger import MetricsWriter, setup_logging
-from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, freeze_stages
+from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.precision import amp_dtype, precision_name
 from moat.train.recipes import RECIPE_FIELDS
 from moat.train.run import Progress, Run, restore, resume_point, seed_everything
@@ -44,12 +44,10 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     # the task builds the data, then the model (which may depend on the data's classes)
     task = get_task(config.task)(config)
     train_set, val_set = task.build_datasets()
-    model = task.build_model()
-    model = _apply_model_settings(model, task, config, info, load_init=start is None)
-    model = model.to(info.device, memory_format=task.memory_format)
-    backbone = task.backbone(model)
+    model = task.build_training_model(info, resume=start is not None)  # complete: weights,
+    model = model.to(info.device, memory_format=task.memory_format)  # BN, freezing, SyncBN
     ema = ModelEma(model, config.ema_decay) if config.ema else None
-    optimizer = build_optimizer(model, config, backbone)
+    optimizer = build_optimizer(model, config, task.backbone(model))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
     micro = _micro_batch(config, info.world_size)
@@ -98,28 +96,6 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=torch.cuda.is_available())
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
-
-
-def _apply_model_settings(model: nn.Module, task, config: TrainConfig,
-                          info: dist_utils.DistInfo, load_init: bool) -> nn.Module:
-    """BatchNorm momentum, --init-from (not when resuming: the checkpoint has the weights),
-    frozen stages, gradient checkpointing, SyncBatchNorm (which returns a new model)."""
-    backbone = task.backbone(model)
-    if config.bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = config.bn_momentum
-    if config.init_from and load_init:
-        log.info("%s", task.load_pretrained(model, config.init_from))
-    if config.frozen_stages >= 0:
-        if backbone is None:
-            raise ValueError("frozen_stages needs a model with a MOAT backbone")
-        freeze_stages(backbone, config.frozen_stages)
-    if config.grad_checkpointing:
-        (backbone or model).set_grad_checkpointing(True)
-    if config.sync_bn and info.distributed:
-        model = dist_utils.convert_sync_batchnorm(model, info.device)
-    return model
 
 
 def _micro_batch(config: TrainConfig, world_size: int) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moat.data.classification import BadSample
+from moat.data.bad_images import BadSample
 from moat.train import distributed as dist_utils
 from moat.train.assemble import assemble
 from moat.train.config import TrainConfig, load_config, read_config_file

@@ -9,7 +9,6 @@ decides where a run starts and `restore` reads a checkpoint back.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from moat.data.classification import BadImageLog
+from moat.data.bad_images import BadImageLog
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
     rng_state, set_rng_state
@@ -29,6 +28,9 @@ from moat.train.config import TrainConfig
 from moat.train.logger import MetricsWriter
 from moat.train.optim import ModelEma, WarmupCosine
 from moat.train.task import Task
+from moat.weights.catalogue import split_name
+from moat.weights.hub import is_hub_name
+from moat.weights.metadata import WeightsMetadata
 
 log = logging.getLogger("moat")
 
@@ -138,13 +140,13 @@ def restore(run: Run, checkpoint: Path) -> Progress:
 def weights_metadata(config: TrainConfig, task: Task) -> dict[str, str]:
     """Safetensors header: enough to rebuild the model and its preprocessing from the file."""
     meta = task.metadata()
-    out = {"format": "moat-train", "task": task.name, "config": json.dumps(config.to_dict()),
-           "task_metadata": json.dumps(meta)}
-    if "variant" in meta:  # readable by moat.weights.load_weights too
-        out["variant"] = str(meta["variant"])
-        out["position_embedding"] = json.dumps(bool(meta.get("position_embedding", True)))
-        out["num_classes"] = str(meta.get("num_classes"))
-    return out
+    header = WeightsMetadata(format="moat-train", task=task.name, config=config.to_dict(),
+                             task_metadata=meta)
+    if "variant" in meta and not is_hub_name(meta["variant"]):  # for load_weights too
+        header.variant = split_name(str(meta["variant"]))[0]
+        header.position_embedding = bool(meta.get("position_embedding", True))
+        header.num_classes = meta.get("num_classes")
+    return header.to_header()
 
 
 def save_checkpoint(run: Run, progress: Progress, epoch_done: bool,
