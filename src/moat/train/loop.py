@@ -28,11 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.errors import MoatError
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
     rng_state, set_rng_state
 from moat.train.config import TrainConfig
 from moat.train.loaders import eval_loader, full_batches, set_epoch, track_bad, train_loader
+from moat.train.lock import RunLock
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, freeze_stages
 from moat.train.task import Task, get_task
@@ -40,7 +42,7 @@ from moat.train.task import Task, get_task
 log = logging.getLogger("moat")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoatError, RuntimeError):
     """The loss or the gradient became NaN/inf; the message names the last good checkpoint."""
 
 
@@ -113,7 +115,9 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise ValueError("--output RUN_DIR is required: where checkpoints and logs go")
     info = dist_utils.setup(config.device)
     try:
-        return _Run(config, info, resume).fit()
+        # one live run per folder: a second run or a --resume of this one is refused
+        with RunLock(config.output) if info.is_main else contextlib.nullcontext():
+            return _Run(config, info, resume).fit()
     finally:
         dist_utils.cleanup()
 
@@ -130,7 +134,7 @@ def run_training(config_path: str | os.PathLike | None = None, overrides=(), res
                                          if config_path else None)
         if not output:
             raise ValueError("--resume needs --output RUN_DIR (the run to continue)")
-        latest = CheckpointManager(output).latest()
+        latest = CheckpointManager(output).latest_intact()
         if latest is not None:
             base = read_meta(latest)["config"]
     return train(load_config(config_path, overrides, base=base, **flags), resume=resume)
@@ -142,7 +146,7 @@ class _Run:
         self.run_dir = Path(config.output)
         self.is_main = info.is_main
         self.checkpoints = CheckpointManager(self.run_dir, config.keep_last)
-        existing = self.checkpoints.latest()
+        existing = self.checkpoints.latest_intact() if resume else self.checkpoints.latest()
         if existing is not None and not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints ({existing.name}); pass "
                              "--resume to continue that run, or choose another --output")

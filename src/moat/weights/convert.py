@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.integrity import DamagedFileError
 from moat.models import MODEL_CONFIGS
 from moat.weights.official import official_state_dict, official_tensors
 from moat.weights.tf_checkpoint import TFCheckpoint
@@ -261,7 +262,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
     checkpoint must be; None accepts whatever variant is detected. The model is built on
     the meta device, so the converted state dict is the only copy of the weights in memory.
     """
-    from moat.weights.io import save_weights, weights_metadata
+    from moat.weights.io import read_metadata, save_weights, weights_metadata
     from moat.weights.zoo import split_name
 
     with TFCheckpoint(src) as ckpt:
@@ -285,7 +286,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
             bn_statistics="missing (filled with 0/1)" if weights.filled_bn_statistics
             else "present")
         save_weights(out, state, metadata)
-    return metadata
+    return read_metadata(out)  # as written: with the tensors' sha256 and size
 
 
 # --- moat info --------------------------------------------------------------------------
@@ -361,12 +362,15 @@ def describe(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.suffix != ".safetensors":
         return format_info(checkpoint_info(path))
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        dtypes = Counter(str(f.get_slice(k).get_dtype()) for k in f.keys())
-        count = len(list(f.keys()))
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            dtypes = Counter(str(f.get_slice(k).get_dtype()) for k in f.keys())
+            count = len(list(f.keys()))
+    except SafetensorError as err:
+        raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None
     lines = [f"weights file:     {path}",
              f"tensors:          {count} ({', '.join(f'{k} x{v}' for k, v in dtypes.items())})"]
     lines += [f"{k + ':':<20}{v}" for k, v in sorted(meta.items())]

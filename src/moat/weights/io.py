@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from moat.integrity import DamagedFileError, atomic_write_bytes, read_safetensors, \
+    safetensors_bytes
+
 CONVERTER_VERSION = "1"
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 HEAD_PREFIXES = ("logits_head.", "final_layer_norm.")
@@ -80,41 +83,39 @@ def weights_metadata(variant: str, position_embedding: bool, num_classes: int,
 
 def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a safetensors file; a crash never leaves a half-written file under ``path``."""
-    from safetensors.torch import save_file
-
+    """Write a safetensors file atomically, its tensors' sha256 and size in the metadata
+    (verified by `load_state_dict`); a crash never leaves a half-written file under ``path``."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are saved as .safetensors only")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    save_file(tensors, partial, metadata=dict(metadata or {}))
-    partial.replace(path)
+    atomic_write_bytes(path, safetensors_bytes(state, metadata))
     return path
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except SafetensorError as err:
+        raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None
 
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a .safetensors file, or of a PyTorch file loaded safely."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path), read_metadata(path)
+        return read_safetensors(path)
     if path.suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # the unpickler raises many types; all mean "not weights"
-            raise ValueError(f"{path}: not a plain PyTorch weights file ({err}). Only tensors "
-                             "are loaded (weights_only=True); arbitrary pickles are refused. "
-                             "Convert the file to .safetensors if you trust it") from err
+            # Not the unpickler's own text: it suggests weights_only=False, i.e. running code.
+            raise ValueError(f"{path}: not a plain PyTorch weights file ({type(err).__name__}: "
+                             "damaged, or a pickle of more than tensors). Only tensors are "
+                             "loaded (weights_only=True); arbitrary pickles are refused. "
+                             "Convert the file to .safetensors if you trust it") from None
         for key in ("state_dict", "model"):  # common training-checkpoint wrappers
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
