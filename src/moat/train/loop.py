@@ -312,7 +312,11 @@ class _Run:
                 break
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.task.batch_size(batch) == 0:  # every file of this batch was unreadable
+        size = self.task.batch_size(batch)
+        # Every file of this batch was unreadable, or all but one: BatchNorm cannot normalise
+        # a single image whose last feature map is 1x1 ("expected more than one value per
+        # channel"), so that image is skipped with the bad ones.
+        if size == 0 or (size == 1 and getattr(batch, "bad", None)):
             loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             return loss, {}
         with autocast(self.device, self.amp):
