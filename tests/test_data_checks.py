@@ -124,8 +124,13 @@ def test_classes_missing_from_either_split_are_named(tmp_path):
 def test_empty_training_class_is_refused(tmp_path):
     _split(tmp_path / "train", {"cat": 2, "dog": 2})
     (tmp_path / "train" / "owl").mkdir()
-    with pytest.raises(DataError, match="no images of class.*'owl'"):
-        check_classification_splits(classification_datasets(tmp_path / "train")[0])
+    with pytest.raises(FileNotFoundError, match="owl' has no image files"):
+        classification_datasets(tmp_path / "train")
+    # CSV labels given as indices can leave a class without images too
+    csv = tmp_path / "train.csv"
+    csv.write_text("path,label\ntrain/cat/0.png,0\ntrain/dog/0.png,2\n")
+    with pytest.raises(DataError, match="no images of class.*'1'"):
+        check_classification_splits(classification_datasets(csv)[0])
 
 
 def test_strong_imbalance_warns(tmp_path, caplog):

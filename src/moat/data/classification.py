@@ -141,6 +141,7 @@ class ImageFolderDataset(ImageDataset):
         if not found:
             raise ValueError(f"no class folders in {str(self.root)!r}; expected the layout "
                              "root/<class name>/<image files>")
+        from_train = classes is not None  # val: may lack classes, must not add any
         if classes is None:
             classes = found
         else:
@@ -155,6 +156,9 @@ class ImageFolderDataset(ImageDataset):
             if name not in found:
                 continue  # val may lack a class of the training set
             files, skipped = walk_files(self.root / name, _valid_image)
+            if not files and not from_train:
+                raise FileNotFoundError(f"class folder {str(self.root / name)!r} has no image "
+                                        "files; add images or remove the folder")
             samples += [(path, index) for path in files]
             self.skipped += skipped
         if self.skipped:

@@ -202,8 +202,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     the model a second time). Returns a report dict.
     """
     size = size_pair(img_size)
-    if opset < 17:
-        raise ValueError(f"opset {opset} is not supported: use 17 (default) or newer")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise ValueError(f"opset {opset} is not supported: use 17 (default) to {newest} "
+                         f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
         program, dynamic = _export(model, size, batch, dynamic_size)

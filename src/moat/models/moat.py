@@ -82,6 +82,7 @@ class MoatNet(nn.Module):
             raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
         self.cfg = cfg
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.window_size = _check_window_size(cfg, window_size)
         self.grad_checkpointing = False
 
@@ -182,7 +183,7 @@ class MoatNet(nn.Module):
         `last` stops early (index into ENDPOINTS) for callers that need fewer stages.
         """
         if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
-            check_input(x, self.stem.conv_0)  # plain Python checks: kept out of exports
+            check_input(x, self.in_chans, next(self.stem.parameters()))  # kept out of exports
         x = self.stem(x)
         endpoints = {"stage1": x}
         for index, stage in enumerate(self.stages[:last], start=1):
@@ -205,9 +206,9 @@ class MoatNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def check_input(x: Tensor, first_conv: nn.Conv2d) -> None:
-    """Refuse input the network cannot take, with what was expected and how to get it."""
-    channels = first_conv.in_channels
+def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
+    """Refuse input the network cannot take (`weight`: the stem's first parameter), with
+    what was expected and how to get it."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a tensor of images [B, {channels}, H, W], got "
                         f"{type(x).__name__}")
@@ -225,7 +226,6 @@ def check_input(x: Tensor, first_conv: nn.Conv2d) -> None:
     if not x.is_floating_point():
         raise TypeError(f"expected floating-point images, got {x.dtype}: convert with "
                         "x.float() / 255, then normalise (moat.create_transform does both)")
-    weight = first_conv.weight
     if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"the input is {x.dtype} but the model's weights are {weight.dtype}: "
                         f"use x.to({weight.dtype}) (or model.to({x.dtype}))")
