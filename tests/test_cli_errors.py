@@ -23,12 +23,8 @@ TINY = ["--model", "tiny_moat_0", "--img-size", "32", "--batch-size", "4", "--lr
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from moat.data.synthetic import write_shapes_dataset
-
-    root = tmp_path_factory.mktemp("shapes3")
-    write_shapes_dataset(root, num_classes=3, train_per_class=4, val_per_class=1, img_size=32)
-    return root
+def data(shapes3) -> Path:
+    return shapes3
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +154,7 @@ def test_boundary_sorts_expected_failures_from_bugs(capsys):
     assert "pip install 'moat[full]'" in expected_message(missing)
     assert expected_message(ModuleNotFoundError("x", name="not_ours")) is None
     full = OSError(errno.ENOSPC, "No space left on device", "/x/state.pt")
-    assert expected_message(full).startswith("No space left on device: /x/state.pt; free")
+    assert expected_message(full).startswith("No space left on device: /x/state.pt; free some")
     try:
         int("nope")
     except ValueError as err:  # raised by Python itself, not by moat: a bug
@@ -179,3 +175,30 @@ def test_train_flags_come_from_train_config(capsys):
     assert (config.label_smoothing, config.ema, config.scale, config.betas, config.ema_decay) \
         == (0.2, False, (0.5, 1.0), (0.9, 0.95), 0.99)
     assert "mixup" in args.train_flags and "task_options" not in args.train_flags
+
+
+def test_missing_optional_package_names_the_extra(capsys, tmp_path, weights, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as on a base install without moat[full]
+    out = tmp_path / "m.onnx"
+    _fails(capsys, ["export", "onnx", str(weights), str(out), "--img-size", "64"],
+           "optional package 'onnx'", "pip install 'moat[full]'")
+    assert not out.exists()
+
+
+def test_eval_predict_numbers_are_checked_by_the_parser(capsys, data, weights):
+    common = ["--checkpoint", str(weights)]
+    for argv in (["eval", "--data", str(data), *common, "--batch-size", "0"],
+                 ["eval", "--data", str(data), *common, "--workers", "-1"],
+                 ["predict", str(data), *common, "--top-k", "0"],
+                 ["predict", str(data), *common, "--img-size", "-5"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli(argv)
+        assert exit_info.value.code == 2 and "must be >=" in capsys.readouterr().err
+
+
+def test_unwritable_json_names_the_users_path(capsys, data, weights):
+    err = _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--json",
+                          "/proc/moat-test.json"], "/proc/moat-test.json")
+    assert ".tmp-" not in err  # the user's file name, not the temporary one

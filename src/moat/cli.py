@@ -203,6 +203,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(minimum: int):
+    """argparse type: an integer >= `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _checkpoint_options() -> argparse.ArgumentParser:
     """The options eval and predict share: which model, which weights, where to run it."""
     p = argparse.ArgumentParser(add_help=False)
@@ -211,7 +224,7 @@ def _checkpoint_options() -> argparse.ArgumentParser:
                    "file")
     g.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                    help="auto: the better of model and EMA at that checkpoint")
-    g.add_argument("--img-size", type=int, help="input resolution (default: training's)")
+    g.add_argument("--img-size", type=_count(16), help="input resolution (default: training's)")
     g.add_argument("--device", default="auto")
     g.add_argument("--task", help="expected task (default: the checkpoint's)")
     return p
@@ -221,8 +234,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", parents=[_checkpoint_options()],
                        help="evaluate a checkpoint on a dataset (prints top-1, ...)")
     p.add_argument("--data", required=True, help="split folder or .csv, or a root with val/")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=_count(1), default=64)
+    p.add_argument("--workers", type=_count(0), default=2)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
     p.add_argument("--report", help="folder for per-class accuracy, confusion matrix (PNG, CSV) "
                    "(default: RUN_DIR/eval, or ./eval-NAME where that is not writable)")
@@ -259,7 +272,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", parents=[_checkpoint_options()],
                        help="top-k labels with probabilities for images")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_count(1), default=5)
     p.add_argument("--json", help="write the results as JSON to this file ('-': stdout)")
     p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks)")
     p.set_defaults(func=_cmd_predict)

@@ -11,8 +11,8 @@ Exit codes:
     130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; a training run prints the command
          that resumes it (its last checkpoint is complete: checkpoints are atomic)
 
-Expected failures are the library's own messages (`MoatError`, and ValueError/LookupError
-raised by moat's own code, which always say what was wrong and what to do), OSError, and
+Expected failures are the library's own messages (`MoatError`, and ValueError raised by
+moat's own code, which always say what was wrong and what to do), OSError, and
 ModuleNotFoundError for the optional packages of `moat[full]`. A ValueError raised inside
 PyTorch or another library is not ours to explain: it keeps its traceback.
 """
@@ -92,8 +92,10 @@ def expected_message(err: BaseException) -> str | None:
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
         return ("out of memory; lower --batch-size (or raise --accum-steps), use "
                 "--grad-checkpointing or --precision bf16")
-    if isinstance(err, (ValueError, LookupError)) and _raised_by_moat(err):
-        return str(err).strip("'\"") if isinstance(err, KeyError) else str(err)
+    if isinstance(err, ValueError) and _raised_by_moat(err):
+        return str(err)
+    if isinstance(err, KeyError) and _raised_by_moat(err) and " " in str(err.args[0]):
+        return str(err.args[0])  # a sentence raised on purpose, not a bare missing key
     return None
 
 
@@ -103,8 +105,8 @@ def _os_message(err: OSError) -> str:
     else:
         text = f"{err.strerror}: {err.filename}"
     if err.errno == errno.ENOSPC:
-        return (text + "; free some space or write elsewhere (--output); nothing complete "
-                "was overwritten")
+        return (text + "; free some space on that disk (or write elsewhere); files are "
+                "written atomically, so nothing complete was overwritten")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return text + "; choose a folder you can write to, or fix its permissions"
     return text

@@ -84,6 +84,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.filename is not None and os.fspath(err.filename) == os.fspath(tmp):
+            raise OSError(err.errno, err.strerror, os.fspath(path)) from None  # the user's name
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

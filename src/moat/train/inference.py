@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moat.data.folders import describe_skipped, walk_files
 from moat.integrity import atomic_write_text, read_safetensors
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
@@ -166,9 +167,11 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Files as given; folders replaced by the image files under them (sorted)."""
     out: list[str] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                          and not f.name.startswith("."))
+        if p.is_dir():  # safely: no loops, no links out of the folder, regular files only
+            files, skipped = walk_files(p, lambda f: Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            if skipped:
+                log.warning("skipped under %s: %s", p, describe_skipped(skipped))
+            out += files
         else:
             out.append(str(p))
     if not out:
