@@ -164,10 +164,10 @@ def test_boundary_sorts_expected_failures_from_bugs(capsys):
 def test_train_flags_come_from_train_config(capsys):
     import argparse
 
-    from moat.cli import _add_train_options
+    from moat.cli_options import add_train_options
 
     parser = argparse.ArgumentParser()
-    _add_train_options(parser)
+    add_train_options(parser)
     args = parser.parse_args(["--label-smoothing", "0.2", "--no-ema", "--scale", "0.5", "1",
                               "--betas", "0.9", "0.95", "--ema-decay", "0.99"])
     flags = {k: getattr(args, k) for k in args.train_flags}

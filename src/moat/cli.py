@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 
+from moat.cli_options import add_train_options, checkpoint_options, count
 from moat.errors import run_command
 
 
@@ -107,88 +108,13 @@ COMMANDS = [_add_models, _add_summary, _add_convert, _add_info]
 
 # --- training, evaluation, prediction (moat.train) -------------------------------------------
 
-# Help for the TrainConfig fields whose name does not say enough. The flags themselves come
-# from TrainConfig (`_add_train_options`): a new field is a new flag, without an edit here.
-_TRAIN_HELP = {
-    "task": "classification (default), segmentation, ...",
-    "data": "folder with train/<class>/ and val/<class>/ (or train.csv and val.csv), or the "
-            "training split itself",
-    "val_data": "separate validation split (folder or .csv)",
-    "model": "variant, e.g. tiny_moat_0, moat_0 (see moat models)",
-    "output": "RUN_DIR: checkpoints, logs, metrics",
-    "batch_size": "GLOBAL batch: over all processes and accumulation steps",
-    "accum_steps": "gradient accumulation steps",
-    "lr": "peak learning rate (default: 1e-3 x batch/1024)",
-    "init_from": "fine-tune from weights: RUN_DIR, .safetensors, .pt or an official "
-                 "checkpoint (a new head is made for another class count)",
-    "layer_decay": "layer-wise lr decay, e.g. 0.75",
-    "frozen_stages": "-1 none, 0 stem, K stem + stages 0..K-1",
-    "precision": "auto, fp32, bf16 or fp16",
-    "device": "auto, cpu, cuda, cuda:N",
-    "workers": "data-loading processes per training process",
-    "save_every_steps": "also checkpoint every N optimiser steps",
-    "deterministic": "deterministic algorithms and seeded workers: a resumed run ends with the "
-                     "same weights",
-    "strict_data": "stop at the first unreadable image instead of skipping it",
-    "sync_bn": "synchronise BatchNorm statistics across processes",
-    "compile": "torch.compile the model",
-    "grad_checkpointing": "recompute blocks in backward (less memory)",
-    "channels_last": "channels-last memory format (default: on)",
-    "progress": "progress bar (default: on)",
-    "debug_nan_step": argparse.SUPPRESS,
-}
-
-
-def _train_flag(hint) -> dict | None:
-    """argparse options for a TrainConfig field's type; None: settable with --set only."""
-    import types
-    import typing
-
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        hint = args[0]
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    if hint in (int, float, str):
-        return {"type": hint}
-    item_types = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple and item_types and Ellipsis not in item_types \
-            and len(set(item_types)) == 1 and item_types[0] in (int, float):
-        return {"type": item_types[0], "nargs": len(item_types)}
-    return None
-
-
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (None = not given, so the config file wins)."""
-    import dataclasses
-    import typing
-
-    from moat.train.config import TrainConfig
-
-    p.add_argument("--config", help="YAML or JSON file of settings (see moat.train.config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set lr=5e-4 --set mixup=0 "
-                   "--set task_options.ignore_index=255 (repeatable)")
-    hints = typing.get_type_hints(TrainConfig)
-    names = []
-    group = p.add_argument_group("settings (TrainConfig fields; lists and task_options via --set)")
-    for field in dataclasses.fields(TrainConfig):
-        options = _train_flag(hints[field.name])
-        if options is None:
-            continue
-        group.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
-                           help=_TRAIN_HELP.get(field.name), **options)
-        names.append(field.name)
-    p.set_defaults(train_flags=names)
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune (one CPU to many GPUs via torchrun)",
                        description="Train a task from a config file and flags. Distributed: "
                        "torchrun --nproc_per_node N -m moat.cli train ...")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output from its latest intact checkpoint")
-    _add_train_options(p)
+    add_train_options(p)
     p.set_defaults(func=_cmd_train)
 
 
@@ -203,39 +129,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(minimum: int):
-    """argparse type: an integer >= `minimum`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    return parse
-
-
-def _checkpoint_options() -> argparse.ArgumentParser:
-    """The options eval and predict share: which model, which weights, where to run it."""
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", required=True, help="RUN_DIR, checkpoint folder or weights "
-                   "file")
-    g.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                   help="auto: the better of model and EMA at that checkpoint")
-    g.add_argument("--img-size", type=_count(16), help="input resolution (default: training's)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--task", help="expected task (default: the checkpoint's)")
-    return p
-
-
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", parents=[_checkpoint_options()],
+    p = sub.add_parser("eval", parents=[checkpoint_options()],
                        help="evaluate a checkpoint on a dataset (prints top-1, ...)")
     p.add_argument("--data", required=True, help="split folder or .csv, or a root with val/")
-    p.add_argument("--batch-size", type=_count(1), default=64)
-    p.add_argument("--workers", type=_count(0), default=2)
+    p.add_argument("--batch-size", type=count(1), default=64)
+    p.add_argument("--workers", type=count(0), default=2)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
     p.add_argument("--report", help="folder for per-class accuracy, confusion matrix (PNG, CSV) "
                    "(default: RUN_DIR/eval, or ./eval-NAME where that is not writable)")
@@ -269,10 +168,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", parents=[_checkpoint_options()],
+    p = sub.add_parser("predict", parents=[checkpoint_options()],
                        help="top-k labels with probabilities for images")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--top-k", type=_count(1), default=5)
+    p.add_argument("--top-k", type=count(1), default=5)
     p.add_argument("--json", help="write the results as JSON to this file ('-': stdout)")
     p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks)")
     p.set_defaults(func=_cmd_predict)
