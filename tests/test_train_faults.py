@@ -184,3 +184,13 @@ def test_one_corrupt_image_in_a_batch_of_two_is_skipped(data, tmp_path, capsys):
             "--batch-size", "2", "--epochs", "1", "--seed", "1"]
     assert cli(argv) == 0, capsys.readouterr().err
     assert "broken.png" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_output_folder_with_the_users_files_is_refused(data, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("my: settings\n")
+    (project / "notes.md").write_text("mine\n")
+    code = cli(["train", "--data", str(data), "--output", str(project), *FLAGS])
+    assert code == 2 and "not a moat run's (notes.md)" in capsys.readouterr().err
+    assert (project / "config.yaml").read_text() == "my: settings\n"

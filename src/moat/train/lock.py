@@ -89,6 +89,26 @@ class RunLock:
         self.release()
 
 
+# What a run writes into RUN_DIR; anything else there belongs to the user.
+RUN_FILES = {LOCK_FILE, "config.yaml", "train.log", "metrics.jsonl", "checkpoints",
+             "tensorboard", "eval", "curves.png"}
+
+
+def check_new_run_folder(run_dir: str | os.PathLike) -> None:
+    """Refuse to start a run in a folder holding files a run did not write (`--output .` in
+    a project would overwrite its config.yaml)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                          else "")
+        raise ValueError(f"--output {run_dir} already holds files that are not a moat "
+                             f"run's ({shown}); a run writes config.yaml, train.log and "
+                             "checkpoints/ there: choose a new or empty folder")
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8") or "{}")

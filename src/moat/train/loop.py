@@ -35,7 +35,7 @@ from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read
     rng_state, set_rng_state
 from moat.train.config import TrainConfig
 from moat.train.loaders import eval_loader, full_batches, set_epoch, track_bad, train_loader
-from moat.train.lock import RunLock
+from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.task import Task, get_task
@@ -117,6 +117,8 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     info = dist_utils.setup(config.device)
     try:
         # one live run per folder: a second run or a --resume of this one is refused
+        if info.is_main and not resume:
+            check_new_run_folder(config.output)  # never overwrite the user's own files
         with RunLock(config.output) if info.is_main else contextlib.nullcontext():
             return _Run(config, info, resume).fit()
     finally:
