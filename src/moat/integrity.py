@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,28 +115,17 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def make_manifest(folder: Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """{name: {"size", "sha256"}} of files in `folder`."""
-    return {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-            for name in sorted(names)}
+def manifest(contents: Mapping[str, bytes]) -> dict[str, dict[str, Any]]:
+    """{name: {"size", "sha256"}} of files about to be written with these bytes."""
+    return {name: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in sorted(contents.items())}
 
 
-def manifest_sizes_match(folder: Path, manifest: Mapping[str, Any]) -> bool:
-    """Cheap completeness test: every file exists with its recorded size (no hashing)."""
-    for name, record in manifest.items():
-        path = folder / name
-        if not path.is_file():
-            return False
-        if isinstance(record, Mapping) and path.stat().st_size != record.get("size"):
-            return False
-    return True
-
-
-def verify_manifest(folder: Path, manifest: Mapping[str, Any]) -> None:
+def verify_manifest(folder: Path, records: Mapping[str, Any]) -> None:
     """Raise DamagedFileError naming the first file that is missing, of another size or
     whose sha256 differs. Entries without a record (older checkpoints) are only checked to
     exist."""
-    for name, record in sorted(manifest.items()):
+    for name, record in sorted(records.items()):
         path = folder / name
         if not path.is_file():
             raise DamagedFileError(path, "missing (listed in the checkpoint's manifest)")

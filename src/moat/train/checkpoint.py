@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from moat.integrity import DamagedFileError, atomic_write_bytes, atomic_write_text, \
-    check_sealed_json, fsync_dir, make_manifest, read_safetensors, safetensors_bytes, \
+    check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
     seal_json, torch_save_bytes, verify_manifest, write_synced
 
 log = logging.getLogger("moat")
@@ -90,12 +90,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 # --- writing ------------------------------------------------------------------------------------
 
-def _save_safetensors(path: Path, state: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str]) -> None:
-    """Weights with their tensor digest in the metadata (verified by `read_weights`)."""
-    write_synced(path, safetensors_bytes(state, metadata))
-
-
 class CheckpointManager:
     """Writes, finds and prunes the checkpoints of one run directory (call on rank 0 only)."""
 
@@ -138,13 +132,14 @@ class CheckpointManager:
     def _write_files(tmp: Path, name: str, step: int, model: Mapping[str, torch.Tensor],
                      ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
                      meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> None:
-        _save_safetensors(tmp / MODEL_FILE, model, weights_metadata)
-        if ema is not None:
-            _save_safetensors(tmp / EMA_FILE, ema, {**weights_metadata, "weights": "ema"})
-        write_synced(tmp / STATE_FILE, torch_save_bytes(dict(state)))
+        contents = {MODEL_FILE: safetensors_bytes(model, weights_metadata),
+                    STATE_FILE: torch_save_bytes(dict(state))}
+        if ema is not None:  # weights files carry their tensors' digest (see read_weights)
+            contents[EMA_FILE] = safetensors_bytes(ema, {**weights_metadata, "weights": "ema"})
+        for file, data in contents.items():
+            write_synced(tmp / file, data)
         meta = seal_json({**meta, "step": step, "name": name, "saved_at": time.time(),
-                          "versions": versions(),
-                          "files": make_manifest(tmp, (p.name for p in tmp.iterdir()))})
+                          "versions": versions(), "files": manifest(contents)})
         write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
         fsync_dir(tmp)
 
