@@ -16,7 +16,7 @@ import moat
 from moat.cli import main as cli
 from moat.errors import EXIT_BUG, EXIT_ERROR, EXIT_SIGINT, expected_message, run_command
 from moat.train.config import TrainConfig
-from moat.weights.io import save_weights
+from moat.weights import WeightsMetadata, save_weights
 
 TINY = ["--model", "tiny_moat_0", "--img-size", "32", "--batch-size", "4", "--lr", "1e-3",
         "--workers", "0", "--no-progress", "--no-tensorboard", "--epochs", "1"]
@@ -32,9 +32,8 @@ def weights(tmp_path_factory) -> Path:
     """A weights file as `moat.weights.save_weights` writes it (variant in the header)."""
     path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
     model = moat.create_model("tiny_moat_0", num_classes=3)
-    return save_weights(path, model.state_dict(), {"variant": "tiny_moat_0",
-                                                    "position_embedding": "true",
-                                                    "num_classes": "3"})
+    return save_weights(path, model.state_dict(), WeightsMetadata(
+        variant="tiny_moat_0", position_embedding=True, num_classes=3))
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:

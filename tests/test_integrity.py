@@ -1,5 +1,5 @@
 """Verified files: damaged weights files and checkpoints are named or fallen back from, never
-loaded; outputs are atomic (moat/integrity.py, moat/train/checkpoint.py, moat/weights/io.py)."""
+loaded; outputs are atomic (moat/integrity.py, moat/train/checkpoint.py, moat/weights/files.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import moat
 from moat.integrity import DamagedFileError, atomic_output, read_safetensors
 from moat.train.checkpoint import CheckpointManager, read_state, read_weights, \
     resolve_checkpoint
-from moat.weights.io import load_weights, save_weights
+from moat.weights import load_weights, save_weights
 
 
 def _flip(path: Path, offset: int, count: int = 8) -> None:

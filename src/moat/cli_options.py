@@ -95,8 +95,11 @@ def checkpoint_options() -> argparse.ArgumentParser:
     """The options eval and predict share: which model, which weights, where to run it."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", required=True, help="RUN_DIR, checkpoint folder or weights "
-                   "file")
+    g.add_argument("--checkpoint", help="RUN_DIR, checkpoint folder or weights file")
+    g.add_argument("--model", help="instead of --checkpoint: a pretrained tag with "
+                   "--pretrained (e.g. moat_0.in1k_224), hf-hub:ORG/NAME or local-dir:PATH")
+    g.add_argument("--pretrained", action="store_true",
+                   help="the released weights of --model (downloaded and cached once)")
     g.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
                    help="auto: the better of model and EMA at that checkpoint")
     g.add_argument("--img-size", type=count(16), help="input resolution (default: training's)")

@@ -46,6 +46,9 @@ from torch import nn
 from moat.integrity import DamagedFileError, atomic_write_bytes, atomic_write_text, \
     check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
     seal_json, torch_save_bytes, verify_manifest, write_synced
+from moat.weights.files import load_state_dict
+from moat.weights.loader import load_weights
+from moat.weights.metadata import WeightsMetadata
 
 log = logging.getLogger("moat")
 
@@ -295,21 +298,11 @@ def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tenso
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    from moat.weights.io import load_state_dict
-
     return dict(load_state_dict(path)[0])
 
 
-def file_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except SafetensorError as err:
-        raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None
+def file_metadata(path: Path) -> WeightsMetadata:
+    return WeightsMetadata.read(path) if path.suffix == ".safetensors" else WeightsMetadata()
 
 
 # --- fine-tuning: weights from anywhere into a model whose head may differ --------------------------
@@ -392,8 +385,6 @@ def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source:
 
 
 def _load_official(target: nn.Module, path: Path) -> str:
-    from moat.weights.io import load_weights
-
     head = getattr(target, "logits_head", None)
     # Official classifiers have 1000 classes; another head starts from scratch.
     swap = isinstance(head, nn.Linear) and head.out_features != 1000
