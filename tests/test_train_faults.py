@@ -138,14 +138,14 @@ def test_sigterm_prints_the_command_that_resumes(data, uninterrupted, tmp_path):
 
 
 def test_damaged_newest_checkpoint_resumes_from_the_previous(data, uninterrupted, tmp_path,
-                                                             capsys):
+                                                             caplog):
     run = tmp_path / "run"
     child = _child("at an epoch boundary", data, run)
     child.communicate(timeout=900)
     newest = CheckpointManager(run).latest()  # step 3; step 2 is intact
     (newest / "ema.safetensors").write_bytes(b"")
     assert cli(["train", "--data", str(data), "--output", str(run), *FLAGS, "--resume"]) == 0
-    assert "step-000000003 is damaged" in capsys.readouterr().err
+    assert "step-000000003 is damaged" in caplog.text and "ema.safetensors" in caplog.text
     _assert_same_as(uninterrupted, run)
 
 
