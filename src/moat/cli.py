@@ -420,9 +420,9 @@ COMMANDS += [_add_export, _add_benchmark]
 
 def _add_model_source(p: argparse.ArgumentParser, exported: bool = False) -> None:
     source = p.add_mutually_exclusive_group(required=True)
+    exported_help = ", or an exported classifier (.onnx, .pt2, .pt: top-5 only)"
     source.add_argument("--model", help="variant or pretrained tag, e.g. tiny_moat_0, "
-                        "moat_0.in1k_224" + (", or an exported model (.onnx, .pt2)"
-                                              if exported else ""))
+                        "moat_0.in1k_224" + (exported_help if exported else ""))
     source.add_argument("--checkpoint", help="training checkpoint: RUN_DIR, checkpoint folder "
                         "or weights file (classification, segmentation or detection)")
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
