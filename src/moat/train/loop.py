@@ -27,17 +27,19 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadSample
+from moat.errors import MoatError
 from moat.train import distributed as dist_utils
 from moat.train.assemble import assemble
 from moat.train.config import TrainConfig, load_config, read_config_file
 from moat.train.loaders import set_epoch, track_bad
+from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.precision import autocast
 from moat.train.run import Progress, Run, save_checkpoint, stored_config
 
 log = logging.getLogger("moat")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoatError, RuntimeError):
     """The loss or the gradient became NaN/inf; the message names the last good checkpoint."""
 
 
@@ -53,7 +55,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise ValueError("--output RUN_DIR is required: where checkpoints and logs go")
     info = dist_utils.setup(config.device)
     try:
-        return Trainer(*assemble(config, info, resume)).fit()
+        # one live run per folder: a second run or a --resume of this one is refused
+        if info.is_main and not resume:
+            check_new_run_folder(config.output)  # never overwrite the user's own files
+        with RunLock(config.output) if info.is_main else contextlib.nullcontext():
+            return Trainer(*assemble(config, info, resume)).fit()
     finally:
         dist_utils.cleanup()
 
@@ -149,7 +155,11 @@ class Trainer:
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         r, c = self.run, self.run.config
-        if r.task.batch_size(batch) == 0:  # every file of this batch was unreadable
+        size = r.task.batch_size(batch)
+        # Every file of this batch was unreadable, or all but one: BatchNorm cannot normalise
+        # a single image whose last feature map is 1x1 ("expected more than one value per
+        # channel"), so that image is skipped with the bad ones.
+        if size == 0 or (size == 1 and getattr(batch, "bad", None)):
             loss = sum(p.sum() for p in r.model.parameters() if p.requires_grad) * 0.0
             return loss, {}
         with autocast(r.device, r.amp):

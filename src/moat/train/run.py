@@ -84,9 +84,11 @@ def seed_everything(seed: int) -> None:
 # --- resuming ----------------------------------------------------------------------------------
 
 def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
-    """The checkpoint a run starts from: RUN_DIR's latest with `resume`, else None. A run
-    folder that already holds checkpoints is never trained over without `resume`."""
-    latest = CheckpointManager(run_dir).latest()
+    """The checkpoint a run starts from: RUN_DIR's latest intact one with `resume` (a damaged
+    latest falls back to the one before), else None. A run folder that already holds
+    checkpoints is never trained over without `resume`."""
+    checkpoints = CheckpointManager(run_dir)
+    latest = checkpoints.latest_intact() if resume else checkpoints.latest()
     if latest is not None and not resume:
         raise ValueError(f"{run_dir} already holds checkpoints ({latest.name}); pass "
                          "--resume to continue that run, or choose another --output")
@@ -95,7 +97,7 @@ def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
 
 def stored_config(run_dir: str | Path) -> dict[str, Any] | None:
     """The config of RUN_DIR's latest checkpoint (what a resumed run continues), or None."""
-    latest = CheckpointManager(run_dir).latest()
+    latest = CheckpointManager(run_dir).latest_intact()
     return None if latest is None else read_meta(latest)["config"]
 
 
