@@ -12,6 +12,9 @@ import typing
 # Help for the TrainConfig fields whose name does not say enough. The flags themselves come
 # from TrainConfig (`add_train_options`): a new field is a new flag, without an edit here.
 _TRAIN_HELP = {
+    "recipe": "default settings: auto (finetune when training starts from weights, else "
+              "scratch, adapted to the data and schedule), scratch, finetune, imagenet; "
+              "anything you set yourself wins",
     "task": "classification (default), segmentation, ...",
     "data": "folder with train/<class>/ and val/<class>/ (or train.csv and val.csv), or the "
             "training split itself",
