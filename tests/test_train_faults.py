@@ -64,7 +64,7 @@ import time, moat.train.loop as l
 def wait(self):
     print("READY", flush=True)
     time.sleep(600)
-l._Run._train_epoch = wait
+l.Trainer._train_epoch = wait
 """,
     "none": "",
 }
