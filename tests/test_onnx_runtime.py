@@ -101,7 +101,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, Path]:
     run = tmp_path_factory.mktemp("run")
     train(load_config(None, [], data=str(root), output=str(run), epochs=1, model="tiny_moat_0",
                       img_size=32, batch_size=8, workers=0, progress=False, tensorboard=False,
-                      crop_pct=1.0))
+                      lr=2e-3, warmup_epochs=0.5, crop_pct=1.0))
     return root, run
 
 

@@ -16,14 +16,14 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moat.benchmark import PEERS, _is_moat, count_macs, count_params, environment
+from moat.benchmark import (PEERS, _interleaved, _is_moat, count_macs, count_params,
+                            environment)
 from moat.export.ort import onnx_session
 
 __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
@@ -64,20 +64,6 @@ def export_model(name: str, img_size: tuple[int, int], path: str | os.PathLike) 
                           input_names=["x"], dynamic_shapes={"x": {0: batch}},
                           external_data=False, verbose=False)
     return path
-
-
-def _timed_rounds(runs: dict[str, Callable[[], None]], warmup: int,
-                  repeats: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[key].append(time.perf_counter() - start)
-    return times
 
 
 def _runner(session, batch: int, img_size: tuple[int, int]) -> Callable[[], None]:
@@ -145,12 +131,12 @@ def _export_all(names: list[str], size: tuple[int, int], folder: Path,
 
 def _measure(sessions: dict, size: tuple[int, int], batch: int, threads: int, warmup: int,
              repeats: int, latency: bool, env: dict, log: Callable[[str], None]) -> list[dict]:
-    times = _timed_rounds({k: _runner(s, batch, size) for k, s in sessions.items()},
-                          warmup, repeats)
+    times = _interleaved({k: _runner(s, batch, size) for k, s in sessions.items()},
+                         warmup, repeats, "cpu")
     ones = {}
     if latency:
-        ones = _timed_rounds({k: _runner(s, 1, size) for k, s in sessions.items()},
-                             warmup, max(repeats, 5))
+        ones = _interleaved({k: _runner(s, 1, size) for k, s in sessions.items()},
+                            warmup, max(repeats, 5), "cpu")
     rows = []
     for label, measured in times.items():
         model = label.split(" ")[0]
