@@ -142,7 +142,9 @@ def test_export_run_quantize_and_evaluate_onnx(trained_run, tmp_path, capsys):
     assert cli(["eval", "--data", str(root), "--checkpoint", str(plain)]) == 2
     assert "moat export onnx RUN_DIR" in capsys.readouterr().err
     assert cli(["quantize", str(fp32), str(fp32), "--calibration", str(root)]) == 2
-    assert cli(["quantize", str(fp32), str(int8), "--calibration", str(tmp_path)]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["quantize", str(fp32), str(int8), "--calibration", str(empty)]) == 2
     assert "no images" in capsys.readouterr().err
 
 
