@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from matplotlib import cbook
@@ -159,3 +160,33 @@ def test_upload_over_the_limit_is_refused(server, tmp_path):
     assert response.status_code == 413, response.text
     start = time.time()
     assert httpx.get(server, timeout=30).status_code == 200 and time.time() - start < 30
+
+
+def test_exported_models_give_the_same_top5_without_maps(tmp_path):
+    """TorchScript of MOAT against the PyTorch model; ONNX (onnxruntime) on a small network,
+    whose export takes seconds instead of minutes."""
+    from PIL import Image
+
+    from moat.app.exported import NO_MAPS, ExportedClassifier
+
+    torch.manual_seed(0)
+    half = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
+    photo = Image.open(PHOTO)
+    small = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 6)).eval()
+    moat_model = moat.create_model("tiny_moat_0", num_classes=10).eval()
+    example = torch.randn(1, 3, 64, 64)
+    torch.jit.trace(moat_model, example, check_trace=False).save(str(tmp_path / "moat.pt"))
+    torch.onnx.export(small, (example,), str(tmp_path / "small.onnx"), dynamo=True)
+    for model, file in ((moat_model, "moat.pt"), (small, "small.onnx")):
+        exported = ExportedClassifier(tmp_path / file, img_size=64, **half)
+        with torch.no_grad():
+            probs = model(exported.transform(photo.convert("RGB"))[None]).softmax(-1)[0]
+        values, indices = probs.topk(5)
+        got = exported.explain(photo)
+        assert [p["index"] for p in got.predictions] == indices.tolist()
+        np.testing.assert_allclose([p["probability"] for p in got.predictions], values,
+                                   atol=1e-4)
+        assert got.target == NO_MAPS and got.cams == {} and got.image.shape == (64, 64, 3)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ExportedClassifier(tmp_path / "missing.onnx")

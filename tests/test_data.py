@@ -11,18 +11,16 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from moat.data.bad_images import BadImageLog
 from moat.data.classification import (
-    BadImageLog,
     CsvDataset,
     ImageFolderDataset,
-    ResumableSampler,
-    ShardSampler,
-    build_classification_loaders,
+    SkipBadCollate,
     classification_datasets,
     scan_for_bad_images,
-    set_loader_epoch,
 )
 from moat.data.images import BadImageError, load_rgb
+from moat.data.samplers import ResumableSampler, ShardSampler
 from moat.data.synthetic import write_shapes_dataset
 from moat.data.transforms import (
     classification_loss,
@@ -31,6 +29,7 @@ from moat.data.transforms import (
     mixup_cutmix,
     train_transform,
 )
+from moat.train.loaders import eval_loader, set_epoch, train_loader
 
 RNG = np.random.default_rng(0)
 
@@ -207,9 +206,7 @@ def test_scan_ignores_non_image_files(tmp_path):
 def test_bad_files_skipped_and_reported_through_workers(tmp_path):
     root, bad = _folder_with_bad_files(tmp_path / "train")
     ds = ImageFolderDataset(root, transform=eval_transform(16, crop_pct=1.0))
-    train, _ = build_classification_loaders(ds, None, batch_size=4, num_workers=2, drop_last=False,
-                                            persistent_workers=False)
-    set_loader_epoch(train, 0)
+    train = eval_loader(ds, 4, collate_fn=SkipBadCollate(), workers=2, pin_memory=False)
     seen, reported = 0, BadImageLog()
     for images, targets, bad_samples in train:
         assert images.shape[0] == targets.shape[0]
@@ -229,8 +226,7 @@ def test_strict_makes_bad_file_fatal(tmp_path):
     bad_index = next(i for i in range(len(ds)) if ds.path(i) in bad)
     with pytest.raises(BadImageError, match="strict"):
         ds[bad_index]
-    train, _ = build_classification_loaders(ds, None, batch_size=4, num_workers=2,
-                                            persistent_workers=False)
+    train = train_loader(ds, 4, collate_fn=SkipBadCollate(), workers=2, seed=0, pin_memory=False)
     with pytest.raises(BadImageError) as info:
         for _ in train:
             pass
@@ -340,22 +336,23 @@ def test_loader_skip_batches_yields_exact_tail(shapes):
     train_set, val_set = classification_datasets(
         shapes, train_transform=train_transform(16, randaugment=(2, 9), random_erasing=0.25),
         val_transform=eval_transform(16))
-    loaders = [build_classification_loaders(train_set, val_set, batch_size=6, num_workers=2,
-                                            seed=7, device="cpu")[0] for _ in range(2)]
+    loaders = [train_loader(train_set, 6, collate_fn=SkipBadCollate(), workers=2, seed=7,
+                            pin_memory=False) for _ in range(2)]
     for loader in loaders:
         assert not loader.pin_memory and loader.persistent_workers
-    set_loader_epoch(loaders[0], 1)
+    set_epoch(loaders[0], 1)
     full = list(loaders[0])
-    set_loader_epoch(loaders[1], 1)
+    set_epoch(loaders[1], 1)
     again = list(loaders[1])
     assert len(full) == 40 // 6  # drop_last
     for a, b in zip(full, again):  # same seed -> same order and same augmentation
         assert torch.equal(a.targets, b.targets) and torch.equal(a.images, b.images)
-    set_loader_epoch(loaders[1], 1, skip_batches=2)
+    set_epoch(loaders[1], 1, skip_batches=2)
     tail = list(loaders[1])
     assert len(tail) == len(full) - 2
-    assert all(torch.equal(a.targets, b.targets) for a, b in zip(full[2:], tail))
-    set_loader_epoch(loaders[1], 2)
+    assert all(torch.equal(a.targets, b.targets) and torch.equal(a.images, b.images)
+               for a, b in zip(full[2:], tail))  # per-sample seeding: the same augmentation
+    set_epoch(loaders[1], 2)
     assert [b.targets.tolist() for b in loaders[1]] != [b.targets.tolist() for b in full]
 
 
@@ -408,9 +405,9 @@ def test_loss_without_mixing_smooths_hard_labels():
 def test_mixing_in_loader_workers(shapes):
     train_set, _ = classification_datasets(shapes, train_transform=train_transform(16))
     mixer = mixup_cutmix(len(train_set.classes), 0.8, 1.0, 0.1)
-    train, _ = build_classification_loaders(train_set, None, batch_size=8, num_workers=2,
-                                            batch_transform=mixer, persistent_workers=False)
-    set_loader_epoch(train, 0)
+    train = train_loader(train_set, 8, collate_fn=SkipBadCollate(mixer), workers=2, seed=0,
+                         pin_memory=False)
+    set_epoch(train, 0)
     batch = next(iter(train))
     assert batch.targets.shape == (8, 10) and batch.images.shape == (8, 3, 16, 16)
 

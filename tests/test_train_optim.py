@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import moat
-from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, freeze_stages, param_groups
+from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, param_groups
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_layer_wise_lr_decay(model):
 def test_frozen_stages_have_no_grad_and_keep_bn_statistics():
     torch.manual_seed(0)
     m = moat.create_model("tiny_moat_0", num_classes=3)
-    frozen = freeze_stages(m, 2)  # stem + stages 0 and 1
-    assert frozen == [m.stem, m.stages[0], m.stages[1]]
+    m.freeze_stages(2)  # stem + stages 0 and 1
+    assert m.frozen_modules() == [m.stem, m.stages[0], m.stages[1]]
     groups = param_groups(m, 0.05)
     trainable = {id(p) for g in groups for p in g["params"]}
     stats = m.stages[0][0].pre_norm.running_mean.clone()

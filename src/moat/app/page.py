@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from moat.app.exported import EXPORTED_SUFFIXES, ExportedClassifier
 from moat.explain.explainer import Explainer, Explanation
 from moat.explain.render import boxes_image, mask_overlay, overlay
 
@@ -48,7 +49,7 @@ def render(expl: Explanation) -> dict[str, Any]:
     return {"labels": labels, "gallery": gallery, "picture": picture, "status": status}
 
 
-def build_page(explainer: Explainer, *, title: str = TITLE):
+def build_page(explainer: Explainer | ExportedClassifier, *, title: str = TITLE):
     """The Gradio Blocks of the page (not launched)."""
     import gradio as gr
 
@@ -100,8 +101,12 @@ def serve(*, model: str | None = None, checkpoint: str | os.PathLike | None = No
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     if (model is None) == (checkpoint is None):
         raise ValueError("give exactly one of --model NAME or --checkpoint RUN")
-    explainer = (Explainer.from_name(model, device=device, img_size=img_size) if model
-                 else Explainer.from_checkpoint(checkpoint, device=device, img_size=img_size))
+    if model and model.endswith(EXPORTED_SUFFIXES):
+        explainer = ExportedClassifier(model, img_size=img_size)
+    elif model:
+        explainer = Explainer.from_name(model, device=device, img_size=img_size)
+    else:
+        explainer = Explainer.from_checkpoint(checkpoint, device=device, img_size=img_size)
     return launch(build_page(explainer), host=host, port=port, max_upload_mb=max_upload_mb,
                   block=block)
 

@@ -1,4 +1,4 @@
-"""Image classification datasets and DataLoaders that survive bad files and resume mid-epoch.
+"""Image classification datasets that survive bad files.
 
 Layouts: an image folder (`root/<class>/<image>`, or `root/train/...` + `root/val/...`) or CSV
 file lists (`path,label`). Class indices always come from the training split, so train and val
@@ -7,39 +7,31 @@ agree even when val lacks some classes.
 Bad files never crash an epoch: `__getitem__` returns a `BadSample` instead of raising, and
 `SkipBadCollate` drops those from the batch and returns them alongside it as
 `Batch(images, targets, bad)`. That is how the paths get from the worker processes, where they
-are found, back to the training loop, which counts and logs them (see `BadImageLog`).
+are found, back to the training loop, which counts and logs them (`moat.data.bad_images`).
 With `strict=True` the first bad file raises `BadImageError` naming it instead.
 """
 
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
+from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import BadImageError, load_rgb
 
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Any], Any]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
-class BadSample(NamedTuple):
-    """Returned by a dataset in place of a sample whose file could not be read."""
-
-    path: str
-    reason: str
 
 
 class Batch(NamedTuple):
@@ -277,8 +269,7 @@ class SkipBadCollate:
         self.batch_transform = batch_transform
 
     def __call__(self, samples: list[tuple[Any, int] | BadSample]) -> Batch:
-        bad = [s for s in samples if isinstance(s, BadSample)]
-        good = [s for s in samples if not isinstance(s, BadSample)]
+        good, bad = split_bad(samples)
         if not good:
             return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), bad)
         images, targets = default_collate(good)
@@ -317,133 +308,3 @@ class _DecodeOnly(Dataset):
 
 def _bad_only(items: list[BadSample | None]) -> list[BadSample]:
     return [b for b in items if b is not None]
-
-
-class BadImageLog:
-    """Counts bad files seen by the training loop and logs each path once (not once per epoch)."""
-
-    def __init__(self, logger: logging.Logger = log) -> None:
-        self.logger = logger
-        self.count = 0  # every skip, including repeats in later epochs
-        self.paths: dict[str, str] = {}
-
-    def add(self, bad: Iterable[BadSample]) -> None:
-        for sample in bad:
-            self.count += 1
-            if sample.path not in self.paths:
-                self.paths[sample.path] = sample.reason
-                self.logger.warning("skipped bad image: %s", sample.reason)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler (also used on one process) that can start part-way into an epoch.
-
-    The order depends only on (seed, epoch, rank, world size), so a resumed run that skips the
-    batches it already trained on sees exactly the samples the interrupted run would have seen.
-    `set_epoch` resets the skip, so only the epoch that was interrupted is shortened.
-    """
-
-    def __init__(self, dataset: Dataset, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
-        world, this_rank = _world()
-        super().__init__(dataset, num_replicas=world if num_replicas is None else num_replicas,
-                         rank=this_rank if rank is None else rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
-        self.start = 0
-
-    def skip(self, num_samples: int) -> None:
-        """Start this epoch at the `num_samples`-th index of this rank's order."""
-        if not 0 <= num_samples <= self.num_samples:
-            raise ValueError(f"cannot skip {num_samples} samples of an epoch of "
-                             f"{self.num_samples} on this rank")
-        self.start = num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start, None)
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class ShardSampler(Sampler[int]):
-    """Rank r of n takes indices r, r+n, r+2n, ...: no padding, unlike DistributedSampler.
-
-    DistributedSampler repeats samples so all ranks have equal counts, which skews validation
-    metrics; with this sampler each sample is evaluated exactly once (ranks may differ by one
-    sample, so sum correct/total counts across ranks with all_reduce).
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int | None = None,
-                 rank: int | None = None) -> None:
-        world, this_rank = _world()
-        self.length = len(dataset)  # type: ignore[arg-type]
-        self.num_replicas = world if num_replicas is None else num_replicas
-        self.rank = this_rank if rank is None else rank
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.length, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.num_replicas))
-
-
-def build_classification_loaders(
-    train_set: Dataset,
-    val_set: Dataset | None,
-    *,
-    batch_size: int,
-    val_batch_size: int | None = None,
-    num_workers: int = 4,
-    seed: int = 0,
-    batch_transform: BatchTransform | None = None,
-    drop_last: bool = True,
-    device: str | torch.device | None = None,
-    persistent_workers: bool = True,
-) -> tuple[DataLoader, DataLoader | None]:
-    """Train and val loaders yielding `Batch(images, targets, bad)`; batch sizes are per process.
-
-    The train loader shuffles with a ResumableSampler (sharded when torch.distributed is
-    initialized); call `set_loader_epoch` before each epoch. Worker randomness comes from a
-    generator seeded with (seed, rank), so a run is reproducible for a fixed seed and ranks
-    augment differently. `batch_transform` (e.g. MixUpCutMix) applies to train batches only.
-    Memory is pinned only when the device is CUDA (default: CUDA if available).
-    """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    pin = torch.device(device).type == "cuda"
-    workers = dict(num_workers=num_workers, pin_memory=pin,
-                   persistent_workers=persistent_workers and num_workers > 0)
-    sampler = ResumableSampler(train_set, shuffle=True, seed=seed)
-    generator = torch.Generator().manual_seed(seed * 1000 + sampler.rank)
-    train = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                       collate_fn=SkipBadCollate(batch_transform), generator=generator, **workers)
-    val = None
-    if val_set is not None:
-        val = DataLoader(val_set, batch_size=val_batch_size or batch_size,
-                         sampler=ShardSampler(val_set), collate_fn=SkipBadCollate(), **workers)
-    return train, val
-
-
-def set_loader_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
-    """Select the epoch's order and optionally skip its first batches (to resume mid-epoch).
-
-    Skipping works in whole batches of `loader.batch_size` indices, so it is exact even when
-    bad files made some earlier batches smaller.
-    """
-    sampler = loader.sampler
-    if not isinstance(sampler, ResumableSampler):
-        raise TypeError("set_loader_epoch needs a loader built by build_classification_loaders")
-    sampler.set_epoch(epoch)
-    if skip_batches:
-        sampler.skip(min(skip_batches * (loader.batch_size or 1), sampler.num_samples))

@@ -39,7 +39,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from moat.data.classification import BadSample
+from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -314,8 +314,7 @@ class SegmentationCollate:
     """Drops BadSamples (returned in `bad`); stacks same-size samples, else returns lists."""
 
     def __call__(self, samples: list) -> SegBatch:
-        bad = [s for s in samples if isinstance(s, BadSample)]
-        good = [s for s in samples if not isinstance(s, BadSample)]
+        good, bad = split_bad(samples)
         if not good:
             return SegBatch(torch.empty(0, 3, 1, 1), torch.empty(0, 1, 1, dtype=torch.long), bad)
         images, masks = [s[0] for s in good], [s[1] for s in good]

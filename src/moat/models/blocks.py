@@ -14,6 +14,16 @@ def batch_norm(channels: int, cfg: MoatConfig) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
 
 
+def set_batch_norm_momentum(module: nn.Module, momentum: float | None) -> None:
+    """Every BatchNorm in `module` updates its statistics with `momentum` (PyTorch's
+    convention; None leaves each as built: the official 0.01 in MOAT, 0.1 in added heads)."""
+    if momentum is None:
+        return
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
+
+
 class SqueezeExcite(nn.Module):
     """Official SE: swish (SiLU) between the two 1x1 convs, not the block's GELU."""
 

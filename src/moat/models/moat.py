@@ -84,6 +84,7 @@ class MoatNet(nn.Module):
         self.num_classes = num_classes
         self.window_size = _check_window_size(cfg, window_size)
         self.grad_checkpointing = False
+        self.frozen_stages = -1
 
         stem_0, stem_1 = cfg.stem_size
         self.stem = nn.Sequential(OrderedDict(
@@ -150,6 +151,33 @@ class MoatNet(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass: less memory for larger crops."""
         self.grad_checkpointing = enable
+
+    def freeze_stages(self, frozen_stages: int) -> MoatNet:
+        """Freeze the stem and the first `frozen_stages` stages (-1: nothing, 0: the stem).
+
+        Frozen parameters get `requires_grad=False`, and frozen modules stay in eval mode
+        (BatchNorm statistics fixed, no drop path) even when the model is put in train mode.
+        """
+        if not -1 <= frozen_stages <= len(self.stages):
+            raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. "
+                             f"{len(self.stages)} (all), got {frozen_stages}")
+        self.frozen_stages = frozen_stages
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        return self.train(self.training)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The stem and stages `freeze_stages` froze (empty when nothing is frozen)."""
+        if self.frozen_stages < 0:
+            return []
+        return [self.stem, *self.stages[:self.frozen_stages]]
+
+    def train(self, mode: bool = True) -> MoatNet:
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+        return self
 
     def no_weight_decay(self) -> set[str]:
         """Parameters to exclude from weight decay: position tables, norms and biases."""

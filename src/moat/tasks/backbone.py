@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.models.config import MODEL_CONFIGS
+from moat.models.blocks import set_batch_norm_momentum
 from moat.models.layers import Conv2dSame
 from moat.models.moat import ENDPOINTS, MoatNet, Window
 
@@ -162,7 +163,6 @@ class MoatBackbone(MoatNet):
             raise ValueError(f"out_indices must be increasing and unique, got {list(out_indices)}")
         super().__init__(cfg, num_classes=0, features_only=True, out_indices=out_indices,
                          **kwargs)
-        self.frozen_stages = -1
         self.output_stride = 32
 
     @property
@@ -180,38 +180,11 @@ class MoatBackbone(MoatNet):
     def forward_dict(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return OrderedDict(zip(self.names, self(x)))
 
-    # --- freezing -------------------------------------------------------------------
-
-    def _frozen_modules(self) -> list[nn.Module]:
-        if self.frozen_stages < 0:
-            return []
-        return [self.stem, *self.stages[:self.frozen_stages]]
-
-    def freeze_stages(self, frozen_stages: int) -> MoatBackbone:
-        """Freeze the stem and the first `frozen_stages` stages (-1: nothing, 0: the stem).
-
-        Frozen parameters get `requires_grad=False`, and frozen modules stay in eval mode
-        (BN statistics fixed, no drop path) even when the model is put in train mode.
-        """
-        if not -1 <= frozen_stages <= len(self.stages):
-            raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. "
-                             f"{len(self.stages)} (all), got {frozen_stages}")
-        self.frozen_stages = frozen_stages
-        for module in self._frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
-        return self.train(self.training)
+    # --- freezing (stages: MoatNet.freeze_stages) ------------------------------------
 
     def freeze_batch_norm(self) -> MoatBackbone:
         """Every BatchNorm becomes `FrozenBatchNorm2d` (exact eval-mode numerics)."""
         freeze_batch_norm(self)
-        return self
-
-    def train(self, mode: bool = True) -> MoatBackbone:
-        super().train(mode)
-        if mode:
-            for module in self._frozen_modules():
-                module.eval()
         return self
 
     # --- output stride -----------------------------------------------------------------
@@ -322,10 +295,7 @@ def build_backbone(
                          position_embedding=position_embedding, drop_path_rate=drop_path_rate,
                          **settings)
     model.preset = preset.name
-    if bn_momentum is not None:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = bn_momentum
+    set_batch_norm_momentum(model, bn_momentum)
     if weights is not None:
         load_backbone_weights(model, weights)
     model.set_output_stride(output_stride)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moat.models.blocks import set_batch_norm_momentum
 from moat.train.task import Task, register_task
 
 
@@ -105,9 +106,13 @@ class ClassificationTask(Task):
         c = self.config
         if c.num_classes is None:
             raise ValueError("num_classes is unknown: build the datasets first or set it")
-        return moat.create_model(
+        model = moat.create_model(
             c.model, num_classes=c.num_classes, position_embedding=c.position_embedding,
             window_size=c.window_size, pool_size=c.pool_size, drop_path_rate=c.drop_path_rate)
+        set_batch_norm_momentum(model, c.bn_momentum)
+        model.freeze_stages(c.frozen_stages)
+        model.set_grad_checkpointing(c.grad_checkpointing)
+        return model
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
         images = batch[0].to(device, non_blocking=True, memory_format=self.memory_format)

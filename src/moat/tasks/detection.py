@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.train.task import Task, register_task
 
@@ -406,7 +407,7 @@ class DetectionTask(Task):
         min_size = int(eval_size or self.min_size)
         max_size = self.max_size if not eval_size else round(self.max_size * min_size
                                                                / self.min_size)
-        return build_detector(
+        model = build_detector(
             self.arch, self.option("model", "tiny_moat_0"), self.num_classes,
             min_size=min_size, max_size=max_size, preset=self.task_option("preset", "detection"),
             frozen_stages=int(self.option("frozen_stages", -1)),
@@ -414,6 +415,8 @@ class DetectionTask(Task):
             grad_checkpointing=bool(self.option("grad_checkpointing", False)),
             drop_path_rate=self.option("drop_path_rate", None),
             weights=self.task_option("weights", None), **extra)
+        set_batch_norm_momentum(model, getattr(self.config, "bn_momentum", None))
+        return model
 
     def _split(self, split: str) -> tuple[Path, Path]:
         images, anns = self.option(f"{split}_images"), self.option(f"{split}_annotations")

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.train.task import Task, register_task
 
@@ -382,7 +383,8 @@ class SegmentationTask(Task):
     val_data, num_classes, img_size (training crop), eval_img_size (None: evaluate at the
     original size; N: resize the shorter side to N, metrics still at the mask's size), mean,
     std, hflip, drop_path_rate, position_embedding, window_size (None: the preset's),
-    pool_size, frozen_stages / grad_checkpointing / init_from (applied by the loop), strict_data.
+    pool_size, frozen_stages, grad_checkpointing, bn_momentum (whole model), init_from
+    (`build_training_model`), strict_data.
 
     `task_options` (defaults in brackets): preset ["segmentation"], output_stride [32],
     aspp_channels [256], decoder_channels [256], low_level_channels [48], dropout [0.1],
@@ -446,7 +448,7 @@ class SegmentationTask(Task):
             overrides["pool_size"] = int(self.config.pool_size)
         if "global_attention_at_end" in (self.config.task_options or {}):
             overrides["global_attention_at_end"] = bool(self.option("global_attention_at_end"))
-        return deeplabv3plus(
+        model = deeplabv3plus(
             self._field("model", "tiny_moat_0"), self.num_classes,
             preset=self.option("preset", "segmentation"),
             output_stride=int(self.option("output_stride", 32)),
@@ -458,8 +460,12 @@ class SegmentationTask(Task):
             bn_momentum=self.option("bn_momentum", None),
             drop_path_rate=getattr(self.config, "drop_path_rate", None),
             position_embedding=bool(getattr(self.config, "position_embedding", True)),
+            frozen_stages=int(self._field("frozen_stages", -1)),
+            grad_checkpointing=bool(self._field("grad_checkpointing", False)),
             **overrides,
         )
+        set_batch_norm_momentum(model, self._field("bn_momentum"))
+        return model
 
     def _transforms(self):
         from moat.data import segmentation as data

@@ -154,7 +154,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     Returns {"metrics", "line" (the task's one-line summary), "report" (files written),
     "bad_images" (skipped files), "checkpoint", "weights"}. Works under torchrun too.
     """
-    from moat.data.classification import BadImageLog
+    from moat.data.bad_images import BadImageLog
     from moat.train import distributed as dist_utils
     from moat.train.loaders import eval_loader, track_bad
     from moat.train.loop import amp_dtype, autocast

@@ -4,7 +4,7 @@ Augmentation randomness is a pure function of (seed, epoch, sample index): befor
 the Python, NumPy and torch generators are seeded from those three numbers. So a run resumed
 mid-epoch sees exactly the crops and flips the interrupted run would have seen, whatever the
 number of workers, and two runs with the same seed augment identically. The sampler's order
-depends only on (seed, epoch, rank, world size) (`moat.data.classification.ResumableSampler`).
+depends only on (seed, epoch, rank, world size) (`moat.data.samplers`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moat.data.classification import BadImageLog, ResumableSampler, ShardSampler
-
-
-class EpochSampler(ResumableSampler):
-    """ResumableSampler yielding (epoch, index) so the dataset can seed per sample."""
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        return ((self.epoch, i) for i in super().__iter__())
+from moat.data.bad_images import BadImageLog
+from moat.data.samplers import EpochSampler, ResumableSampler, ShardSampler
 
 
 class SeededDataset(Dataset):

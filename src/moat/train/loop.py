@@ -1,6 +1,6 @@
 """The training loop, shared by every task: `train(config, resume=False)`.
 
-    setup: process group, seeds, task, data, model (+ --init-from, frozen stages, SyncBN),
+    setup: process group, seeds, task, data, the task's complete model,
            EMA, optimiser, schedule, grad scaler, resume from the latest checkpoint
     for each epoch:
         for each optimiser step:  accum_steps micro-batches of forward (autocast), backward
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.data.bad_images import BadImageLog, BadSample
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
     rng_state, set_rng_state
 from moat.train.config import TrainConfig
 from moat.train.loaders import eval_loader, full_batches, set_epoch, track_bad, train_loader
 from moat.train.logger import MetricsWriter, setup_logging
-from moat.train.optim import ModelEma, WarmupCosine, build_optimizer, freeze_stages
+from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.task import Task, get_task
 
 log = logging.getLogger("moat")
@@ -163,26 +164,10 @@ class _Run:
         # task, data, model
         self.task = get_task(config.task)(config)
         train_set, val_set = self.task.build_datasets()
-        model = self.task.build_model()
-        backbone = self.task.backbone(model)
-        if config.bn_momentum is not None:
-            for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.momentum = config.bn_momentum
-        if config.init_from and self.resume_from is None:
-            log.info("%s", self.task.load_pretrained(model, config.init_from))
-        if config.frozen_stages >= 0:
-            if backbone is None:
-                raise ValueError("frozen_stages needs a model with a MOAT backbone")
-            freeze_stages(backbone, config.frozen_stages)
-        if config.grad_checkpointing:
-            (backbone or model).set_grad_checkpointing(True)
-        if config.sync_bn and info.distributed:
-            model = dist_utils.convert_sync_batchnorm(model, self.device)
-            backbone = self.task.backbone(model)
+        model = self.task.build_training_model(info, resume=self.resume_from is not None)
         self.model = model.to(self.device, memory_format=self.task.memory_format)
         self.ema = ModelEma(self.model, config.ema_decay) if config.ema else None
-        self.optimizer = build_optimizer(self.model, config, backbone)
+        self.optimizer = build_optimizer(self.model, config, self.task.backbone(self.model))
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
 
         # loaders and schedule
@@ -201,8 +186,6 @@ class _Run:
         self.schedule = WarmupCosine(
             config.peak_lr, config.epochs * self.steps_per_epoch,
             round(config.warmup_epochs * self.steps_per_epoch), config.warmup_lr, config.min_lr)
-
-        from moat.data.classification import BadImageLog
 
         self.bad = BadImageLog(log)
         self.bad_reported = 0
@@ -415,8 +398,6 @@ class _Run:
         """Gather the files every process skipped; rank 0 logs new ones and the total count."""
         gathered = dist_utils.all_gather_objects(dict(self.bad.paths))
         for paths in gathered[1:]:
-            from moat.data.classification import BadSample
-
             self.bad.add(BadSample(p, r) for p, r in paths.items() if p not in self.bad.paths)
         if len(self.bad.paths) > self.bad_reported:
             log.warning("%d unreadable image file(s) skipped so far (listed above and in "

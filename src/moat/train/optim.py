@@ -1,5 +1,6 @@
-"""Optimiser, parameter groups (weight decay, layer-wise lr decay), frozen stages, the warm-up +
-cosine schedule and the EMA of weights.
+"""Optimiser, parameter groups (weight decay, layer-wise lr decay), the warm-up + cosine
+schedule and the EMA of weights. Frozen stages are the model's (`MoatNet.freeze_stages`, set
+by the task that builds it): their parameters have no gradient and get no group here.
 
 Parameter groups: weight decay applies to conv/linear kernels only; norms, biases (every
 tensor with ndim <= 1) and relative-position tables (`no_weight_decay()` of any submodule)
@@ -84,37 +85,6 @@ def build_optimizer(model: nn.Module, config, backbone: nn.Module | None = None,
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True,
                                weight_decay=config.weight_decay)
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
-
-
-# --- frozen stages -----------------------------------------------------------------------------
-
-def _keep_eval(module: nn.Module, _args) -> None:
-    if module.training:
-        module.eval()
-
-
-def freeze_stages(backbone: nn.Module, frozen_stages: int) -> list[nn.Module]:
-    """Freeze the stem (0) and the first K stages (K): no gradients, and kept in eval mode
-    (BatchNorm statistics fixed, no drop path) whatever `.train()` says. Returns the modules."""
-    if frozen_stages < 0:
-        return []
-    if frozen_stages > len(backbone.stages):
-        raise ValueError(f"frozen_stages must be at most {len(backbone.stages)}, "
-                         f"got {frozen_stages}")
-    if hasattr(backbone, "freeze_stages"):  # MoatBackbone does it itself (same semantics)
-        backbone.freeze_stages(frozen_stages)
-        return [backbone.stem, *backbone.stages[:frozen_stages]]
-    modules = [backbone.stem, *backbone.stages[:frozen_stages]]
-    for module in modules:
-        module.requires_grad_(False)
-        # A hook on every submodule: MoatNet runs the blocks of a stage one by one, never
-        # calling the stage container itself.
-        for sub in module.modules():
-            if not getattr(sub, "_moat_frozen", False):
-                sub.register_forward_pre_hook(_keep_eval)
-                sub._moat_frozen = True
-        module.eval()
-    return modules
 
 
 # --- learning-rate schedule --------------------------------------------------------------------

@@ -4,11 +4,11 @@ the optimiser and schedule, EMA, checkpoints, logging, resumption. A task owns w
 its model, data, loss, metrics and predictions.
 
 Order of calls in `moat train` (src/moat/train/loop.py): `Task(config)`, `build_datasets()`,
-`build_model()` (so the model may use what the data found, e.g. the number of classes, which
-the task may write back into `config`), then per step `loss(...)` under autocast, per epoch
+`build_training_model(info, resume)` (so the model may use what the data found, e.g. the number of
+classes, which the task may write back into `config`), then per step `loss(...)` under autocast, per epoch
 `evaluate(...)` under autocast and no_grad on every rank (each sees a shard; called for the
 model and again for its EMA), and `metadata()` whenever a checkpoint is written. A batch may
-carry `.bad` (a list of `moat.data.classification.BadSample`): the loop logs those files; a
+carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop logs those files; a
 training batch whose `batch_size()` is 0 is skipped (it still takes part in DDP's all-reduce). `moat eval` / `moat predict` rebuild the task
 from the config stored in the checkpoint, call `load_metadata(...)` and `build_model()`.
 
@@ -19,6 +19,7 @@ Everything below `predict` is optional: the defaults work for any model containi
 from __future__ import annotations
 
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+from moat.train import distributed as dist_utils
+
+log = logging.getLogger("moat")
 
 
 class Task:
@@ -38,7 +43,20 @@ class Task:
         self.config = config
 
     def build_model(self) -> nn.Module:
+        """The complete model the config describes: architecture, BatchNorm momentum
+        (`bn_momentum`), frozen stages (`MoatNet.freeze_stages`) and gradient checkpointing.
+        Nothing changes it afterwards; `moat eval` / `moat predict` load weights into it."""
         raise NotImplementedError
+
+    def build_training_model(self, info: dist_utils.DistInfo, resume: bool) -> nn.Module:
+        """`build_model()` plus what only training adds: the `init_from` weights (unless the
+        run resumes from its own checkpoint) and SyncBatchNorm when `sync_bn` and distributed."""
+        model = self.build_model()
+        if self.config.init_from and not resume:
+            log.info("%s", self.load_pretrained(model, self.config.init_from))
+        if self.config.sync_bn and info.distributed:
+            model = dist_utils.convert_sync_batchnorm(model, info.device)
+        return model
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         """(train, val) datasets from the config's data location."""
