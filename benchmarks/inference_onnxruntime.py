@@ -16,7 +16,10 @@ on the images in DIR) and timed in the same rounds. Prints the tables and the ve
 * tiny-MOAT-0 and tiny-MOAT-1 batch-1 latency <= MobileViTv2-0.75's and -1.0's;
 * with int8: int8 >= 1.5x faster than fp32 (batch 8 and batch 1) for MOAT-0, tiny-MOAT-1.
 
-    python benchmarks/onnxruntime.py [--repeats 15] [--csv ort.csv] [--export-dir DIR]
+    python benchmarks/inference_onnxruntime.py [--repeats 15] [--csv ort.csv] [--export-dir DIR]
+
+(Not named onnxruntime.py: a script's folder comes first on sys.path, and the script would
+shadow the onnxruntime package.)
 """
 
 from __future__ import annotations
