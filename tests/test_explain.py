@@ -12,6 +12,7 @@ from matplotlib import cbook
 from PIL import Image
 
 import moat
+from moat.app.page import render
 from moat.cli import main
 from moat.data.transforms import eval_transform
 from moat.explain import Explainer, class_activation_maps, class_score, to_input_size
@@ -51,6 +52,8 @@ def test_classification_maps_match_the_low_level_api_and_the_chosen_class():
     np.testing.assert_allclose(expl.attention["stages.3.1"].mean((1, 2)), 1 / 4, rtol=1e-4)
     with pytest.raises(ValueError, match="unknown class 'dog'"):
         explainer.explain(PHOTO, "dog")
+    unnamed = Explainer(model, transform=explainer.transform, mean=HALF, std=HALF)
+    assert unnamed.explain(PHOTO, 2).target == "class '2' (2)"  # indices stand for names
 
 
 def test_moat_explain_writes_overlays_arrays_and_json(tmp_path, capsys):
@@ -81,7 +84,8 @@ def test_segmentation_explains_a_class_over_its_pixels(tmp_path):
     torch.manual_seed(0)
     model = deeplabv3plus("tiny_moat_0", 3, aspp_channels=16, decoder_channels=16,
                           low_level_channels=8, window_size=[None, None, (3, 3), None])
-    transform = lambda rgb: (torch.from_numpy(np.array(rgb)).permute(2, 0, 1) / 255 - 0.5) / 0.5  # noqa: E731
+    def transform(rgb):
+        return (torch.from_numpy(np.array(rgb)).permute(2, 0, 1) / 255 - 0.5) / 0.5
     explainer = Explainer(model, "segmentation", transform=transform, mean=HALF, std=HALF,
                           class_names=["sky", "face", "coat"])
     expl = explainer.explain(small_photo(tmp_path), "face")
@@ -93,6 +97,9 @@ def test_segmentation_explains_a_class_over_its_pixels(tmp_path):
     # 72x96 -> 5x6 at stride 16: (3, 3) windows cut at the bottom
     assert expl.attention_maps["backbone.stages.2.0"].size == (5, 6)
     assert expl.attention["backbone.stages.2.0"].shape == (4, 72, 96)
+    page = render(expl)  # what `moat app` shows: class shares and the mask
+    assert page["picture"].shape == (72, 96, 3) and "face" in page["status"]
+    assert set(page["labels"]) <= {"sky", "face", "coat"}
 
 
 def test_detection_explains_a_chosen_box(tmp_path):
@@ -112,3 +119,7 @@ def test_detection_explains_a_chosen_box(tmp_path):
     assert all(m.shape == (90, 120) for m in expl.cams.values())
     assert sum(float(m.sum()) for m in expl.cams.values()) > 0
     assert all(a.shape[1:] == (90, 120) for a in expl.attention.values())
+    page = render(expl)  # what `moat app` shows: the boxes drawn, the best five listed
+    assert page["picture"].shape == (90, 120, 3)
+    assert not np.array_equal(page["picture"], expl.image)
+    assert len(page["labels"]) == min(5, len(expl.predictions))

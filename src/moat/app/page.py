@@ -44,7 +44,7 @@ def render(expl: Explanation) -> dict[str, Any]:
         picture = mask_overlay(expl.image, expl.mask)
     else:
         labels = {f"{p['label']} #{i}": p["score"] for i, p in enumerate(expl.predictions[:5])}
-        picture = boxes_image(expl.image, expl.predictions)
+        picture = boxes_image(expl.image, expl.predictions, highlight=expl.box)
     status = f"Explained: {expl.target}. Time taken: {expl.seconds * 1000:.0f} ms."
     return {"labels": labels, "gallery": gallery, "picture": picture, "status": status}
 
@@ -62,7 +62,8 @@ def build_page(explainer: Explainer | ExportedClassifier, *, title: str = TITLE)
         try:
             rgb = load_rgb(path)
         except BadImageError as err:
-            return None, [], None, f"**{NOT_AN_IMAGE}:** {name} could not be read as an image ({err})."
+            message = f"**{NOT_AN_IMAGE}:** {name} could not be read as an image ({err})."
+            return None, [], None, message
         try:
             out = render(explainer.explain(rgb, target or None, method=method))
         except ValueError as err:  # e.g. no detection to explain

@@ -41,6 +41,7 @@ class Explanation:
     attention: dict[str, np.ndarray]       # MOAT block name -> [heads, H, W]
     attention_maps: dict[str, AttentionMap] = field(repr=False, default_factory=dict)
     mask: np.ndarray | None = None         # segmentation: class id per pixel [H, W]
+    box: int | None = None                 # detection: index of the explained prediction
     seconds: float = 0.0                   # prediction and maps, this image
 
 
@@ -83,13 +84,15 @@ class Explainer:
     @classmethod
     def from_name(cls, name: str, *, device: str = "cpu", img_size: int | None = None,
                   **model_kwargs: Any) -> Explainer:
-        """A classifier from a variant or pretrained tag (see `moat.create_model`)."""
+        """A classifier from a pretrained tag (its release is loaded: downloaded once, then
+        cached), a hub folder, or a bare variant (random weights: for trying the tools)."""
         import moat
-        from moat.weights.zoo import data_config
 
-        model = moat.create_model(name, **model_kwargs).to(device)
-        config = data_config(name)
-        names = getattr(model, "class_names", None) or config.get("class_names")
+        pretrained = True if name in moat.list_pretrained() else None
+        model = moat.create_model(name, pretrained=pretrained, **model_kwargs).to(device)
+        config = moat.data_config(name)
+        # class names travel with pretrained weights (timm's pretrained_cfg["label_names"])
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
         return cls(model, "classification", transform=moat.create_transform(
             name, img_size=img_size), mean=config["mean"], std=config["std"],
             class_names=names or [str(i) for i in range(model.num_classes)], device=device)
@@ -149,8 +152,8 @@ class Explainer:
 
     def _classification(self, x: Tensor, logits: Tensor, target, method: str,
                         top_k: int) -> dict[str, Any]:
-        names = self.class_names
         probs = logits.float().softmax(-1)[0].cpu()
+        names = self._names(len(probs))
         values, indices = probs.topk(max(1, min(top_k, len(probs))))
         index = _class_index(target, names, int(indices[0]))
         cams = class_activation_maps(self.model, x, class_score(index), method=method)
@@ -160,7 +163,7 @@ class Explainer:
                     cams=self._on_input(cams, x.shape[-2:]))
 
     def _segmentation(self, x: Tensor, logits: Tensor, target, method: str) -> dict[str, Any]:
-        names = self.class_names
+        names = self._names(logits.shape[1])
         mask = logits.argmax(1)[0].cpu()
         ids, counts = mask.unique(return_counts=True)
         largest = int(ids[counts.argmax()])
@@ -205,12 +208,16 @@ class Explainer:
                        "box": [round(float(v), 2) for v in b]}
                       for b, l, s in zip(out["boxes"], out["labels"], out["scores"])]
         received = {k: m.received()[0] for k, m in maps.items()}
-        return dict(image=np.asarray(rgb), predictions=detections,
+        return dict(image=np.asarray(rgb), predictions=detections, box=chosen,
                     target=f"box {detections[chosen]['box']} ({detections[chosen]['label']})",
                     cams={k: v[0] for k, v in on_image(cams).items()},
                     attention=on_image(received), attention_maps=maps)
 
     # --- helpers ------------------------------------------------------------------------------
+    def _names(self, count: int) -> list[str]:
+        """The class names, or the indices as names when none were given."""
+        return self.class_names or [str(i) for i in range(count)]
+
     def _denormalise(self, x: Tensor) -> np.ndarray:
         rgb = (x.cpu().float() * self.std + self.mean).clamp(0, 1)
         return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
