@@ -82,12 +82,14 @@ def _variant_of_file(path: Path) -> tuple[str, int]:
 
 
 def _release_preprocessing(model) -> dict:
-    """Crop, interpolation, mean and std of the model's release (ImageNet's by default)."""
+    """Crop, interpolation, mean and std of the model's weights (its pretrained_cfg), else
+    of its variant's release (ImageNet's for a custom configuration)."""
     from moat.preprocessing import variant_data_config
-    from moat.weights.convert import model_variant
+    from moat.weights.variant import model_variant
 
     name = model_variant(model).name
-    config = variant_data_config(name if name in MODEL_CONFIGS else "moat_0")
+    config = {**variant_data_config(name if name in MODEL_CONFIGS else "moat_0"),
+              **(getattr(model, "pretrained_cfg", None) or {})}
     return {k: config[k] for k in ("crop_pct", "interpolation", "mean", "std")}
 
 
