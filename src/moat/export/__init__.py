@@ -21,6 +21,7 @@ from moat.export.formats import (SIZE_MULTIPLE, check_dynamic_size, check_onnx, 
                                  supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
 from moat.export.quantize import PREPROCESSING_KEY
+from moat.integrity import atomic_output
 from moat.models.config import MODEL_CONFIGS
 from moat.weights.hub import is_hub_name
 
@@ -113,14 +114,24 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     size = img_size or model.cfg.native_resolution
     size = tuple(size) if not isinstance(size, int) else (size,)
     size = (size[0], size[-1])
+    with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
+        return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,
+                          static_size=static_size, dynamic_size=dynamic_size, layout=layout,
+                          metadata=metadata, preprocessing=preprocessing)
+
+
+def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[int, int], *,
+               batch: int, opset: int, check: bool, static_size: bool, dynamic_size: bool,
+               layout: str, metadata: dict[str, str] | None,
+               preprocessing: dict | None) -> str:
     if fmt == "torchscript":
-        export_torchscript(model, out, size, batch=batch)
+        export_torchscript(model, tmp, size, batch=batch)
         return (f"wrote {out}: TorchScript trace, dynamic batch, fixed {size[0]}x{size[1]}; "
                 "load with torch.jit.load")
     if fmt == "executorch":
         from moat.export.edge import export_executorch
 
-        report = export_executorch(model, out, size, batch=batch, check=check)
+        report = export_executorch(model, tmp, size, batch=batch, check=check)
         return (f"wrote {out}: ExecuTorch program, XNNPACK delegate ({report['delegated_calls']} "
                 f"delegated calls), batch {batch}, fixed {size[0]}x{size[1]}"
                 + (f"; ExecuTorch runtime vs PyTorch: max abs error {report['max_abs_err']:.2e}"
@@ -132,12 +143,12 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     shape = (f"dynamic height/width (multiples of {SIZE_MULTIPLE}, traced at "
              f"{size[0]}x{size[1]})" if dynamic else f"fixed {size[0]}x{size[1]}")
     if fmt == "torch-export":
-        export_program(model, out, size, batch=batch, dynamic_size=dynamic)
+        export_program(model, tmp, size, batch=batch, dynamic_size=dynamic)
         return (f"wrote {out}: torch.export program, dynamic batch, {shape}; load with "
                 "torch.export.load(path).module()")
     preprocessing = {**(preprocessing or _release_preprocessing(model)), "input_size": size}
     metadata = {**(metadata or {}), PREPROCESSING_KEY: json.dumps(preprocessing)}
-    report = export_onnx(model, out, size, opset=opset, batch=batch, dynamic_size=dynamic,
+    report = export_onnx(model, tmp, size, opset=opset, batch=batch, dynamic_size=dynamic,
                          check=check, layout=layout, metadata=metadata)
     lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}, "
              f"{layout} layout"]

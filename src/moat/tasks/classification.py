@@ -56,6 +56,7 @@ class ClassificationTask(Task):
                               crop_pct=c.crop_pct)
 
     def build_datasets(self):
+        from moat.data.checks import check_classification_splits
         from moat.data.classification import classification_datasets
 
         c = self.config
@@ -65,17 +66,21 @@ class ClassificationTask(Task):
         train_tf, val_tf = self._transforms()
         train, val = classification_datasets(c.data, c.val_data, train_transform=train_tf,
                                              val_transform=val_tf, strict=c.strict_data)
+        check_classification_splits(train, val)  # refuse data that cannot train, now
         self._set_classes(train.classes)
         return train, val
 
     def build_eval_dataset(self):
+        from moat.data.checks import check_readable
         from moat.data.classification import open_split
 
         data = Path(self.config.data)
         for candidate in (data / "val", data / "val.csv", data):
             if candidate.exists():
-                return open_split(candidate, self.eval_transform(), self.classes,
-                                  strict=self.config.strict_data)
+                dataset = open_split(candidate, self.eval_transform(), self.classes,
+                                     strict=self.config.strict_data)
+                check_readable(dataset, "evaluation")
+                return dataset
         raise FileNotFoundError(f"--data {str(data)!r} does not exist")
 
     def _set_classes(self, classes: Sequence[str]) -> None:

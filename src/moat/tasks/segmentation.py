@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.models.blocks import set_batch_norm_momentum
+from moat.preprocessing import size_pair
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.train.task import Task, register_task
 
@@ -176,9 +177,6 @@ def deeplabv3plus(
 
 # --- inference ----------------------------------------------------------------------------
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
 
 def slide_inference(model: nn.Module, images: Tensor, crop_size: int | Sequence[int],
                     stride: int | Sequence[int] | None = None) -> Tensor:
@@ -189,8 +187,8 @@ def slide_inference(model: nn.Module, images: Tensor, crop_size: int | Sequence[
     side is covered by one window of the image's size there (so a window that covers the
     image gives exactly whole-image inference).
     """
-    ch, cw = _pair(crop_size)
-    sh, sw = _pair(stride) if stride is not None else (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
+    ch, cw = size_pair(crop_size)
+    sh, sw = size_pair(stride) if stride is not None else (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
     if min(ch, cw, sh, sw) < 1:
         raise ValueError(f"crop_size and stride must be positive, got {crop_size}, {stride}")
     batch, _, height, width = images.shape
@@ -432,7 +430,7 @@ class SegmentationTask(Task):
 
     @property
     def crop_size(self) -> tuple[int, int]:
-        return _pair(self._field("img_size", 512))
+        return size_pair(self._field("img_size", 512))
 
     def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         from moat.data.segmentation import IMAGENET_MEAN, IMAGENET_STD

@@ -27,6 +27,7 @@ temporary directory that :meth:`TFCheckpoint.close` removes).
 
 from __future__ import annotations
 
+import errno
 import re
 import shutil
 import tarfile
@@ -87,7 +88,10 @@ def _extract_archive(archive: Path, target: Path) -> None:
             else:  # pragma: no cover - Python without PEP 706 backport
                 tar.extractall(target, members=members)
     except (tarfile.TarError, EOFError, OSError) as err:
-        if isinstance(err, FileNotFoundError):
+        # the archive's own file missing, or writing the extracted files failed (a full disk,
+        # a read-only temp folder): the archive is fine, say what really happened
+        if isinstance(err, FileNotFoundError) or (isinstance(err, OSError) and err.errno in (
+                errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM)):
             raise
         raise CheckpointError(f"{archive}: cannot read the archive ({err}); it is probably "
                               "truncated or corrupted: download it again") from err
