@@ -28,7 +28,7 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from moat.data.coco import (CocoDetection, coco_evaluate, collate_detection,  # noqa: E402
                             detections_to_coco, load_coco, train_transforms)
-from moat.tasks.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOU_THRESHOLDS,  # noqa: E402
+from moat.tasks.detection.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOU_THRESHOLDS,  # noqa: E402
                                 AgnosticBoxPredictor, CascadeRoIHeads, CascadeStage)
 from moat.tasks.detection import DetectionTask, build_detector  # noqa: E402
 

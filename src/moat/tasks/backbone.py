@@ -242,6 +242,16 @@ def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
     return model
 
 
+def load_pretrained_backbone(model: nn.Module, path: str, backbone: MoatBackbone | None) -> str:
+    """`--init-from PATH` for a model built on a MOAT backbone (see
+    `moat.train.checkpoint.load_pretrained`); frozen BatchNorm is thawed while loading, so
+    official-weight loaders find their BatchNorm2d layers."""
+    from moat.train.checkpoint import load_pretrained
+
+    with batch_norm_thawed(backbone):
+        return load_pretrained(model, path, backbone=backbone)
+
+
 # --- builder ------------------------------------------------------------------------------
 
 def build_backbone(

@@ -12,7 +12,8 @@ carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop logs those f
 training batch whose `batch_size()` is 0 is skipped (it still takes part in DDP's all-reduce). `moat eval` / `moat predict` rebuild the task
 from the config stored in the checkpoint, call `load_metadata(...)` and `build_model()`.
 
-Task-specific settings live in `config.task_options` (a dict; `--set task_options.KEY=VALUE`).
+Task-specific settings are `config.task_options` (`--set task_options.KEY=VALUE`), checked and
+typed by the task's `options_type` into `task.options` (unknown keys are refused).
 Everything below `predict` is optional: the defaults work for any model containing a MoatNet.
 """
 
@@ -38,9 +39,13 @@ class Task:
 
     name: str = ""
     main_metric: str = ""  # key of `evaluate`'s result; higher is better; picks the best checkpoint
+    # The typed `task_options` (a `moat.tasks.options.TaskOptions` dataclass): `self.options`.
+    options_type: type | None = None
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.options = None if self.options_type is None else \
+            self.options_type.from_dict(getattr(config, "task_options", None), self.name)
 
     def build_model(self) -> nn.Module:
         """The complete model the config describes: architecture, BatchNorm momentum
