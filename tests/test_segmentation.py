@@ -444,6 +444,7 @@ def test_task_predict_writes_mask_and_overlay(tmp_path):
     assert overlay.mode == "RGB" and overlay.size == (48, 48)
 
 
+@pytest.mark.slow
 def test_short_training_run_through_the_shared_loop(tmp_path):
     from moat.train.config import load_config
     from moat.train.inference import evaluate_checkpoint, predict_checkpoint
@@ -511,6 +512,7 @@ def _distributed_eval_worker(rank: int, world: int, port: int, out: str) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluation_is_summed_across_processes(tmp_path):
     import json
     import socket
