@@ -75,8 +75,9 @@ def class_recall(confusion: Tensor) -> list[float]:
 
 
 def csv_cell(name: str) -> str:
-    """A class name as one CSV cell (quoted when it holds a comma, quote or newline)."""
-    return f'"{name}"' if any(ch in name for ch in ',"\n') else name
+    """A class name as one CSV cell (quoted, inner quotes doubled, when it holds a comma,
+    quote or newline)."""
+    return '"' + name.replace('"', '""') + '"' if any(ch in name for ch in ',"\n') else name
 
 
 def write_report(output_dir: str | os.PathLike, metrics: Mapping[str, Any], confusion: Tensor,
