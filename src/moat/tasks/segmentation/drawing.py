@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 
 from moat.data.segmentation import IGNORE_INDEX
 
@@ -28,8 +29,6 @@ def color_palette(num_classes: int) -> np.ndarray:
 
 def save_mask_png(mask: np.ndarray, path: str | os.PathLike, num_classes: int) -> None:
     """Class ids as a palette PNG (K <= 256; viewable colours, indices = ids), else 16-bit."""
-    from PIL import Image
-
     if num_classes <= 256 and mask.max(initial=0) < 256:
         img = Image.fromarray(mask.astype(np.uint8))
         img.putpalette(color_palette(num_classes)[:256].reshape(-1).tolist())
