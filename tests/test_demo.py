@@ -6,6 +6,7 @@ The full-size demos and their targets are measured by `benchmarks/demo.py`, not 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,14 @@ def test_demo_runs_end_to_end_and_continues(task, tmp_path, monkeypatch, capsys)
         assert any((tmp_path / "predictions").glob("*.png"))  # drawings a person can look at
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert any(m.get("event") == "eval" for m in metrics)
+    # the demo ends with the `moat app` command for its run, and the run explains itself
+    assert out.rstrip().splitlines()[-1].endswith(f"moat app --checkpoint {tmp_path / 'run'}")
+    sample = predictions[0]["path"]
+    code = main(["explain", sample, "--checkpoint", str(tmp_path / "run"), "--output-dir",
+                 str(tmp_path / "explain")])
+    explained = capsys.readouterr().out
+    assert code == 0, explained
+    assert (tmp_path / "explain" / (Path(sample).stem + "_cam.png")).is_file()
 
     # Run again: the finished run is found and continued (nothing retrained, same checkpoint).
     assert main(args) == 0

@@ -212,6 +212,9 @@ class Attention(nn.Module):
             side = 2 * position_embedding_size - 1
             self.relative_position_embedding = nn.Parameter(torch.zeros(num_heads, side, side))
         self._bias_cache: dict[tuple, Tensor] = {}
+        # Opt-in for moat.explain: a list that receives the attention probabilities
+        # [B*windows, heads, T, T] of every call, in call order. None: not recorded.
+        self.recorded_probs: list[Tensor] | None = None
 
     def attention_bias(self, window: tuple[int, int],
                        crop: tuple[int, int] | None = None) -> Tensor | None:
@@ -241,7 +244,13 @@ class Attention(nn.Module):
         scale = self.head_size ** -0.5
         if bias is not None:
             bias = bias.to(q.dtype)
-        if bias is not None and bias.requires_grad and q.device.type == "cpu":
+        if self.recorded_probs is not None:
+            # The output is computed from the recorded probabilities: they are the attention.
+            logits = torch.matmul(q * scale, k.transpose(-1, -2))
+            probs = (logits if bias is None else logits + bias).softmax(-1)
+            self.recorded_probs.append(probs)
+            out = probs @ v
+        elif bias is not None and bias.requires_grad and q.device.type == "cpu":
             # SDPA's fused CPU kernel cannot return a bias gradient; its fallback is slower
             # than these three ops (it adds masking passes for fully masked rows).
             out = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias).softmax(-1) @ v

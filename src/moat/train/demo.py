@@ -18,7 +18,8 @@ def train_evaluate_predict(out: Path, data_root: str, settings: Mapping[str, Any
                            predict_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train `settings` (a TrainConfig's fields) on `data_root` into out/run, evaluate it on
     `eval_data` (default: `data_root`) with a report in out/eval, predict `samples` into
-    out/predictions.json (+ out/predictions/ for tasks that draw). `epochs` replaces the
+    out/predictions.json (+ out/predictions/ for tasks that draw). `app_command` is the
+    `moat app` command that opens the trained model in a local web page. `epochs` replaces the
     demo's schedule length, evaluation included; `overrides` are `--set KEY=VALUE` strings."""
     from moat.train.config import load_config
     from moat.train.inference import evaluate_checkpoint, predict_checkpoint
@@ -39,6 +40,7 @@ def train_evaluate_predict(out: Path, data_root: str, settings: Mapping[str, Any
                                      **(predict_options or {}))
     return {
         "config": config, "metrics": metrics, "predictions": predictions,
+        "app_command": f"moat app --checkpoint {run_dir}",
         "train_seconds": round(train_seconds, 1),
         "outputs": {"dataset": data_root, "run": str(run_dir),
                     "metrics": str(run_dir / "metrics.jsonl"),
