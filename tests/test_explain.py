@@ -12,6 +12,7 @@ from matplotlib import cbook
 from PIL import Image
 
 import moat
+from moat.app.page import render
 from moat.cli import main
 from moat.data.transforms import eval_transform
 from moat.explain import Explainer, class_activation_maps, class_score, to_input_size
@@ -93,6 +94,9 @@ def test_segmentation_explains_a_class_over_its_pixels(tmp_path):
     # 72x96 -> 5x6 at stride 16: (3, 3) windows cut at the bottom
     assert expl.attention_maps["backbone.stages.2.0"].size == (5, 6)
     assert expl.attention["backbone.stages.2.0"].shape == (4, 72, 96)
+    page = render(expl)  # what `moat app` shows: class shares and the mask
+    assert page["picture"].shape == (72, 96, 3) and "face" in page["status"]
+    assert set(page["labels"]) <= {"sky", "face", "coat"}
 
 
 def test_detection_explains_a_chosen_box(tmp_path):
@@ -112,3 +116,7 @@ def test_detection_explains_a_chosen_box(tmp_path):
     assert all(m.shape == (90, 120) for m in expl.cams.values())
     assert sum(float(m.sum()) for m in expl.cams.values()) > 0
     assert all(a.shape[1:] == (90, 120) for a in expl.attention.values())
+    page = render(expl)  # what `moat app` shows: the boxes drawn, the best five listed
+    assert page["picture"].shape == (90, 120, 3)
+    assert not np.array_equal(page["picture"], expl.image)
+    assert len(page["labels"]) == min(5, len(expl.predictions))

@@ -44,7 +44,7 @@ def render(expl: Explanation) -> dict[str, Any]:
         picture = mask_overlay(expl.image, expl.mask)
     else:
         labels = {f"{p['label']} #{i}": p["score"] for i, p in enumerate(expl.predictions[:5])}
-        picture = boxes_image(expl.image, expl.predictions)
+        picture = boxes_image(expl.image, expl.predictions, highlight=expl.box)
     status = f"Explained: {expl.target}. Time taken: {expl.seconds * 1000:.0f} ms."
     return {"labels": labels, "gallery": gallery, "picture": picture, "status": status}
 

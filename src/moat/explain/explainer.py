@@ -41,6 +41,7 @@ class Explanation:
     attention: dict[str, np.ndarray]       # MOAT block name -> [heads, H, W]
     attention_maps: dict[str, AttentionMap] = field(repr=False, default_factory=dict)
     mask: np.ndarray | None = None         # segmentation: class id per pixel [H, W]
+    box: int | None = None                 # detection: index of the explained prediction
     seconds: float = 0.0                   # prediction and maps, this image
 
 
@@ -85,11 +86,11 @@ class Explainer:
                   **model_kwargs: Any) -> Explainer:
         """A classifier from a variant or pretrained tag (see `moat.create_model`)."""
         import moat
-        from moat.weights.zoo import data_config
 
         model = moat.create_model(name, **model_kwargs).to(device)
-        config = data_config(name)
-        names = getattr(model, "class_names", None) or config.get("class_names")
+        config = moat.data_config(name)
+        # class names travel with pretrained weights (timm's pretrained_cfg["label_names"])
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
         return cls(model, "classification", transform=moat.create_transform(
             name, img_size=img_size), mean=config["mean"], std=config["std"],
             class_names=names or [str(i) for i in range(model.num_classes)], device=device)
@@ -205,7 +206,7 @@ class Explainer:
                        "box": [round(float(v), 2) for v in b]}
                       for b, l, s in zip(out["boxes"], out["labels"], out["scores"])]
         received = {k: m.received()[0] for k, m in maps.items()}
-        return dict(image=np.asarray(rgb), predictions=detections,
+        return dict(image=np.asarray(rgb), predictions=detections, box=chosen,
                     target=f"box {detections[chosen]['box']} ({detections[chosen]['label']})",
                     cams={k: v[0] for k, v in on_image(cams).items()},
                     attention=on_image(received), attention_maps=maps)

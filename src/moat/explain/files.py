@@ -44,7 +44,7 @@ def write_explanation(expl: Explanation, output_dir: str | os.PathLike, stem: st
         paths.append(_atomic(out / f"{stem}_mask.png",
                              lambda p: Image.fromarray(picture).save(p, format="PNG")))
     if expl.task == "detection":
-        picture = boxes_image(expl.image, expl.predictions)
+        picture = boxes_image(expl.image, expl.predictions, highlight=expl.box)
         paths.append(_atomic(out / f"{stem}_boxes.png",
                              lambda p: Image.fromarray(picture).save(p, format="PNG")))
     arrays = {"image": expl.image, **{f"cam_{k}": v for k, v in expl.cams.items()},

@@ -54,9 +54,10 @@ def cam_row(expl: Explanation) -> Image.Image:
 
 
 def attention_row(expl: Explanation, block: str) -> Image.Image:
-    """Mean over heads, then each head, of one block's received attention."""
+    """Mean over heads, then each head, of one block's received attention (the block is
+    in the file name)."""
     maps = expl.attention[block]
-    return row([labelled(overlay(expl.image, maps.mean(0)), f"{block} mean")] + [
+    return row([labelled(overlay(expl.image, maps.mean(0)), "mean")] + [
         labelled(overlay(expl.image, m), f"head {i}") for i, m in enumerate(maps)])
 
 
