@@ -52,6 +52,8 @@ def test_classification_maps_match_the_low_level_api_and_the_chosen_class():
     np.testing.assert_allclose(expl.attention["stages.3.1"].mean((1, 2)), 1 / 4, rtol=1e-4)
     with pytest.raises(ValueError, match="unknown class 'dog'"):
         explainer.explain(PHOTO, "dog")
+    unnamed = Explainer(model, transform=explainer.transform, mean=HALF, std=HALF)
+    assert unnamed.explain(PHOTO, 2).target == "class '2' (2)"  # indices stand for names
 
 
 def test_moat_explain_writes_overlays_arrays_and_json(tmp_path, capsys):

@@ -18,9 +18,11 @@ import torch
 
 import moat
 from moat.cli import main
-from moat.weights import zoo
+from moat.weights import catalogue as zoo
 from moat.weights.convert import MissingBatchNormStatisticsWarning, convert_checkpoint
-from moat.weights.io import load_weights, read_metadata, sha256sum
+from moat.weights.files import sha256sum
+from moat.weights.loader import load_weights
+from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import load_official_weights, to_official
 from moat.weights.tf_checkpoint import CheckpointError
 from tf_writer import make_archive, write_checkpoint
@@ -62,12 +64,14 @@ def test_converted_reference_reproduces_official_outputs(tmp_path: Path, ref_pre
                                                          case) -> None:
     out = tmp_path / "tiny_moat0.safetensors"
     meta = convert_checkpoint(ref_prefix, out)
-    assert meta == read_metadata(out)
-    assert (meta["variant"], meta["position_embedding"], meta["bn_statistics"]) == \
-        ("tiny_moat_0", "true", "present")
-    assert meta["source_sha256"] == sha256sum(ref_prefix.with_name("tiny_moat0.index"))
-    assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406]  # option 1, on 0..1 input
-    assert meta["native_resolution"] == "256" and meta["pretrained_tag"] == "tiny_moat_0.in1k_256"
+    assert meta.to_header() == WeightsMetadata.read(out).to_header()
+    meta = WeightsMetadata.read(out)
+    assert (meta.variant, meta.position_embedding, meta.bn_statistics) == \
+        ("tiny_moat_0", True, "present")
+    assert meta.source_sha256 == sha256sum(ref_prefix.with_name("tiny_moat0.index"))
+    assert meta.mean == [0.485, 0.456, 0.406]  # option 1, on 0..1 input
+    assert meta.native_resolution == 256 and meta.pretrained_tag == "tiny_moat_0.in1k_256"
+    assert len(meta.label_names) == 1000 and meta.label_names[1] == "goldfish"
     _assert_reproduces_reference(_model(weights=out), case)
 
 
@@ -80,7 +84,7 @@ def test_reference_through_released_style_archive(tmp_path: Path, ref_prefix: Pa
     assert model.pretrained_tag == "tiny_moat_0.in1k_256"
     _assert_reproduces_reference(model, case)
     meta = convert_checkpoint(archive, tmp_path / "a.safetensors", model="tiny_moat_0.in1k_256")
-    assert meta["source_file"] == archive.name and meta["source_sha256"] == sha256sum(archive)
+    assert meta.source_file == archive.name and meta.source_sha256 == sha256sum(archive)
     _assert_same_state(_model(weights=tmp_path / "a.safetensors"), model)
 
 
@@ -142,7 +146,7 @@ def test_ema_copies_and_optimizer_slots(tmp_path: Path, ref_weights, ref_prefix:
     assert re.search(r"optimizer slots:\s+361 \(Momentum\)", out)
     assert "global_step" in out and "tiny_moat_0.in1k_256" in out
     assert main(["convert", str(prefix), str(tmp_path / "e.safetensors"), "--ema"]) == 0
-    assert read_metadata(tmp_path / "e.safetensors")["source_weights"] == "ema"
+    assert WeightsMetadata.read(tmp_path / "e.safetensors").source_weights == "ema"
     _assert_same_state(_model(weights=tmp_path / "e.safetensors"), ema)
 
 
@@ -174,7 +178,7 @@ def test_missing_batchnorm_statistics(tmp_path: Path, ref_weights, capsys) -> No
     assert "BatchNorm" in capsys.readouterr().err and not out.exists()
     with pytest.warns(MissingBatchNormStatisticsWarning):
         assert main(["convert", str(prefix), str(out), "--allow-missing-bn-stats"]) == 0
-    assert read_metadata(out)["bn_statistics"].startswith("missing")
+    assert WeightsMetadata.read(out).bn_statistics.startswith("missing")
 
 
 def test_other_variant_is_refused(tmp_path: Path, ref_weights) -> None:
@@ -326,7 +330,7 @@ def test_transforms_resize_crop_and_normalise(tag: str) -> None:
 
     entry = zoo.PRETRAINED[tag]
     image = Image.new("RGB", (500, 400), (128, 64, 255))
-    x = zoo.transforms(tag)(image)
+    x = moat.create_transform(tag)(image)
     assert x.shape == (3, entry.resolution, entry.resolution) and x.dtype == torch.float32
     mean, std = np.array(entry.data_config()["mean"]), np.array(entry.data_config()["std"])
     expected = (np.array([128, 64, 255]) / 255 - mean) / std
@@ -355,7 +359,7 @@ def test_cli_info_on_converted_file(tmp_path: Path, ref_prefix: Path, capsys) ->
                                    "tiny_moat1", "tiny_moat2", "tiny_moat3"])
 def test_detection_on_official_variable_tables(reference_dir: Path, table: str) -> None:
     """The official names and shapes of every variant (spec/variables) are recognised."""
-    from moat.weights.convert import detect_variant
+    from moat.weights.variant import detect_variant
     from moat.weights.official import official_tensors
 
     lines = (reference_dir.parent / "spec" / "variables" / f"{table}.txt").read_text()

@@ -1,18 +1,24 @@
-"""MOAT vision models in PyTorch, numerically identical to the official implementation."""
+"""MOAT vision models in PyTorch, numerically identical to the official implementation.
 
-import importlib.util
+The public names are imported on first use: ``import moat`` loads neither the weights
+machinery, export, FLOP counting nor timm. ``moat.timm_registry`` registers the variants
+with timm as soon as timm is imported (before or after moat).
+"""
 
-from moat.export.inference import optimize_for_inference
-from moat.flops import count_flops
-from moat.models import MoatConfig, MoatNet, list_models
-from moat.weights.official import load_official_weights
-# create_model accepts pretrained tags and weights files; it builds on moat.models.create_model
-from moat.weights.zoo import create_model, create_transform, data_config, list_pretrained
+from moat import _timm_hook
+from moat._lazy import lazy_exports
+from moat._version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["MoatConfig", "MoatNet", "count_flops", "create_model", "create_transform",
-           "data_config", "list_models", "list_pretrained", "load_official_weights",
-           "optimize_for_inference"]
+_EXPORTS = {
+    "MoatConfig": "moat.models", "MoatNet": "moat.models", "list_models": "moat.models",
+    "count_flops": "moat.flops", "optimize_for_inference": "moat.export.inference",
+    "load_official_weights": "moat.weights.official",
+    "list_pretrained": "moat.weights.catalogue",
+    "create_model": "moat.weights.loader", "create_transform": "moat.weights.loader",
+    "data_config": "moat.weights.loader",
+    "save_pretrained": "moat.weights.hub", "push_to_hub": "moat.weights.hub",
+}
+__all__ = ["__version__", *sorted(_EXPORTS)]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if importlib.util.find_spec("timm") is not None:
-    import moat.timm_registry  # noqa: F401  (registers the variants with timm)
+_timm_hook.install()

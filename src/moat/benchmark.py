@@ -77,6 +77,7 @@ class BenchSpec:
     drop_path_rate: float = 0.0
     device: str = "cpu"
     preset: str | None = None  # MOAT only: a dense-prediction attention layout (PRESETS)
+    pretrained: bool = False  # released weights (the numbers do not change; the model does)
 
     @property
     def label(self) -> str:
@@ -86,8 +87,11 @@ class BenchSpec:
 
 def _is_moat(name: str) -> bool:
     from moat.models.config import MODEL_CONFIGS
-    from moat.weights.zoo import split_name
+    from moat.weights.catalogue import split_name
+    from moat.weights.hub import is_hub_name
 
+    if is_hub_name(name):  # a saved MOAT folder
+        return True
     try:
         return split_name(name)[0] in MODEL_CONFIGS
     except ValueError:  # a dotted timm tag, e.g. convnext_tiny.fb_in1k
@@ -95,7 +99,7 @@ def _is_moat(name: str) -> bool:
 
 
 def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
-            preset: str | None = None) -> nn.Module:
+            preset: str | None = None, pretrained: bool = False) -> nn.Module:
     if _is_moat(name):
         import moat
 
@@ -108,7 +112,8 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
             layout = dict(window_size=PRESETS[preset].window_size,
                           global_attention_at_end=PRESETS[preset].global_attention_at_end,
                           pool_size=PRESETS[preset].pool_size)
-        return moat.create_model(name, drop_path_rate=drop_path_rate, **layout)
+        return moat.create_model(name, drop_path_rate=drop_path_rate,
+                                 pretrained=pretrained or None, **layout)
     if preset:
         raise ValueError(f"--preset applies to MOAT models only, not {name!r}")
     import timm
@@ -116,12 +121,13 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
     kwargs = {"drop_path_rate": drop_path_rate}
     if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
         kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def build_model(spec: BenchSpec) -> nn.Module:
     """The model of `spec`, in the mode, memory format and device the measurement uses."""
-    model = _create(spec.model, spec.img_size, spec.drop_path_rate, spec.preset).to(spec.device)
+    model = _create(spec.model, spec.img_size, spec.drop_path_rate, spec.preset,
+                    spec.pretrained).to(spec.device)
     if spec.mode == "train":
         model.train()
     else:
@@ -303,7 +309,7 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
                   optimized: bool = False, channels_last: bool = False,
                   drop_path_rate: float = 0.0, warmup: int = 1, repeats: int = 5,
                   latency: bool = True, memory: bool = True, device: str = "cpu",
-                  preset: str | None = None,
+                  preset: str | None = None, pretrained: bool = False,
                   log: Callable[[str], None] | None = None) -> list[dict]:
     """Measure; return one row per model and configuration (see the module docstring).
 
@@ -312,6 +318,7 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
     through `optimize_for_inference` (rows "moat_0" and "moat_0 (optimized)"). `preset`
     ("detection", "segmentation") builds the MOAT models with that backbone preset's
     attention layout and pooling (`moat.tasks.backbone.PRESETS`), the peers as they are.
+    `pretrained` builds every model with its released weights (MOAT: tags, downloaded once).
     """
     names = list(dict.fromkeys([*models, *(PEERS if peers else ())]))
     for mode in modes:
@@ -338,7 +345,8 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
                                           threads=n_threads or default_threads, mode=mode,
                                           channels_last=channels_last,
                                           drop_path_rate=drop_path_rate, device=device,
-                                          preset=preset if _is_moat(name) else None)
+                                          preset=preset if _is_moat(name) else None,
+                                          pretrained=pretrained)
                             specs.append(BenchSpec(name, **common))
                             if optimized and mode == "inference" and _is_moat(name):
                                 specs.append(BenchSpec(name, optimized=True, **common))

@@ -77,9 +77,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     meta = convert_checkpoint(args.src, args.out, model=args.model, ema=args.ema,
                               allow_missing_bn_stats=args.allow_missing_bn_stats)
-    print(f"wrote {args.out}: {meta['variant']} (position embedding "
-          f"{meta['position_embedding']}, {meta['source_weights']} weights, BN statistics "
-          f"{meta['bn_statistics']}); use moat.create_model({meta['pretrained_tag']!r}, "
+    print(f"wrote {args.out}: {meta.variant} (position embedding "
+          f"{str(meta.position_embedding).lower()}, {meta.source_weights} weights, BN statistics "
+          f"{meta.bn_statistics}); use moat.create_model({meta.pretrained_tag!r}, "
           f"weights={args.out!r})")
     return 0
 
@@ -93,7 +93,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from moat.weights.convert import describe
+    from moat.weights.info import describe
 
     print(describe(args.checkpoint))
     return 0
@@ -124,6 +124,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", help="RUN_DIR: checkpoints, logs, metrics")
     p.add_argument("--init-from", help="fine-tune from weights: RUN_DIR, .safetensors, .pt or "
                    "an official checkpoint (a new head is made for another class count)")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="fine-tune from the released weights of --model (a tag such as "
+                   "moat_0.in1k_224; downloaded and cached once), new head for the data")
     p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
     p.add_argument("--frozen-stages", type=int, help="-1 none, 0 stem, K stem + stages 0..K-1")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
@@ -146,7 +149,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 _TRAIN_FLAGS = ("task", "data", "val_data", "model", "img_size", "epochs", "batch_size",
-                "accum_steps", "lr", "output", "init_from", "layer_decay", "frozen_stages",
+                "accum_steps", "lr", "output", "init_from", "pretrained", "layer_decay",
+                "frozen_stages",
                 "precision", "device", "workers", "seed", "save_every_steps", "deterministic",
                 "strict_data", "sync_bn", "compile", "grad_checkpointing", "channels_last",
                 "progress")
@@ -173,10 +177,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_weights_source(p: argparse.ArgumentParser) -> None:
+    """--checkpoint, or --model NAME [--pretrained]: where eval and predict get weights."""
+    p.add_argument("--checkpoint", help="RUN_DIR, checkpoint folder or weights file")
+    p.add_argument("--model", help="instead of --checkpoint: a pretrained tag with "
+                   "--pretrained (e.g. moat_0.in1k_224), hf-hub:ORG/NAME or local-dir:PATH")
+    p.add_argument("--pretrained", action="store_true",
+                   help="the released weights of --model (downloaded and cached once)")
+
+
+def _checkpoint(args: argparse.Namespace) -> str:
+    if bool(args.checkpoint) == bool(args.model):
+        raise ValueError("give either --checkpoint or --model (with --pretrained for a tag)")
+    if args.checkpoint:
+        return args.checkpoint
+    from moat.weights.loader import weights_file
+
+    return str(weights_file(args.model, args.pretrained))
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (prints top-1, ...)")
     p.add_argument("--data", required=True, help="split folder or .csv, or a root with val/")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR, checkpoint folder or weights file")
+    _add_weights_source(p)
     p.add_argument("--img-size", type=int, help="evaluation resolution (default: training's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -196,7 +219,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from moat.train.inference import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, img_size=args.img_size,
+    result = evaluate_checkpoint(_checkpoint(args), args.data, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers,
                                  weights=args.weights, device=args.device,
                                  precision=args.precision, report_dir=args.report,
@@ -219,7 +242,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k labels with probabilities for images")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR, checkpoint folder or weights file")
+    _add_weights_source(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--img-size", type=int)
     p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto")
@@ -233,7 +256,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from moat.train.inference import predict_checkpoint
 
-    results = predict_checkpoint(args.images, args.checkpoint, top_k=args.top_k,
+    results = predict_checkpoint(args.images, _checkpoint(args), top_k=args.top_k,
                                  img_size=args.img_size, weights=args.weights,
                                  device=args.device, json_path=args.json,
                                  output_dir=args.output_dir, task=args.task)
@@ -302,12 +325,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                             ("torch-export", "torch.export program (.pt2)")):
         f = formats.add_parser(name, help=help_text)
         f.add_argument("model", help="variant or pretrained tag (e.g. moat_0, moat_0.in1k_224), "
-                       "or a weights file holding its variant (.safetensors from `moat "
-                       "convert`, or a TensorFlow checkpoint)")
+                       "hf-hub:ORG/NAME, local-dir:PATH, or a weights file holding its variant "
+                       "(.safetensors from `moat convert`, or a TensorFlow checkpoint)")
         f.add_argument("out", help="output file")
         f.add_argument("--img-size", nargs="+", type=int, metavar=("H", "W"), default=None,
                        help="input size (default: the variant's native resolution)")
         f.add_argument("--weights", help="weights file for a MODEL given by name")
+        f.add_argument("--pretrained", action="store_true",
+                       help="the released weights of MODEL (a tag; downloaded and cached once)")
         f.add_argument("--window-size", nargs=4, type=_window_arg, default=None, metavar="W",
                        help="one entry per stage: none, N or HxW (default: global attention)")
         f.add_argument("--global-attention-at-end", action="store_true")
@@ -329,7 +354,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from moat.export import load_model, run_export
 
-    model = load_model(args.model, weights=args.weights, window_size=args.window_size,
+    model = load_model(args.model, weights=args.weights, pretrained=args.pretrained,
+                       window_size=args.window_size,
                        global_attention_at_end=args.global_attention_at_end,
                        pool_size=args.pool_size, num_classes=args.num_classes)
     print(run_export(model, args.format, args.out, img_size=args.img_size, batch=args.batch,
@@ -343,6 +369,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                        "optionally against timm peers")
     p.add_argument("models", nargs="*", default=["moat_0"], help="MOAT variants (default "
                    "moat_0) or timm model names")
+    p.add_argument("--pretrained", action="store_true",
+                   help="MOAT models with their released weights (tags; downloaded once)")
     p.add_argument("--peers", action="store_true", help="also coatnet_0_rw_224, "
                    "maxvit_tiny_tf_224 and convnext_tiny (timm), in the same run")
     p.add_argument("--img-size", nargs="+", type=int, default=[224])
@@ -372,7 +400,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     from moat.benchmark import format_table, run_benchmark, write_csv
 
     rows = run_benchmark(
-        args.models, peers=args.peers, img_sizes=args.img_size, batch_sizes=args.batch_size,
+        args.models, peers=args.peers, pretrained=args.pretrained, img_sizes=args.img_size, batch_sizes=args.batch_size,
         dtypes=args.dtype, threads=args.threads, modes=args.mode, optimized=args.optimized,
         channels_last=args.channels_last, drop_path_rate=args.drop_path_rate,
         warmup=args.warmup, repeats=args.repeats, latency=args.latency, memory=args.memory,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from moat.flops import count_flops
-from moat.models import ENDPOINTS, create_model, list_models
+from moat.models import ENDPOINTS, build_model, list_models
 from moat.models.config import MODEL_CONFIGS
 
 
@@ -28,7 +28,7 @@ def models_table(with_flops: bool = True) -> str:
         size = MODEL_CONFIGS[name].native_resolution
         for pe in (True, False):
             with torch.device("meta"):
-                model = create_model(name, position_embedding=pe)
+                model = build_model(name, position_embedding=pe)
             row = [name, "yes" if pe else "no", f"{_params(model):,}", str(size)]
             if with_flops:
                 row += [f"{count_flops(model, size) / 1e9:.3f}",
@@ -47,7 +47,7 @@ def model_summary(name: str, img_size: list[int] | None = None, **options) -> st
         raise ValueError(f"--img-size takes H [W], got {img_size}")
     height, width = img_size[0], img_size[-1]
     with torch.device("meta"):
-        model = create_model(name, **options).eval()
+        model = build_model(name, **options).eval()
         endpoints = model.forward_endpoints(torch.zeros(1, 3, height, width))
     parts = [model.stem, *model.stages]
     rows = []

@@ -1,6 +1,11 @@
-"""Registers every MOAT variant in timm's model registry, so `timm.create_model("moat_0")`,
-timm's train.py and benchmark.py work on MOAT unchanged. Imported by `import moat` when timm
-is installed; the model itself never needs timm.
+"""Registers every MOAT variant and release with timm's model registry, so
+`timm.create_model("moat_0")`, `timm.create_model("moat_0.in1k_224", pretrained=True)`,
+`timm.create_model("local-dir:PATH" or "hf-hub:ORG/NAME", pretrained=True)`, timm's
+train.py and benchmark.py work on MOAT. Imported when timm is imported after `import moat`
+(see `moat._timm_hook`); the model itself never needs timm.
+
+Weights come from moat's own loader (`moat.create_model`): the same download cache, the same
+checks and the same model as moat gives.
 """
 
 from __future__ import annotations
@@ -10,39 +15,36 @@ from typing import Any
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
-from moat.models import MoatNet, create_model, list_models
-from moat.preprocessing import variant_data_config
+from moat.models import MoatNet, list_models
+from moat.weights.catalogue import NO_PE_SUFFIX, PRETRAINED
+from moat.weights.loader import create_model
 
+_TIMM_CFG = dict(url="", pool_size=None, first_conv="stem.conv_0", classifier="logits_head",
+                 license="apache-2.0", paper_ids="arXiv:2210.01820")
+_IGNORED = ("cache_dir", "device", "dtype", "pretrained_model_args")
 
-def _cfg(name: str) -> dict[str, Any]:
-    data = variant_data_config(name)
-    return dict(
-        url="", num_classes=1000, input_size=(3, *data["input_size"]), pool_size=None,
-        crop_pct=data["crop_pct"], interpolation=data["interpolation"], mean=data["mean"],
-        std=data["std"], first_conv="stem.conv_0", classifier="logits_head",
-        license="apache-2.0", paper_ids="arXiv:2210.01820",
-    )
-
-
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in list_models()})
+default_cfgs = generate_default_cfgs(
+    {tag: {**_TIMM_CFG, **entry.pretrained_cfg(), "url": entry.url} for tag, entry in PRETRAINED.items()})
 
 
 def _build(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
            pretrained_cfg_overlay: dict | None = None, **kwargs: Any) -> MoatNet:
-    if pretrained:
-        raise RuntimeError(
-            "moat does not download weights: convert an official checkpoint with "
-            "`moat convert` and pass it as timm.create_model(..., checkpoint_path=FILE), "
-            "or use moat.create_model(TAG, weights=FILE)")
-    for option in ("cache_dir", "device", "dtype"):
+    for option in _IGNORED:
         kwargs.pop(option, None)
     if kwargs.pop("drop_rate", 0.0):
         raise ValueError("MOAT has no dropout (the official model has none); "
                          "use drop_path_rate for regularisation")
-    model = create_model(name, **kwargs)
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
-    cfg["num_classes"] = model.num_classes
+    source = cfg.get("source")
+    if pretrained and source in ("local-dir", "hf-hub"):  # a saved folder
+        where = cfg["file"] if source == "local-dir" else cfg["hf_hub_id"]
+        model = create_model(f"{source}:{where}", **kwargs)
+    else:
+        tag = f"{name}.{cfg['tag']}" if cfg.get("tag") else name
+        model = create_model(tag, pretrained=pretrained, **kwargs)
+    cfg.pop("label_names", None)  # moat's loader keeps them only where they fit the head
+    cfg.update({k: v for k, v in model.pretrained_cfg.items() if k != "tag"})
     model.pretrained_cfg = model.default_cfg = cfg
     return model
 
@@ -59,3 +61,4 @@ def _register(name: str) -> None:
 
 for _name in list_models():
     _register(_name)
+    _register(_name + NO_PE_SUFFIX)

@@ -150,8 +150,8 @@ class Explainer:
 
     def _classification(self, x: Tensor, logits: Tensor, target, method: str,
                         top_k: int) -> dict[str, Any]:
-        names = self.class_names
         probs = logits.float().softmax(-1)[0].cpu()
+        names = self._names(len(probs))
         values, indices = probs.topk(max(1, min(top_k, len(probs))))
         index = _class_index(target, names, int(indices[0]))
         cams = class_activation_maps(self.model, x, class_score(index), method=method)
@@ -161,7 +161,7 @@ class Explainer:
                     cams=self._on_input(cams, x.shape[-2:]))
 
     def _segmentation(self, x: Tensor, logits: Tensor, target, method: str) -> dict[str, Any]:
-        names = self.class_names
+        names = self._names(logits.shape[1])
         mask = logits.argmax(1)[0].cpu()
         ids, counts = mask.unique(return_counts=True)
         largest = int(ids[counts.argmax()])
@@ -212,6 +212,10 @@ class Explainer:
                     attention=on_image(received), attention_maps=maps)
 
     # --- helpers ------------------------------------------------------------------------------
+    def _names(self, count: int) -> list[str]:
+        """The class names, or the indices as names when none were given."""
+        return self.class_names or [str(i) for i in range(count)]
+
     def _denormalise(self, x: Tensor) -> np.ndarray:
         rgb = (x.cpu().float() * self.std + self.mean).clamp(0, 1)
         return (rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

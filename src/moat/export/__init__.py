@@ -17,6 +17,7 @@ from moat.export.formats import (SIZE_MULTIPLE, check_dynamic_size, check_onnx, 
                                  export_program, export_torchscript, prepare_for_export,
                                  supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
+from moat.weights.hub import is_hub_name
 
 __all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
            "export_torchscript", "is_optimized", "load_model", "optimize_for_inference",
@@ -26,7 +27,7 @@ FORMATS = ("onnx", "torchscript", "torch-export")
 
 
 def load_model(model: str, *, weights: str | os.PathLike | None = None,
-               window_size: Sequence | None = None, global_attention_at_end: bool = False,
+               pretrained: bool = False, window_size: Sequence | None = None, global_attention_at_end: bool = False,
                pool_size: int | None = None, num_classes: int | None = None):
     """A model to export, from a variant / pretrained tag or from a weights file.
 
@@ -40,7 +41,7 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None,
     if pool_size is not None:
         options["pool_size"] = pool_size
     path = Path(model)
-    if path.exists():
+    if path.exists() and not is_hub_name(model):
         if weights is not None:
             raise ValueError(f"MODEL is already a weights file ({model}); drop --weights")
         name, classes = _variant_of_file(path)
@@ -49,31 +50,30 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None,
         return moat.create_model(name, weights=path, num_classes=classes, **options).eval()
     if num_classes is not None:
         options["num_classes"] = num_classes
-    return moat.create_model(model, weights=weights, **options).eval()
+    return moat.create_model(model, weights=weights, pretrained=pretrained or None,
+                             **options).eval()
 
 
 def _variant_of_file(path: Path) -> tuple[str, int]:
     """(model name, classes) recorded in a weights file."""
-    from moat.weights.io import read_metadata
+    from moat.weights.metadata import WeightsMetadata
 
     if path.suffix == ".safetensors":
-        meta = read_metadata(path)
-        if "variant" not in meta:
+        meta = WeightsMetadata.read(path)
+        if meta.variant is None:
             raise ValueError(f"{path} records no variant; pass the variant as MODEL and the "
                              "file with --weights")
-        pe = json.loads(meta.get("position_embedding", "true"))
-        return meta["variant"] + ("" if pe else "_no_pe"), int(meta.get("num_classes", 1000))
+        return meta.model_name, meta.num_classes or 1000
     if path.suffix in (".pt", ".pth", ".bin", ".npz"):
         raise ValueError(f"{path} does not record its variant; pass the variant as MODEL and "
                          "the file with --weights, e.g. `moat export onnx moat_0 out.onnx "
                          f"--weights {path}`")
-    from moat.weights.convert import checkpoint_info
+    from moat.weights.info import checkpoint_info
 
     variant = checkpoint_info(path)["variant"]
     if isinstance(variant, str):
         raise ValueError(f"{path}: {variant}")
-    name = variant.name + ("" if variant.position_embedding else "_no_pe")
-    return name, variant.num_classes
+    return variant.model_name, variant.num_classes
 
 
 def run_export(model, fmt: str, out: str | os.PathLike, *,

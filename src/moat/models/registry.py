@@ -14,7 +14,7 @@ def list_models(pattern: str = "*") -> list[str]:
     return [name for name in MODEL_CONFIGS if fnmatch.fnmatch(name, pattern)]
 
 
-def create_model(
+def build_model(
     name: str,
     *,
     num_classes: int = 1000,
@@ -27,7 +27,10 @@ def create_model(
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
 ) -> MoatNet:
-    """Build a MOAT variant with official initialisation.
+    """Build a MOAT variant with official initialisation (the architecture only).
+
+    `moat.create_model` is the public entry point: it takes tags, weights and hub folders
+    as well, and calls this.
 
     Args:
         name: one of `list_models()`, e.g. "moat_0" or "tiny_moat_2".

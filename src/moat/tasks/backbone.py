@@ -222,7 +222,7 @@ def _restride(conv: Conv2dSame, stride: int, dilation: int) -> None:
 def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
     """Load weights into a backbone, strictly, ignoring a classifier (frozen BN is fine).
 
-    `weights`: a path that `moat.weights.io.load_weights` reads (our .safetensors, a
+    `weights`: a path that `moat.weights.loader.load_weights` reads (our .safetensors, a
     PyTorch state_dict, an .npz of official names, a TensorFlow checkpoint or released
     .tar.gz), or a mapping of tensors under our names or official names (`moat/...`).
     """
@@ -233,11 +233,11 @@ def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
 
                 load_official_weights(model, weights)
             else:
-                from moat.weights.io import load_state
+                from moat.weights.loader import load_state
 
                 load_state(model, weights, "backbone weights")
         else:
-            from moat.weights.io import load_weights
+            from moat.weights.loader import load_weights
 
             load_weights(model, weights)
     return model

@@ -36,6 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.weights.files import load_state_dict
+from moat.weights.loader import load_weights
+from moat.weights.metadata import WeightsMetadata
+
 STEP_PREFIX = "step-"
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
                                                "state.pt", "meta.json")
@@ -284,26 +288,11 @@ def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tenso
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        from moat.weights.io import load_state_dict
-    except ImportError:  # pragma: no cover - io.py ships with the package
-        load_state_dict = None
-    if load_state_dict is not None:
-        return dict(load_state_dict(path)[0])
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return dict(load_state_dict(path)[0])
 
 
-def file_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+def file_metadata(path: Path) -> WeightsMetadata:
+    return WeightsMetadata.read(path) if path.suffix == ".safetensors" else WeightsMetadata()
 
 
 # --- fine-tuning: weights from anywhere into a model whose head may differ --------------------------
@@ -386,8 +375,6 @@ def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source:
 
 
 def _load_official(target: nn.Module, path: Path) -> str:
-    from moat.weights.io import load_weights
-
     head = getattr(target, "logits_head", None)
     # Official classifiers have 1000 classes; another head starts from scratch.
     swap = isinstance(head, nn.Linear) and head.out_features != 1000

@@ -81,6 +81,8 @@ class TrainConfig:
     layer_decay: float | None = None  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
     frozen_stages: int = -1          # -1 none, 0 stem, K stem + stages 0..K-1 (4: whole backbone)
     init_from: str | None = None     # weights to fine-tune from (.safetensors/.pt/official/RUN_DIR)
+    pretrained: bool = False         # fine-tune from the released weights of `model` (a tag,
+                                     # e.g. moat_0.in1k_224, or hf-hub:/local-dir:), downloaded once
 
     # --- regularisation and augmentation ------------------------------------------------------
     label_smoothing: float = 0.1
@@ -132,9 +134,15 @@ class TrainConfig:
                 raise ValueError(f"config: {message}")
 
         from moat.models import list_models
+        from moat.weights.catalogue import split_name
+        from moat.weights.hub import is_hub_name
 
-        need(self.model in list_models(),
-             f"model {self.model!r} is unknown; choose one of {list_models()}")
+        if not is_hub_name(self.model):  # hub folders name their architecture themselves
+            need(split_name(self.model)[0] in list_models(),
+                 f"model {self.model!r} is unknown; choose one of {list_models()}, a "
+                 "pretrained tag (moat.list_pretrained()), hf-hub:ORG/NAME or local-dir:PATH")
+        need(not (self.pretrained and self.init_from),
+             "pretrained and init_from both name starting weights; keep one")
         need(self.img_size >= 16, f"img_size must be >= 16, got {self.img_size}")
         need(self.eval_img_size is None or self.eval_img_size >= 16,
              f"eval_img_size must be >= 16, got {self.eval_img_size}")

@@ -20,6 +20,7 @@ from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_we
     resolve_checkpoint
 from moat.train.config import TrainConfig
 from moat.train.task import Task, get_task
+from moat.weights.loader import load_weights
 
 log = logging.getLogger("moat")
 
@@ -56,23 +57,22 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
                 "epoch": meta.get("epoch")}
     else:
         header = file_metadata(path)
-        if "config" in header:
-            config = config_from_dict(json.loads(header["config"]))
-            task_meta = json.loads(header.get("task_metadata", "{}"))
-        elif "variant" in header:  # converted official weights (moat convert)
-            config = TrainConfig(model=header["variant"])
-            config.position_embedding = json.loads(header.get("position_embedding", "true"))
-            config.num_classes = int(json.loads(header.get("num_classes", "1000")))
-            for key in ("mean", "std"):
-                if key in header:
-                    setattr(config, key, tuple(json.loads(header[key])))
-            if "native_resolution" in header:
-                config.img_size = int(json.loads(header["native_resolution"]))
-            if "crop_pct" in header:
-                config.crop_pct = float(json.loads(header["crop_pct"]))
-            if "interpolation" in header:
-                config.interpolation = str(header["interpolation"]).strip('"')
-            task_meta = {}
+        if header.config is not None:
+            config = config_from_dict(header.config)
+            task_meta = dict(header.task_metadata or {})
+        elif header.variant:  # converted official weights, a saved hub folder's weights
+            config = TrainConfig(model=header.variant,
+                                 position_embedding=header.position_embedding,
+                                 num_classes=header.num_classes or 1000)
+            for key in ("mean", "std", "crop_pct", "interpolation"):
+                value = getattr(header, key)
+                if value is not None:
+                    setattr(config, key, tuple(value) if key in ("mean", "std") else value)
+            config.img_size = header.native_resolution or config.img_size
+            for key, value in (header.model_args or {}).items():  # a saved folder's layout
+                if hasattr(config, key):
+                    setattr(config, key, value)
+            task_meta = {"classes": list(header.label_names)} if header.label_names else {}
         else:
             raise ValueError(f"{path}: no model description in the file (neither a moat "
                              "training checkpoint nor converted weights with a 'variant'); "
@@ -87,13 +87,11 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
     model = task.build_model()
     if state is not None:
         model.load_state_dict(state)
-    elif "config" in file_metadata(path):
+    elif file_metadata(path).config is not None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(path)))
     else:
-        from moat.weights.io import load_weights
-
         load_weights(model, path)
     # the training run's memory format: the same arithmetic, so the same predictions
     model.to(device, memory_format=task.memory_format).eval()

@@ -37,6 +37,9 @@ from moat.train.loaders import eval_loader, full_batches, set_epoch, track_bad, 
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.task import Task, get_task
+from moat.weights.catalogue import split_name
+from moat.weights.hub import is_hub_name
+from moat.weights.metadata import WeightsMetadata
 
 log = logging.getLogger("moat")
 
@@ -88,16 +91,14 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 def weights_metadata(config: TrainConfig, task: Task) -> dict[str, str]:
     """Safetensors header: enough to rebuild the model and its preprocessing from the file."""
-    import json
-
     meta = task.metadata()
-    out = {"format": "moat-train", "task": task.name, "config": json.dumps(config.to_dict()),
-           "task_metadata": json.dumps(meta)}
-    if "variant" in meta:  # readable by moat.weights.load_weights too
-        out["variant"] = str(meta["variant"])
-        out["position_embedding"] = json.dumps(bool(meta.get("position_embedding", True)))
-        out["num_classes"] = str(meta.get("num_classes"))
-    return out
+    header = WeightsMetadata(format="moat-train", task=task.name, config=config.to_dict(),
+                             task_metadata=meta)
+    if "variant" in meta and not is_hub_name(meta["variant"]):  # for load_weights too
+        header.variant = split_name(str(meta["variant"]))[0]
+        header.position_embedding = bool(meta.get("position_embedding", True))
+        header.num_classes = meta.get("num_classes")
+    return header.to_header()
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import moat.tasks
 from moat.models.moat import MoatNet
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import load_pretrained
+from moat.weights.loader import weights_file
 
 log = logging.getLogger("moat")
 
@@ -58,11 +59,14 @@ class Task:
         raise NotImplementedError
 
     def build_training_model(self, info: dist_utils.DistInfo, resume: bool) -> nn.Module:
-        """`build_model()` plus what only training adds: the `init_from` weights (unless the
-        run resumes from its own checkpoint) and SyncBatchNorm when `sync_bn` and distributed."""
+        """`build_model()` plus what only training adds: the `init_from` weights or, with
+        `pretrained`, the release of `model` (unless the run resumes from its own checkpoint)
+        and SyncBatchNorm when `sync_bn` and distributed."""
         model = self.build_model()
-        if self.config.init_from and not resume:
-            log.info("%s", self.load_pretrained(model, self.config.init_from))
+        start = self.config.init_from or (self.config.pretrained and
+                                          weights_file(self.config.model, pretrained=True))
+        if start and not resume:
+            log.info("%s", self.load_pretrained(model, str(start)))
         if self.config.sync_bn and info.distributed:
             model = dist_utils.convert_sync_batchnorm(model, info.device)
         return model

@@ -1,12 +1,34 @@
-"""Weights: official TensorFlow checkpoints (read without TensorFlow), conversion to
-safetensors, the zoo of released checkpoints, and safe loading rules (see each module)."""
+"""Weights, in layers that import one way (each module imports only those above it):
 
-from moat.weights.convert import checkpoint_info, convert_checkpoint, load_tf_checkpoint
-from moat.weights.io import load_weights, read_metadata, save_weights
-from moat.weights.tf_checkpoint import CheckpointError, TFCheckpoint, read_checkpoint
-from moat.weights.zoo import PRETRAINED, create_transform, data_config, list_pretrained
+1. ``catalogue``: the 18 releases (pure data: tags, files, preprocessing, class names);
+2. ``metadata``: the header of every weights file (one dataclass, encoded in one place);
+3. ``variant``: which variant weights or a model are;
+4. readers: ``tf_checkpoint`` (TensorFlow checkpoints without TensorFlow), ``files``
+   (safetensors and safe PyTorch files);
+5. conversion: ``official`` (official names and layouts), ``convert`` (checkpoint ->
+   state dict / .safetensors), ``info`` (``moat info``);
+6. sources: ``cache`` (download, verify, convert once), ``hub`` (Hugging Face folders);
+7. ``loader``: the one loader behind ``moat.create_model``.
 
-__all__ = ["PRETRAINED", "CheckpointError", "TFCheckpoint", "checkpoint_info",
-           "convert_checkpoint", "create_transform", "data_config", "list_pretrained",
-           "load_tf_checkpoint", "load_weights", "read_checkpoint", "read_metadata",
-           "save_weights"]
+Names below are imported on first use, so ``import moat.weights`` stays cheap.
+"""
+
+from moat._lazy import lazy_exports
+
+_EXPORTS = {
+    "PRETRAINED": "moat.weights.catalogue", "PretrainedWeights": "moat.weights.catalogue",
+    "imagenet_classes": "moat.weights.catalogue", "list_pretrained": "moat.weights.catalogue",
+    "WeightsMetadata": "moat.weights.metadata",
+    "CheckpointError": "moat.weights.tf_checkpoint", "TFCheckpoint": "moat.weights.tf_checkpoint",
+    "read_checkpoint": "moat.weights.tf_checkpoint",
+    "load_state_dict": "moat.weights.files", "save_weights": "moat.weights.files",
+    "convert_checkpoint": "moat.weights.convert", "checkpoint_info": "moat.weights.info",
+    "DownloadError": "moat.weights.cache", "moat_home": "moat.weights.cache",
+    "pretrained_file": "moat.weights.cache",
+    "push_to_hub": "moat.weights.hub", "save_pretrained": "moat.weights.hub",
+    "create_model": "moat.weights.loader", "create_transform": "moat.weights.loader",
+    "data_config": "moat.weights.loader", "load_tf_checkpoint": "moat.weights.loader",
+    "load_weights": "moat.weights.loader",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

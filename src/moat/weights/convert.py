@@ -15,35 +15,33 @@ What is read from a checkpoint (the official names and layouts are in ``official
   checkpoint anyway (statistics 0/1) with a loud warning, e.g. to re-estimate them.
 
 Conversion streams tensors from the memory-mapped checkpoint into one state dict (the only
-full copy in memory) and writes it as safetensors with metadata (see ``io.py``).
+full copy in memory) and writes it as safetensors with the header of ``metadata.py``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from moat.models import MODEL_CONFIGS
+from moat.weights.catalogue import find, split_name
+from moat.weights.files import save_weights, sha256sum
+from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import official_state_dict, official_tensors
 from moat.weights.tf_checkpoint import TFCheckpoint
+from moat.weights.variant import Variant, check_variant, detect_variant
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 BN_STATISTICS = ("/moving_mean", "/moving_variance")
-_BLOCK = re.compile(r"^moat/block_(\d+)_(\d+)/")
 
-__all__ = ["CheckpointVariables", "MissingBatchNormStatisticsWarning", "OfficialWeights",
-           "Variant", "check_variant", "checkpoint_info", "classify_variables",
-           "convert_checkpoint", "describe", "detect_variant", "format_info",
-           "load_tf_checkpoint", "official_keys", "select_weights"]
+__all__ = ["BN_STATISTICS", "CheckpointVariables", "MissingBatchNormStatisticsWarning",
+           "OfficialWeights", "classify_variables", "convert_checkpoint", "official_keys",
+           "select_weights", "tf_state_dict"]
 
 
 class MissingBatchNormStatisticsWarning(UserWarning):
@@ -81,73 +79,6 @@ def classify_variables(names: Iterable[str]) -> CheckpointVariables:
         else:
             out.other.append(name)
     return out
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    position_embedding: bool
-    num_classes: int  # 0: the checkpoint has no classifier
-
-    def __str__(self) -> str:
-        pe = "with" if self.position_embedding else "without"
-        return f"{self.name} ({pe} position embedding)"
-
-    def meta_model(self) -> nn.Module:
-        """The model these weights fit, on the meta device (names and shapes, no memory)."""
-        from moat.models import create_model
-
-        with torch.device("meta"):
-            return create_model(self.name, num_classes=self.num_classes,
-                                position_embedding=self.position_embedding)
-
-
-def detect_variant(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> Variant:
-    """Which MOAT variant official-named ``shapes`` belong to, from the config table.
-
-    The stem width, the number of blocks per stage and each stage's width identify a
-    variant uniquely; the full name-by-name shape check happens when loading.
-    """
-    stem = shapes.get("moat/stem/conv_0/kernel")
-    depth: Counter[int] = Counter()
-    for stage, block in {tuple(map(int, m.groups())) for n in shapes if (m := _BLOCK.match(n))}:
-        depth[stage] += 1
-    num_stages = max(depth, default=-1) + 1
-    widths = tuple(shapes.get(f"moat/block_{s:02d}_00/shrink_conv/bias", (0,))[0]
-                   for s in range(num_stages))
-    blocks = tuple(depth[s] for s in range(num_stages))
-    if stem is None or not blocks:
-        raise ValueError(f"{source}: no official MOAT variables (moat/stem/conv_0/kernel, "
-                         "moat/block_XX_YY/...) found; this is not a MOAT checkpoint in the "
-                         "released (TF1 name-based) format")
-    for name, cfg in MODEL_CONFIGS.items():
-        if (cfg.stem_size[0], cfg.num_blocks, cfg.hidden_size) == (stem[-1], blocks, widths):
-            pe = any(n.endswith("attention/relative_position_embedding") for n in shapes)
-            head = shapes.get("moat/logits_head/kernel")
-            return Variant(name, pe, head[-1] if head else 0)
-    raise ValueError(f"{source}: stem width {stem[-1]}, blocks {blocks} and widths {widths} match "
-                     f"no MOAT variant ({', '.join(MODEL_CONFIGS)})")
-
-
-def model_variant(model: nn.Module) -> Variant:
-    """The variant a model was built as (name '?' for a custom configuration)."""
-    cfg = getattr(model, "cfg", None)
-    name = next((n for n, c in MODEL_CONFIGS.items() if c == cfg), "?")
-    pe = any(n.endswith("relative_position_embedding") for n, _ in model.named_parameters())
-    return Variant(name, pe, getattr(model, "num_classes", 0))
-
-
-def check_variant(model: nn.Module, variant: str, position_embedding: bool, source: str) -> None:
-    """Refuse weights of another variant with a message naming both (not 60 shape errors)."""
-    from moat.weights.zoo import find
-
-    ours = model_variant(model)
-    if ours.name == "?" or (ours.name, ours.position_embedding) == (variant, position_embedding):
-        return  # a custom configuration is checked name by name when loading
-    theirs = Variant(variant, position_embedding, 0)
-    tag = find(variant, position_embedding).tag
-    raise ValueError(f"{source} holds {theirs}, but the model is {ours}: build it with "
-                     f"moat.create_model({tag!r}) or pick the weights of {ours.name}")
 
 
 # --- selecting the tensors a model needs ------------------------------------------------
@@ -229,16 +160,14 @@ def select_weights(ckpt: TFCheckpoint, model: nn.Module, *, ema: bool = False,
 
 
 @torch.no_grad()
-def load_tf_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
-                       allow_missing_bn_stats: bool = False) -> nn.Module:
-    """Load an official TensorFlow checkpoint (archive, prefix, .index or directory)."""
-    from moat.weights.io import load_state
-
+def tf_state_dict(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
+                  allow_missing_bn_stats: bool = False) -> dict[str, torch.Tensor]:
+    """``model``'s state dict read from an official TensorFlow checkpoint (archive, prefix,
+    .index or directory), every name, shape and tensor checksum checked."""
     with TFCheckpoint(path) as ckpt:
         weights = select_weights(ckpt, model, ema=ema,
                                  allow_missing_bn_stats=allow_missing_bn_stats)
-        load_state(model, official_state_dict(model, weights), str(path))
-    return model
+        return official_state_dict(model, weights)
 
 
 def _source_fingerprint(ckpt: TFCheckpoint) -> tuple[str, str]:
@@ -246,130 +175,37 @@ def _source_fingerprint(ckpt: TFCheckpoint) -> tuple[str, str]:
 
     The index holds every tensor's crc32c, so its hash identifies the weights too.
     """
-    from moat.weights.io import sha256sum
-
     path = ckpt.archive or ckpt.path.with_name(ckpt.path.name + ".index")
     return path.name, sha256sum(path)
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
                        model: str | None = None, ema: bool = False,
-                       allow_missing_bn_stats: bool = False) -> dict[str, str]:
-    """Convert an official TensorFlow checkpoint to a .safetensors file; return its metadata.
+                       allow_missing_bn_stats: bool = False) -> WeightsMetadata:
+    """Convert an official TensorFlow checkpoint to a .safetensors file; return its header.
 
     ``model`` (a variant, ``<variant>_no_pe`` or a pretrained tag) states what the
     checkpoint must be; None accepts whatever variant is detected. The model is built on
     the meta device, so the converted state dict is the only copy of the weights in memory.
     """
-    from moat.weights.io import save_weights, weights_metadata
-    from moat.weights.zoo import split_name
-
     with TFCheckpoint(src) as ckpt:
         _, variant = official_keys(ckpt, ema)
         if model is not None:
             wanted, pe, _ = split_name(model)
             if (wanted, pe) != (variant.name, variant.position_embedding):
                 raise ValueError(f"{src} holds {variant}, not the requested "
-                                 f"{Variant(wanted, pe, 0)}; pass --model {variant.name}"
-                                 f"{'' if variant.position_embedding else '_no_pe'} or the "
-                                 "matching checkpoint")
+                                 f"{Variant(wanted, pe, 0)}; pass --model "
+                                 f"{variant.model_name} or the matching checkpoint")
         meta_model = variant.meta_model()
         weights = select_weights(ckpt, meta_model, ema=ema,
                                  allow_missing_bn_stats=allow_missing_bn_stats)
         state = official_state_dict(meta_model, weights)
         source_name, source_sha = _source_fingerprint(ckpt)
-        metadata = weights_metadata(
-            variant.name, variant.position_embedding, variant.num_classes,
+        metadata = WeightsMetadata.for_release(
+            find(variant.name, variant.position_embedding), num_classes=variant.num_classes,
             source_file=source_name, source_sha256=source_sha,
             source_weights="ema" if ema else "raw",
             bn_statistics="missing (filled with 0/1)" if weights.filled_bn_statistics
             else "present")
         save_weights(out, state, metadata)
     return metadata
-
-
-# --- moat info --------------------------------------------------------------------------
-
-
-def checkpoint_info(path: str | os.PathLike) -> dict[str, object]:
-    """What a TensorFlow checkpoint holds: variant, dtypes, EMA, BN statistics, slots."""
-    with TFCheckpoint(path) as ckpt:
-        found = classify_variables(ckpt.keys())
-        names = set(found.weights or found.ema)
-        stats: tuple[int, int] | None = None
-        try:
-            variant: Variant | str = detect_variant({n: ckpt.shape(n) for n in names},
-                                                    str(path))
-            expected = [n for e in official_tensors(variant.meta_model()) for n in e.official
-                        if n.endswith(BN_STATISTICS)]
-            stats = (sum(n in names for n in expected), len(expected))
-        except ValueError as err:
-            variant = f"unknown ({err})"
-        slots = sorted({"TF2 slot" if ".OPTIMIZER_SLOT" in n else
-                        re.sub(r"_\d+$", "", n.rsplit("/", 1)[-1]) for n in found.optimizer_slots})
-        return {
-            "path": str(ckpt.path),
-            "variant": variant,
-            "tensors": len(ckpt),
-            "skipped": ckpt.skipped,
-            "dtypes": dict(Counter(ckpt.dtype(n) for n in ckpt)),
-            "weights": len(found.weights),
-            "ema_copies": len(found.ema),
-            "bn_statistics": stats,
-            "optimizer_slots": len(found.optimizer_slots),
-            "optimizer_slot_kinds": slots,
-            "other": found.other,
-        }
-
-
-def format_info(info: Mapping[str, object]) -> str:
-    """The report ``moat info`` prints."""
-    variant = info["variant"]
-    lines = [f"checkpoint:       {info['path']}"]
-    if isinstance(variant, Variant):
-        from moat.weights.zoo import find
-
-        lines += [f"variant:          {variant.name}",
-                  f"position embed.:  {'yes' if variant.position_embedding else 'no'}",
-                  f"classes:          {variant.num_classes or 'no classifier'}",
-                  f"release tag:      {find(variant.name, variant.position_embedding).tag}"]
-    else:
-        lines.append(f"variant:          {variant}")
-    dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(info["dtypes"].items()))
-    stats = "unknown"
-    if info["bn_statistics"] is not None:
-        have, total = info["bn_statistics"]
-        verdict = "present" if have == total else \
-            "MISSING: predictions would be wrong" if have == 0 else "INCOMPLETE"
-        stats = f"{have} of {total} ({verdict})"
-    lines += [f"tensors:          {info['tensors']} ({dtypes})",
-              f"weights:          {info['weights']}",
-              f"EMA copies:       {info['ema_copies'] or 'none'}",
-              f"BN statistics:    {stats}",
-              f"optimizer slots:  {info['optimizer_slots'] or 'none'}"
-              + (f" ({', '.join(info['optimizer_slot_kinds'])})" if info["optimizer_slots"]
-                 else "")]
-    if info["other"]:
-        lines.append(f"other variables:  {', '.join(info['other'])}")
-    for name, reason in info["skipped"].items():
-        lines.append(f"skipped:          {name} ({reason})")
-    return "\n".join(lines)
-
-
-def describe(path: str | os.PathLike) -> str:
-    """``moat info``: a TensorFlow checkpoint's contents, or a .safetensors file's metadata."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        return format_info(checkpoint_info(path))
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        dtypes = Counter(str(f.get_slice(k).get_dtype()) for k in f.keys())
-        count = len(list(f.keys()))
-    lines = [f"weights file:     {path}",
-             f"tensors:          {count} ({', '.join(f'{k} x{v}' for k, v in dtypes.items())})"]
-    lines += [f"{k + ':':<20}{v}" for k, v in sorted(meta.items())]
-    if not meta:
-        lines.append("metadata:         none (not written by moat convert)")
-    return "\n".join(lines)

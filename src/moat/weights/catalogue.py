@@ -1,4 +1,4 @@
-"""The 18 released MOAT checkpoints as pretrained tags, with the preprocessing they expect.
+"""The 18 released MOAT checkpoints as pretrained tags: pure data, no I/O beyond package files.
 
 Tag scheme: ``<model>[_no_pe].<data>_<resolution>``
 
@@ -11,39 +11,51 @@ Tag scheme: ``<model>[_no_pe].<data>_<resolution>``
 Examples: ``moat_0.in1k_224``, ``moat_0_no_pe.in1k_224``, ``moat_2.in22k_ft_in1k_384``,
 ``tiny_moat_0.in1k_256``.
 
-Every entry carries its preprocessing, so it is never guessed. The facts come from
-``moat.preprocessing`` (one source for the whole package): normalisation is the official
-one per checkpoint (deeplab2 docs): "option 1" is ImageNet mean/std on 0..255 input, i.e.
-mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) on 0..1; "option 2" is
+Every entry carries its preprocessing and its class names, so neither is ever guessed. The
+facts come from ``moat.preprocessing`` (one source for the whole package): normalisation is
+the official one per checkpoint (deeplab2 docs): "option 1" is ImageNet mean/std on 0..255
+input, i.e. mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) on 0..1; "option 2" is
 (x - 127.5) / 127.5, i.e. mean 0.5 and std 0.5 on 0..1. The resolution is the variant's
 native one (``MoatConfig.native_resolution``). The official evaluation resize/crop is not
 published; ``moat.preprocessing`` documents the choice (bicubic, crop_pct 0.875).
-Override with ``create_transform(crop_pct=...)``.
 
 Params, FLOPs (multiply-adds) and top-1 are the documented numbers of the release.
-``sha256`` is None where the hash of the released file is unknown (no download was
-possible when this table was written); fill it in to have every load verified.
+``sha256`` and ``size`` are None where the released file's hash and byte count are unknown
+(no download was possible when this table was written); fill them in to have every download
+verified against them (every tensor's crc32c is verified regardless).
+
+The ImageNet-1k class names (``imagenet1k_classes.txt``, in the standard class-index order
+the releases use) were generated from torchvision's weights metadata
+(``ResNet50_Weights.IMAGENET1K_V1.meta["categories"]``), not typed.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from functools import cache
+from importlib.resources import files
+from typing import Any
 
 from moat.models.config import MODEL_CONFIGS
 from moat.preprocessing import CROP_PCT, INTERPOLATION, NORMALISATION, VARIANT_NORMALISATION
 
 BASE_URL = "https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/"
 NO_PE_SUFFIX = "_no_pe"
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
-
-    from moat.models import MoatNet
-
 DATASETS = {"in1k": "ImageNet-1k", "in22k_ft_in1k": "ImageNet-22k -> ImageNet-1k"}
+
+__all__ = ["BASE_URL", "DATASETS", "NO_PE_SUFFIX", "PRETRAINED", "PretrainedWeights", "find",
+           "imagenet_classes", "list_pretrained", "release", "split_name"]
+
+
+@cache
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names, index i = logit i of every release."""
+    text = files("moat.weights").joinpath("imagenet1k_classes.txt").read_text(encoding="utf-8")
+    names = tuple(text.splitlines())
+    if len(names) != 1000:  # a damaged installation, not a user error
+        raise RuntimeError(f"imagenet1k_classes.txt holds {len(names)} names, not 1000")
+    return names
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,8 @@ class PretrainedWeights:
     params_m: float  # documented parameters, millions
     gflops: float  # documented multiply-adds, billions, at `resolution`
     top1: float  # documented ImageNet-1k top-1, percent
-    sha256: str | None = None
+    sha256: str | None = None  # of the released archive, where known
+    size: int | None = None  # bytes of the released archive, where known
     num_classes: int = 1000
 
     @property
@@ -86,11 +99,22 @@ class PretrainedWeights:
         """Official option: "option1" (ImageNet mean/std) or "option2" (127.5/127.5)."""
         return VARIANT_NORMALISATION[self.model]
 
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return imagenet_classes()  # every release classifies ImageNet-1k
+
     def data_config(self) -> dict[str, Any]:
         """timm-style: input_size (C, H, W); mean/std apply to 0..1 RGB input."""
         return dict(input_size=(3, self.resolution, self.resolution),
                     interpolation=INTERPOLATION, crop_pct=CROP_PCT,
                     **NORMALISATION[self.normalization])
+
+    def pretrained_cfg(self, with_labels: bool = True) -> dict[str, Any]:
+        """timm-style pretrained_cfg: the tag, preprocessing, classes and their names."""
+        cfg = dict(tag=self.tag, num_classes=self.num_classes, **self.data_config())
+        if with_labels:
+            cfg["label_names"] = list(self.label_names)
+        return cfg
 
 
 def _entries() -> list[PretrainedWeights]:
@@ -138,92 +162,7 @@ def find(model: str, position_embedding: bool = True) -> PretrainedWeights:
                      f"{sorted({w.model for w in PRETRAINED.values()})}")
 
 
-def get(name_or_model: Any) -> PretrainedWeights:
-    """Zoo entry of a tag, a model name ('moat_0', 'moat_0_no_pe') or a model instance.
-
-    A model built from a tag remembers it (``model.pretrained_tag``); any other model maps
-    to the release of its variant and position-embedding setting.
-    """
-    if isinstance(name_or_model, str):
-        model, pe, tag = split_name(name_or_model)
-        return PRETRAINED[tag] if tag else find(model, pe)
-    tag = getattr(name_or_model, "pretrained_tag", None)
-    if tag:
-        return PRETRAINED[tag]
-    from moat.weights.convert import model_variant
-
-    variant = model_variant(name_or_model)
-    if variant.name == "?":
-        raise ValueError("cannot tell which MOAT variant this model is; pass a pretrained tag")
-    return find(variant.name, variant.position_embedding)
-
-
-def data_config(model_or_tag: Any) -> dict[str, Any]:
-    """Input size, interpolation, crop_pct, mean and std (0..1 scale) the weights expect."""
-    return get(model_or_tag).data_config()
-
-
-def create_transform(model_or_tag: Any, *, img_size: int | Sequence[int] | None = None,
-                     crop_pct: float | None = None, interpolation: str | None = None,
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     ) -> v2.Compose:
-    """The evaluation transform (torchvision.transforms.v2) of a checkpoint.
-
-    PIL image or uint8 tensor in, normalised float32 CxHxW tensor out. Any argument given
-    overrides the checkpoint's value, e.g. ``img_size=448`` to evaluate at another size.
-    """
-    from moat.data.transforms import eval_transform  # needs torchvision (the `full` extra)
-
-    config = data_config(model_or_tag)
-    size = img_size or config["input_size"][1:]
-    if isinstance(size, Sequence) and size[0] == size[-1]:
-        size = int(size[0])
-    return eval_transform(size,
-                          mean=mean or config["mean"], std=std or config["std"],
-                          interpolation=interpolation or config["interpolation"],
-                          crop_pct=crop_pct or config["crop_pct"])
-
-
-def transforms(tag: str) -> v2.Compose:
-    """The exact evaluation transform of a pretrained tag (see `create_transform`)."""
-    return create_transform(tag)
-
-
-def create_model(name: str, *, weights: str | os.PathLike | None = None,
-                 sha256: str | None = None, ema: bool = False,
-                 allow_missing_bn_stats: bool = False, **kwargs: Any) -> MoatNet:
-    """Build a model by name or pretrained tag and optionally load weights from a file.
-
-    ``name``: a variant (``"moat_0"``), its no-PE form (``"moat_0_no_pe"``) or a pretrained
-    tag (``"moat_0.in1k_224"``). ``weights``: the released ``.tar.gz``, an extracted
-    checkpoint (prefix, ``.index`` or directory), or a converted ``.safetensors`` file;
-    the variant in the file must match ``name``. ``sha256`` (or the zoo's, when known) is
-    checked before anything is read. With a pretrained tag and ``num_classes`` other than
-    the release's 1000, the backbone is loaded and a fresh classifier is created (for
-    fine-tuning). Other keyword arguments go to ``moat.models.create_model``.
-
-    Weights are never downloaded: fetch ``moat.weights.zoo.get(tag).url`` yourself.
-    """
-    from moat.models import create_model as build
-    from moat.weights.io import load_weights
-
-    model_name, pe, tag = split_name(name)
-    if not pe:
-        if kwargs.get("position_embedding", False):
-            raise ValueError(f"{name!r} is a model without position embedding; "
-                             "drop position_embedding=True")
-        kwargs["position_embedding"] = False
-    if weights is None:
-        model = build(model_name, **kwargs)
-    else:
-        entry = PRETRAINED[tag] if tag else None
-        num_classes = kwargs.pop("num_classes", entry.num_classes if entry else 1000)
-        new_head = entry is not None and num_classes != entry.num_classes
-        model = build(model_name, num_classes=0 if new_head else num_classes, **kwargs)
-        load_weights(model, weights, sha256=sha256 or (entry.sha256 if entry else None),
-                     ema=ema, allow_missing_bn_stats=allow_missing_bn_stats)
-        if new_head and not kwargs.get("features_only"):
-            model.reset_classifier(num_classes)
-    if tag:
-        model.pretrained_tag = tag
-    return model
+def release(name: str) -> PretrainedWeights:
+    """The release a name refers to: a tag, or a variant name ('moat_0', 'moat_0_no_pe')."""
+    model, pe, tag = split_name(name)
+    return PRETRAINED[tag] if tag else find(model, pe)

@@ -1,0 +1,209 @@
+"""One loader behind ``moat.create_model``: names, tags and hub folders in, a model out.
+
+Where weights come from (the sources, see ``cache.py`` and ``hub.py``):
+
+* ``create_model("moat_0.in1k_224", pretrained=True)``: the release, downloaded, verified and
+  converted once into the cache;
+* ``create_model("moat_0", weights=FILE)``: a file (our .safetensors, a PyTorch state dict
+  loaded safely, an .npz of official names, a TensorFlow checkpoint or released .tar.gz);
+* ``create_model("local-dir:PATH")`` / ``("hf-hub:ORG/NAME")``: a folder written by
+  ``save_pretrained`` (weights are loaded unless ``pretrained=False``).
+
+Every load is strict: a missing, unexpected or mis-shaped tensor is an error listing them
+all, never a silently half-initialised model. With ``num_classes`` other than the
+weights', the backbone is loaded and a fresh classifier is made (fine-tuning).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from moat.models import MoatNet, build_model
+from moat.weights.cache import pretrained_file
+from moat.weights.catalogue import PRETRAINED, release, split_name
+from moat.weights.convert import tf_state_dict
+from moat.weights.files import TORCH_SUFFIXES, load_state_dict, verify_sha256
+from moat.weights.hub import ARCHITECTURE_ARGS, is_hub_name, resolve
+from moat.weights.official import load_official_weights
+from moat.weights.variant import check_variant, model_variant
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
+
+HEAD_PREFIXES = ("logits_head.", "final_layer_norm.")
+
+__all__ = ["create_model", "create_transform", "data_config", "load_state",
+           "load_tf_checkpoint", "load_weights", "weights_file"]
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights",
+               ) -> None:
+    """Copy our-named tensors into ``model`` strictly (classifier ignored if it has none)."""
+    own = model.state_dict()
+    expected = {k for k in own if not k.endswith("num_batches_tracked")}
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(HEAD_PREFIXES))
+    misshaped = sorted(f"{k}: file {list(v.shape)}, model {list(own[k].shape)}"
+                       for k, v in state.items() if k in own and v.shape != own[k].shape)
+    if missing or unexpected or misshaped:
+        lines = [f"{source} does not fit this model:"]
+        for title, names in (("missing", missing), ("unexpected", unexpected),
+                             ("wrong shape", misshaped)):
+            if names:
+                lines += [f"  {title} ({len(names)}):"] + [f"    {n}" for n in names[:20]]
+                lines += [f"    ... and {len(names) - 20} more"] if len(names) > 20 else []
+        lines.append("Create the model with the variant, position_embedding and num_classes "
+                     "the weights were saved with (see `moat info FILE`).")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def load_tf_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
+                       allow_missing_bn_stats: bool = False) -> nn.Module:
+    """Load an official TensorFlow checkpoint (archive, prefix, .index or directory)."""
+    load_state(model, tf_state_dict(model, path, ema=ema,
+                                    allow_missing_bn_stats=allow_missing_bn_stats), str(path))
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, *, sha256: str | None = None,
+                 ema: bool = False, allow_missing_bn_stats: bool = False) -> nn.Module:
+    """Load weights from any supported file into ``model``, strictly; return the model.
+
+    ``path``: a .safetensors file (ours, e.g. from ``moat convert``), a PyTorch state_dict,
+    an .npz of official names, or a TensorFlow checkpoint (released .tar.gz, prefix,
+    .index or directory). ``ema`` and ``allow_missing_bn_stats`` apply to TensorFlow
+    checkpoints (see ``moat.weights.convert``). ``sha256`` is checked first.
+    """
+    path = Path(path)
+    if sha256:
+        verify_sha256(path, sha256)
+    if path.suffix == ".npz":
+        return load_official_weights(model, path)
+    if path.suffix in (".safetensors", *TORCH_SUFFIXES):
+        state, meta = load_state_dict(path)
+        if meta.variant:
+            check_variant(model, meta.variant, meta.position_embedding, str(path))
+        if any(k.startswith("moat/") for k in state):  # official names, e.g. a TF export
+            return load_official_weights(model, {k: v.numpy() for k, v in state.items()})
+        load_state(model, state, str(path))
+        return model
+    return load_tf_checkpoint(model, path, ema=ema, allow_missing_bn_stats=allow_missing_bn_stats)
+
+
+def create_model(name: str, *, pretrained: bool | None = None,
+                 weights: str | os.PathLike | None = None, sha256: str | None = None,
+                 ema: bool = False, allow_missing_bn_stats: bool = False,
+                 progress: bool | None = None, **kwargs: Any) -> MoatNet:
+    """Build a model by name, pretrained tag or hub folder, optionally with weights.
+
+    ``name``: a variant (``"moat_0"``), its no-PE form (``"moat_0_no_pe"``), a pretrained
+    tag (``"moat_0.in1k_224"``), or a saved folder (``"local-dir:PATH"``,
+    ``"hf-hub:ORG/NAME"``).
+    ``pretrained=True``: load the release of the tag (or of the variant), downloaded and
+    converted once into the cache (``moat.weights.cache``; ``progress`` shows a bar, None:
+    only on a terminal). Folder names load their weights unless ``pretrained=False``.
+    ``weights``: a file instead (see ``load_weights``); its variant must match ``name``;
+    ``sha256`` (or the catalogue's, when known) is checked before anything is read.
+    With ``num_classes`` other than the weights', the backbone is loaded and a fresh
+    classifier made (fine-tuning). Other keywords go to ``moat.models.build_model``.
+    """
+    if weights is not None and pretrained:
+        raise ValueError("pass either pretrained=True (the release) or weights=FILE, not both")
+    cfg: dict[str, Any] = {}
+    if is_hub_name(name):
+        folder = resolve(name)
+        model_name, tag = folder.architecture, folder.pretrained_cfg.get("tag")
+        kwargs = {**folder.model_args, **kwargs}
+        cfg, source_classes = folder.pretrained_cfg, folder.config["num_classes"]
+        if pretrained is not False and weights is None:
+            weights = folder.weights
+    else:
+        model_name, pe, tag = split_name(name)
+        if not pe:
+            if kwargs.get("position_embedding", False):
+                raise ValueError(f"{name!r} is a model without position embedding; "
+                                 "drop position_embedding=True")
+            kwargs["position_embedding"] = False
+        entry = release(name) if pretrained or tag else None
+        if entry is not None:
+            cfg, tag = entry.pretrained_cfg(with_labels=bool(pretrained or weights)), entry.tag
+        if pretrained:
+            weights = pretrained_file(entry.tag, progress=progress)
+        elif weights is not None and sha256 is None and entry is not None:
+            sha256 = entry.sha256  # the released archive's, where known
+        source_classes = entry.num_classes if entry else kwargs.get("num_classes", 1000)
+    if weights is None:
+        model = build_model(model_name, **kwargs)
+    else:
+        num_classes = kwargs.pop("num_classes", source_classes)
+        new_head = num_classes != source_classes
+        model = build_model(model_name, num_classes=0 if new_head else num_classes, **kwargs)
+        load_weights(model, weights, sha256=sha256, ema=ema,
+                     allow_missing_bn_stats=allow_missing_bn_stats)
+        if new_head and not kwargs.get("features_only"):
+            model.reset_classifier(num_classes)
+            cfg = {k: v for k, v in cfg.items() if k != "label_names"}
+    cfg["num_classes"] = model.num_classes
+    model.pretrained_cfg = cfg  # timm's name: preprocessing and class names travel along
+    model.model_args = {k: v for k, v in kwargs.items() if k in ARCHITECTURE_ARGS}
+    if tag:
+        model.pretrained_tag = tag
+    return model
+
+
+def weights_file(name: str, pretrained: bool = False, *, progress: bool | None = None) -> Path:
+    """The weights file a model name stands for: a hub folder's, or with ``pretrained`` the
+    cached release of a tag or variant (``--model NAME [--pretrained]`` on the command line)."""
+    if is_hub_name(name):
+        return resolve(name).weights
+    if not pretrained:
+        raise ValueError(f"--model {name} names an architecture, not weights: add --pretrained "
+                         "for the released weights, or pass --checkpoint RUN_DIR/FILE")
+    return pretrained_file(name, progress=progress)
+
+
+def data_config(model_or_name: Any) -> dict[str, Any]:
+    """Input size, interpolation, crop_pct, mean and std (0..1 scale) the weights expect."""
+    if isinstance(model_or_name, str):
+        cfg = resolve(model_or_name).pretrained_cfg if is_hub_name(model_or_name) \
+            else release(model_or_name).data_config()
+    else:
+        cfg = getattr(model_or_name, "pretrained_cfg", None) or {}
+        if "input_size" not in cfg:
+            tag = getattr(model_or_name, "pretrained_tag", None)
+            variant = model_variant(model_or_name)
+            if tag is None and variant.name == "?":
+                raise ValueError("cannot tell which MOAT variant this model is; pass a "
+                                 "pretrained tag")
+            cfg = PRETRAINED[tag].data_config() if tag else \
+                release(variant.model_name).data_config()
+    return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]
+            for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
+
+
+def create_transform(model_or_name: Any, *, img_size: int | Sequence[int] | None = None,
+                     crop_pct: float | None = None, interpolation: str | None = None,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     ) -> v2.Compose:
+    """The evaluation transform (torchvision.transforms.v2) of a checkpoint.
+
+    PIL image or uint8 tensor in, normalised float32 CxHxW tensor out. Any argument given
+    overrides the checkpoint's value, e.g. ``img_size=448`` to evaluate at another size.
+    """
+    from moat.data.transforms import eval_transform  # needs torchvision (the `full` extra)
+
+    config = data_config(model_or_name)
+    size = img_size or config["input_size"][1:]
+    if isinstance(size, Sequence) and size[0] == size[-1]:
+        size = int(size[0])
+    return eval_transform(size,
+                          mean=mean or config["mean"], std=std or config["std"],
+                          interpolation=interpolation or config["interpolation"],
+                          crop_pct=crop_pct or config["crop_pct"])
