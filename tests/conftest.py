@@ -51,3 +51,14 @@ def ref_weights(reference_dir: Path) -> dict[str, np.ndarray]:
 def ref_prefix(reference_dir: Path) -> Path:
     """The same weights as a real TensorFlow (TF1-style) checkpoint prefix."""
     return reference_dir / "tf1_checkpoint" / "tiny_moat0"
+
+
+@pytest.fixture(scope="module")
+def shapes3(tmp_path_factory) -> Path:
+    """3 classes x 4 training images, 1 validation image each, 32x32: the smallest set a
+    training run, its checkpoints and its error paths can be tested on."""
+    from moat.data.synthetic import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes3")
+    write_shapes_dataset(root, num_classes=3, train_per_class=4, val_per_class=1, img_size=32)
+    return root

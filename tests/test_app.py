@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -84,7 +84,8 @@ def test_segmentation_explains_a_class_over_its_pixels(tmp_path):
     torch.manual_seed(0)
     model = deeplabv3plus("tiny_moat_0", 3, aspp_channels=16, decoder_channels=16,
                           low_level_channels=8, window_size=[None, None, (3, 3), None])
-    transform = lambda rgb: (torch.from_numpy(np.array(rgb)).permute(2, 0, 1) / 255 - 0.5) / 0.5  # noqa: E731
+    def transform(rgb):
+        return (torch.from_numpy(np.array(rgb)).permute(2, 0, 1) / 255 - 0.5) / 0.5
     explainer = Explainer(model, "segmentation", transform=transform, mean=HALF, std=HALF,
                           class_names=["sky", "face", "coat"])
     expl = explainer.explain(small_photo(tmp_path), "face")

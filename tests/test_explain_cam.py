@@ -28,7 +28,8 @@ class CornerClassifier(nn.Module):
         self.net = moat.create_model("tiny_moat_0", num_classes=0, window_size=[
             None, None, (3, 3), None])
         self.stage = stage
-        self.head = nn.Linear(self.net.feature_info[ENDPOINTS.index(stage)]["num_chs"], 3, bias=False)
+        channels = self.net.feature_info[ENDPOINTS.index(stage)]["num_chs"]
+        self.head = nn.Linear(channels, 3, bias=False)
 
     def forward(self, x):
         features = self.net.forward_endpoints(x)[self.stage]

@@ -73,7 +73,9 @@ def test_interrupted_save_leaves_previous_state(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert manager.latest() == good  # pointer untouched, no half-written step-2
     assert not (tmp_path / "checkpoints" / "step-000000002").exists()
-    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    # the failed write's files are removed at once (a full disk gets its space back)
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    (tmp_path / "checkpoints" / ".tmp-step-000000002-999").mkdir()  # as a kill -9 leaves it
     _save(manager, 3)  # the next save removes the leftovers
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
     assert manager.latest().name == "step-000000003"

@@ -234,3 +234,16 @@ def test_train_pretrained_fine_tunes_from_the_release(bucket, home, tmp_path, mo
     assert state["logits_head.weight"].shape == (4, 256)  # a new head for the data's classes
     # the frozen backbone's weights are the release's
     assert torch.equal(state["stem.conv_0.weight"], release["stem.conv_0.weight"])
+
+
+def test_export_and_benchmark_build_the_pretrained_model(bucket, home, monkeypatch):
+    from moat.benchmark import BenchSpec, build_model
+    from moat.export import load_model
+
+    monkeypatch.setenv("MOAT_WEIGHTS_URL", bucket.as_uri())
+    release = moat.create_model(TAG, pretrained=True).state_dict()
+    exported = load_model(TAG, pretrained=True).state_dict()
+    benched = build_model(BenchSpec(TAG, (256, 256), 1, pretrained=True)).state_dict()
+    for state in (exported, benched):
+        assert all(torch.equal(v, state[k]) for k, v in release.items())
+    assert main(["export", "torchscript", TAG, str(home / "m.pt"), "--pretrained"]) == 0

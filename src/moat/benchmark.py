@@ -118,6 +118,9 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
         raise ValueError(f"--preset applies to MOAT models only, not {name!r}")
     import timm
 
+    if not timm.is_model(name.split(".")[0]):
+        raise ValueError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor a "
+                         "timm model (timm.list_models())")
     kwargs = {"drop_path_rate": drop_path_rate}
     if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
         kwargs["img_size"] = img_size

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
+
+from moat.cli_options import add_train_options, checkpoint_options, count
+from moat.errors import run_command
 
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
@@ -104,86 +108,25 @@ COMMANDS = [_add_models, _add_summary, _add_convert, _add_info]
 
 # --- training, evaluation, prediction (moat.train) -------------------------------------------
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    """Flags that map to TrainConfig fields (None = not given, so the config file wins)."""
-    p.add_argument("--config", help="YAML or JSON file of settings (see moat.train.config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any setting, e.g. --set lr=5e-4 --set mixup=0 "
-                   "--set task_options.ignore_index=255 (repeatable)")
-    p.add_argument("--task", help="classification (default), segmentation, ...")
-    p.add_argument("--data", help="folder with train/<class>/ and val/<class>/ (or train.csv "
-                   "and val.csv), or the training split itself")
-    p.add_argument("--val-data", help="separate validation split (folder or .csv)")
-    p.add_argument("--model", help="variant, e.g. tiny_moat_0, moat_0 (see moat models)")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="GLOBAL batch: over all processes and "
-                   "accumulation steps")
-    p.add_argument("--accum-steps", type=int, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 x batch/1024)")
-    p.add_argument("--output", help="RUN_DIR: checkpoints, logs, metrics")
-    p.add_argument("--init-from", help="fine-tune from weights: RUN_DIR, .safetensors, .pt or "
-                   "an official checkpoint (a new head is made for another class count)")
-    p.add_argument("--pretrained", action="store_true", default=None,
-                   help="fine-tune from the released weights of --model (a tag such as "
-                   "moat_0.in1k_224; downloaded and cached once), new head for the data")
-    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
-    p.add_argument("--frozen-stages", type=int, help="-1 none, 0 stem, K stem + stages 0..K-1")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, help="data-loading processes per training process")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every-steps", type=int, help="also checkpoint every N steps")
-    for flag, what in (("--deterministic", "deterministic algorithms and seeded workers: a "
-                        "resumed run ends with the same weights"),
-                       ("--strict-data", "stop at the first unreadable image instead of "
-                        "skipping it"),
-                       ("--sync-bn", "synchronise BatchNorm statistics across processes"),
-                       ("--compile", "torch.compile the model"),
-                       ("--grad-checkpointing", "recompute blocks in backward (less memory)")):
-        p.add_argument(flag, action="store_true", default=None, help=what)
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
-                   help="no progress bar")
-
-
-_TRAIN_FLAGS = ("task", "data", "val_data", "model", "img_size", "epochs", "batch_size",
-                "accum_steps", "lr", "output", "init_from", "pretrained", "layer_decay",
-                "frozen_stages",
-                "precision", "device", "workers", "seed", "save_every_steps", "deterministic",
-                "strict_data", "sync_bn", "compile", "grad_checkpointing", "channels_last",
-                "progress")
-
-
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune (one CPU to many GPUs via torchrun)",
                        description="Train a task from a config file and flags. Distributed: "
                        "torchrun --nproc_per_node N -m moat.cli train ...")
-    _add_train_options(p)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its latest checkpoint")
+                   help="continue the run in --output from its latest intact checkpoint")
+    add_train_options(p)
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from moat.train.loop import run_training
 
-    flags = {k: getattr(args, k) for k in _TRAIN_FLAGS}
+    flags = {k: getattr(args, k) for k in args.train_flags}
     result = run_training(args.config, args.set, resume=args.resume, **flags)
     if result["metrics"]:
         print(f"final: {result['line']}")
     print(f"checkpoint: {result['checkpoint']}")
     return 0
-
-
-def _add_weights_source(p: argparse.ArgumentParser) -> None:
-    """--checkpoint, or --model NAME [--pretrained]: where eval and predict get weights."""
-    p.add_argument("--checkpoint", help="RUN_DIR, checkpoint folder or weights file")
-    p.add_argument("--model", help="instead of --checkpoint: a pretrained tag with "
-                   "--pretrained (e.g. moat_0.in1k_224), hf-hub:ORG/NAME or local-dir:PATH")
-    p.add_argument("--pretrained", action="store_true",
-                   help="the released weights of --model (downloaded and cached once)")
 
 
 def _checkpoint(args: argparse.Namespace) -> str:
@@ -197,20 +140,15 @@ def _checkpoint(args: argparse.Namespace) -> str:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset (prints top-1, ...)")
+    p = sub.add_parser("eval", parents=[checkpoint_options()],
+                       help="evaluate a checkpoint on a dataset (prints top-1, ...)")
     p.add_argument("--data", required=True, help="split folder or .csv, or a root with val/")
-    _add_weights_source(p)
-    p.add_argument("--img-size", type=int, help="evaluation resolution (default: training's)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto",
-                   help="auto: the better of model and EMA at that checkpoint")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=count(1), default=64)
+    p.add_argument("--workers", type=count(0), default=2)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
     p.add_argument("--report", help="folder for per-class accuracy, confusion matrix (PNG, CSV) "
-                   "(default: RUN_DIR/eval)")
+                   "(default: RUN_DIR/eval, or ./eval-NAME where that is not writable)")
     p.add_argument("--strict-data", action="store_true")
-    p.add_argument("--task", help="expected task (default: the checkpoint's)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -240,16 +178,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="top-k labels with probabilities for images")
+    p = sub.add_parser("predict", parents=[checkpoint_options()],
+                       help="top-k labels with probabilities for images")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    _add_weights_source(p)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--weights", choices=["auto", "ema", "model"], default="auto")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--top-k", type=count(1), default=5)
     p.add_argument("--json", help="write the results as JSON to this file ('-': stdout)")
     p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks)")
-    p.add_argument("--task", help="expected task (default: the checkpoint's)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -420,9 +354,9 @@ COMMANDS += [_add_export, _add_benchmark]
 
 def _add_model_source(p: argparse.ArgumentParser, exported: bool = False) -> None:
     source = p.add_mutually_exclusive_group(required=True)
+    exported_help = ", or an exported classifier (.onnx, .pt2, .pt: top-5 only)"
     source.add_argument("--model", help="variant or pretrained tag, e.g. tiny_moat_0, "
-                        "moat_0.in1k_224" + (", or an exported model (.onnx, .pt2)"
-                                              if exported else ""))
+                        "moat_0.in1k_224" + (exported_help if exported else ""))
     source.add_argument("--checkpoint", help="training checkpoint: RUN_DIR, checkpoint folder "
                         "or weights file (classification, segmentation or detection)")
     p.add_argument("--img-size", type=int, help="input size (default: the model's)")
@@ -488,12 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     from moat.runtime import keep_freed_memory
 
     keep_freed_memory()  # this process is ours: see moat/runtime.py
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        # Library errors already say what was wrong and what to do; no traceback for users.
-        print(f"moat {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    resume = None
+    if args.command == "train":  # the same command with --resume continues the run
+        given = list(sys.argv[1:] if argv is None else argv)
+        resume = shlex.join(["moat", *given] + ([] if args.resume else ["--resume"]))
+    # Expected failures: one or two lines and exit 2; bugs: a traceback (moat/errors.py).
+    return run_command(lambda: args.func(args), args.command, resume_hint=resume)
 
 
 if __name__ == "__main__":

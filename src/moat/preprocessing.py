@@ -7,6 +7,7 @@ Official "option 1": ImageNet mean/std on 0..255 input (= these values on 0..1 i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from moat.models.config import MODEL_CONFIGS
@@ -29,3 +30,16 @@ def variant_data_config(name: str) -> dict[str, Any]:
     size = MODEL_CONFIGS[name].native_resolution
     return dict(input_size=(size, size), crop_pct=CROP_PCT, interpolation=INTERPOLATION,
                 **NORMALISATION[VARIANT_NORMALISATION[name]])
+
+
+def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """An image size as (height, width): 224 -> (224, 224), [224] -> (224, 224),
+    (224, 320) -> (224, 320)."""
+    if isinstance(size, int):
+        return size, size
+    values = tuple(int(v) for v in size)
+    if len(values) == 1:
+        return values[0], values[0]
+    if len(values) != 2:
+        raise ValueError(f"an image size is H or (H, W), got {size!r}")
+    return values

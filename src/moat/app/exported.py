@@ -28,7 +28,8 @@ class ExportedClassifier:
     def __init__(self, path: str | os.PathLike, *, img_size: int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  class_names: Sequence[str] | None = None) -> None:
-        from moat.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+        from moat.data.transforms import eval_transform
+        from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
         self.path = Path(path)
         if not self.path.is_file():

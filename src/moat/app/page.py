@@ -62,7 +62,8 @@ def build_page(explainer: Explainer | ExportedClassifier, *, title: str = TITLE)
         try:
             rgb = load_rgb(path)
         except BadImageError as err:
-            return None, [], None, f"**{NOT_AN_IMAGE}:** {name} could not be read as an image ({err})."
+            message = f"**{NOT_AN_IMAGE}:** {name} could not be read as an image ({err})."
+            return None, [], None, message
         try:
             out = render(explainer.explain(rgb, target or None, method=method))
         except ValueError as err:  # e.g. no detection to explain

@@ -23,9 +23,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from moat.data.bad_images import BadSample, split_bad
+from moat.data.folders import class_folders, describe_skipped, walk_files
 from moat.data.images import BadImageError, load_rgb
 
 log = logging.getLogger(__name__)
@@ -113,17 +114,14 @@ def _valid_image(path: str) -> bool:
         path).startswith(".")
 
 
-def _class_dirs(root: Path) -> list[str]:
-    # Unlike torchvision's find_classes, hidden folders (.ipynb_checkpoints, .git) are no class.
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
 class ImageFolderDataset(ImageDataset):
     """`root/<class>/**/<image>`; classes are the sorted folder names.
 
     Pass the training set's `classes` when building val so both use the same indices; val may
     lack classes, but a class folder the training set does not know is an error. Files without
-    an image extension (notes.txt, .DS_Store) and hidden files are ignored.
+    an image extension (notes.txt, .DS_Store) and hidden files are ignored. Each class folder
+    is walked with `moat.data.folders.walk_files`: links never lead out of it or in a loop,
+    and entries that are not regular files are skipped, logged and kept in `self.skipped`.
     """
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None,
@@ -131,7 +129,7 @@ class ImageFolderDataset(ImageDataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
-        found = _class_dirs(self.root)
+        found, self.skipped = class_folders(self.root)
         if not found:
             raise ValueError(f"no class folders in {str(self.root)!r}; expected the layout "
                              "root/<class name>/<image files>")
@@ -145,8 +143,20 @@ class ImageFolderDataset(ImageDataset):
                     f"{str(self.root)!r} has class folders the training set does not have: "
                     f"{_short(unknown)}. Class indices come from the training set, so add these "
                     "classes to it or remove the folders.")
-        samples = make_dataset(str(self.root), {c: i for i, c in enumerate(classes)},
-                               is_valid_file=_valid_image, allow_empty=from_train)
+        samples = []
+        for index, name in enumerate(classes):
+            if name not in found:
+                continue  # val may lack a class of the training set
+            files, skipped = walk_files(self.root / name, _valid_image)
+            if not files and not from_train:
+                raise FileNotFoundError(f"class folder {str(self.root / name)!r} has no image "
+                                        "files; add images or remove the folder")
+            samples += [(path, index) for path in files]
+            self.skipped += skipped
+        if self.skipped:
+            log.warning("skipped %d entr%s under %s: %s", len(self.skipped),
+                        "y" if len(self.skipped) == 1 else "ies", self.root,
+                        describe_skipped(self.skipped))
         if not samples:
             raise ValueError(f"no image files under {str(self.root)!r} (extensions: "
                              f"{', '.join(IMG_EXTENSIONS)})")
@@ -188,11 +198,12 @@ class CsvDataset(ImageDataset):
         if not paths:
             raise ValueError(f"{str(self.csv_path)!r} lists no files")
         targets, classes = self._targets(labels, classes)
-        missing = [p for p in paths if not os.path.isfile(p)]
+        missing = [p for p in paths if not os.path.isfile(p)]  # FIFOs, devices: not files
         if missing:
             raise FileNotFoundError(
                 f"{len(missing)} of {len(paths)} files listed in {str(self.csv_path)!r} do not "
-                f"exist, e.g. {_short(missing)}; paths must be relative to the CSV's folder")
+                f"exist or are not regular files, e.g. {_short(missing)}; paths must be "
+                "relative to the CSV's folder")
         super().__init__(list(zip(paths, targets)), classes, transform, strict)
 
     def _targets(self, labels: list[str], classes: Sequence[str] | None,

@@ -54,6 +54,10 @@ def load_rgb(
     Raises BadImageError naming the file for anything that cannot be decoded completely.
     """
     path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        # a FIFO named x.png would block open() forever; a device or folder is no image
+        raise BadImageError(f"cannot read image {path!r} (not a regular file); "
+                            "replace or delete it", path)
     try:
         with open(path, "rb") as f:
             img = Image.open(f)

@@ -41,7 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import BadImageError, load_rgb
-from moat.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 
 IGNORE_INDEX = 255
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
@@ -237,9 +237,6 @@ class SegmentationDataset(Dataset):
 
 # --- transforms ---------------------------------------------------------------------------
 
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
 
 class JointTransform:
     """Runs a v2 pipeline on (Image, Mask) and returns plain tensors (float image, int64
@@ -277,7 +274,7 @@ def train_transform(
     to the crop's shorter side); then a `crop_size` crop is taken, padding with black and with
     `ignore_index` in the mask where the image is smaller than the crop.
     """
-    crop = _pair(crop_size)
+    crop = size_pair(crop_size)
     base = base_size or min(crop)
     lo, hi = max(1, round(base * scale[0])), max(2, round(base * scale[1]))
     ops: list[Any] = []

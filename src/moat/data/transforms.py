@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 
 Size = int | tuple[int, int]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -29,10 +28,6 @@ def _interpolation(name: str | v2.InterpolationMode) -> v2.InterpolationMode:
     except ValueError:
         choices = ", ".join(m.value for m in v2.InterpolationMode)
         raise ValueError(f"unknown interpolation {name!r}; use one of: {choices}") from None
-
-
-def _pair(size: Size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[nn.Module]:
@@ -60,7 +55,7 @@ def train_transform(
     """
     interp = _interpolation(interpolation)
     ops: list[nn.Module] = [
-        v2.RandomResizedCrop(_pair(img_size), scale=scale, interpolation=interp, antialias=True)
+        v2.RandomResizedCrop(size_pair(img_size), scale=scale, interpolation=interp, antialias=True)
     ]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
@@ -79,7 +74,7 @@ def eval_resize_size(img_size: Size, crop_pct: float) -> Size:
     """Resize target before the center crop: floor(img_size / crop_pct), as in timm."""
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    h, w = _pair(img_size)
+    h, w = size_pair(img_size)
     # The epsilon keeps e.g. 224 / 0.875 at 256 whatever the float rounding.
     sh, sw = (math.floor(s / crop_pct + 1e-6) for s in (h, w))
     return sh if h == w else (sh, sw)
@@ -100,7 +95,7 @@ def eval_transform(
     interp = _interpolation(interpolation)
     return v2.Compose([
         v2.Resize(eval_resize_size(img_size, crop_pct), interpolation=interp, antialias=True),
-        v2.CenterCrop(_pair(img_size)),
+        v2.CenterCrop(size_pair(img_size)),
         *_to_normalized_tensor(mean, std),
     ])
 

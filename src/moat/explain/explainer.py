@@ -84,10 +84,12 @@ class Explainer:
     @classmethod
     def from_name(cls, name: str, *, device: str = "cpu", img_size: int | None = None,
                   **model_kwargs: Any) -> Explainer:
-        """A classifier from a variant or pretrained tag (see `moat.create_model`)."""
+        """A classifier from a pretrained tag (its release is loaded: downloaded once, then
+        cached), a hub folder, or a bare variant (random weights: for trying the tools)."""
         import moat
 
-        model = moat.create_model(name, **model_kwargs).to(device)
+        pretrained = True if name in moat.list_pretrained() else None
+        model = moat.create_model(name, pretrained=pretrained, **model_kwargs).to(device)
         config = moat.data_config(name)
         # class names travel with pretrained weights (timm's pretrained_cfg["label_names"])
         names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")

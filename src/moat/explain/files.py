@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,18 +13,14 @@ from PIL import Image
 
 from moat.explain.explainer import Explainer, Explanation
 from moat.explain.render import attention_row, boxes_image, cam_row, mask_overlay
+from moat.integrity import atomic_output
 
 
 def _atomic(path: Path, write) -> str:
-    """write(tmp_path) then rename onto `path`: no half-written file is ever left."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """write(temporary path) then rename it onto `path` (moat.integrity.atomic_output): no
+    half-written file is ever left."""
+    with atomic_output(path) as tmp:
+        write(str(tmp))
     return str(path)
 
 

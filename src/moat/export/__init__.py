@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from moat.export.formats import (SIZE_MULTIPLE, check_dynamic_size, check_onnx, 
                                  export_program, export_torchscript, prepare_for_export,
                                  supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
+from moat.integrity import atomic_output
 from moat.weights.hub import is_hub_name
 
 __all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
@@ -90,18 +90,25 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     size = img_size or model.cfg.native_resolution
     size = tuple(size) if not isinstance(size, int) else (size,)
     size = (size[0], size[-1])
+    with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
+        return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,
+                          static_size=static_size)
+
+
+def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[int, int], *,
+               batch: int, opset: int, check: bool, static_size: bool) -> str:
     if fmt == "torchscript":
-        export_torchscript(model, out, size, batch=batch)
+        export_torchscript(model, tmp, size, batch=batch)
         return (f"wrote {out}: TorchScript trace, dynamic batch, fixed {size[0]}x{size[1]}; "
                 "load with torch.jit.load")
     dynamic = check_dynamic_size(model, size, False if static_size else None)
     shape = (f"dynamic height/width (multiples of {SIZE_MULTIPLE}, traced at "
              f"{size[0]}x{size[1]})" if dynamic else f"fixed {size[0]}x{size[1]}")
     if fmt == "torch-export":
-        export_program(model, out, size, batch=batch, dynamic_size=dynamic)
+        export_program(model, tmp, size, batch=batch, dynamic_size=dynamic)
         return (f"wrote {out}: torch.export program, dynamic batch, {shape}; load with "
                 "torch.export.load(path).module()")
-    report = export_onnx(model, out, size, opset=opset, batch=batch, dynamic_size=dynamic,
+    report = export_onnx(model, tmp, size, opset=opset, batch=batch, dynamic_size=dynamic,
                          check=check)
     lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}"]
     lines += [f"  onnxruntime vs PyTorch, batch {r['batch']}, {r['img_size'][0]}x"

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from moat.export.inference import (SamePaddingConv2d, is_optimized,
                                    optimize_for_inference, portable_ops)
 from moat.models.moat import MoatNet
+from moat.preprocessing import size_pair
 
 __all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
            "export_onnx",
@@ -34,17 +35,6 @@ __all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_
            "supports_dynamic_size"]
 
 SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
-
-
-def _pair(img_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    size = tuple(int(v) for v in img_size)
-    if len(size) == 1:
-        return size[0], size[0]
-    if len(size) != 2:
-        raise ValueError(f"img_size is H or (H, W), got {img_size!r}")
-    return size
 
 
 def supports_dynamic_size(model: MoatNet) -> bool:
@@ -114,7 +104,7 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
         raise TypeError(f"expected a MoatNet, got {type(model).__name__}")
     if is_optimized(model):
         raise ValueError("pass the plain model: the exporter optimises a copy itself")
-    size = _pair(img_size)
+    size = size_pair(img_size)
     dynamic = check_dynamic_size(model, size, dynamic_size)
     fused = optimize_for_inference(model, channels_last=channels_last,
                                    img_size=None if dynamic else size)
@@ -160,7 +150,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, img_size: int | Se
 
     Load it with `torch.export.load(path).module()`.
     """
-    program, _ = _export(model, _pair(img_size), batch, dynamic_size)
+    program, _ = _export(model, size_pair(img_size), batch, dynamic_size)
     torch.export.save(program, os.fspath(path))
     return program
 
@@ -183,7 +173,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
     The trace has a dynamic batch but a fixed input size (a trace records the shape
     arithmetic of this size as constants). Load it with `torch.jit.load(path)`.
     """
-    size = _pair(img_size)
+    size = size_pair(img_size)
     fused, _ = prepare_for_export(model, size, dynamic_size=False, channels_last=False)
     example = _example(fused, size, batch)
     with torch.no_grad(), warnings.catch_warnings():
@@ -211,9 +201,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
     the model a second time). Returns a report dict.
     """
-    size = _pair(img_size)
-    if opset < 17:
-        raise ValueError(f"opset {opset} is not supported: use 17 (default) or newer")
+    size = size_pair(img_size)
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not 17 <= opset <= newest:
+        raise ValueError(f"opset {opset} is not supported: use 17 (default) to {newest} "
+                         f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
         program, dynamic = _export(model, size, batch, dynamic_size)

@@ -82,6 +82,7 @@ class MoatNet(nn.Module):
             raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
         self.cfg = cfg
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.window_size = _check_window_size(cfg, window_size)
         self.grad_checkpointing = False
         self.frozen_stages = -1
@@ -209,6 +210,8 @@ class MoatNet(nn.Module):
 
         `last` stops early (index into ENDPOINTS) for callers that need fewer stages.
         """
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            check_input(x, self.in_chans, next(self.stem.parameters()))  # kept out of exports
         x = self.stem(x)
         endpoints = {"stage1": x}
         for index, stage in enumerate(self.stages[:last], start=1):
@@ -229,3 +232,31 @@ class MoatNet(nn.Module):
             endpoints = self.forward_endpoints(x, last=max(self.out_indices))
             return [endpoints[ENDPOINTS[i]] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
+
+
+def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
+    """Refuse input the network cannot take (`weight`: the stem's first parameter), with
+    what was expected and how to get it."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"expected a tensor of images [B, {channels}, H, W], got "
+                        f"{type(x).__name__}")
+    if x.ndim != 4:
+        hint = " (add the batch dimension: x.unsqueeze(0))" if x.ndim == 3 else ""
+        raise ValueError(f"expected a batch of images [B, {channels}, H, W], got a tensor of "
+                         f"shape {list(x.shape)}{hint}")
+    if x.shape[1] != channels:
+        hint = (f"; this looks like [B, H, W, C]: use x.permute(0, 3, 1, 2)"
+                if x.shape[-1] == channels else
+                "; replicate a grey image with x.expand(-1, 3, -1, -1)" if x.shape[1] == 1
+                else "")
+        raise ValueError(f"expected {channels} input channels [B, {channels}, H, W], got shape "
+                         f"{list(x.shape)}{hint}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images, got {x.dtype}: convert with "
+                        "x.float() / 255, then normalise (moat.create_transform does both)")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"the input is {x.dtype} but the model's weights are {weight.dtype}: "
+                        f"use x.to({weight.dtype}) (or model.to({x.dtype}))")
+    if x.device != weight.device:
+        raise ValueError(f"the input is on {x.device} but the model is on {weight.device}: "
+                         f"use x.to({str(weight.device)!r})")

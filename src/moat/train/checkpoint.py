@@ -17,12 +17,19 @@ A checkpoint is written into a hidden temporary directory, every file is fsync'e
 directory is renamed into place (atomic on POSIX), then the `latest` pointer is replaced
 atomically. A process killed at any moment leaves either the previous state or the new one,
 never a half-written checkpoint; leftovers of an interrupted write are removed on the next
-save. Only the last `keep_last` checkpoints are kept, plus the best one.
+save (and at once when the write fails, e.g. on a full disk). Only the last `keep_last`
+checkpoints are kept, plus the best one.
+
+meta.json lists the size and sha256 of every other file and is sealed with the sha256 of its
+own content (moat.integrity). Loading verifies them: `CheckpointManager.latest_intact` skips a
+damaged newest checkpoint with a warning and falls back to the previous intact one, and a
+checkpoint folder named explicitly that is damaged raises DamagedFileError naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import random
@@ -36,50 +43,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.integrity import DamagedFileError, atomic_write_bytes, atomic_write_text, \
+    check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
+    seal_json, torch_save_bytes, verify_manifest, write_synced
 from moat.weights.files import load_state_dict
 from moat.weights.loader import load_weights
 from moat.weights.metadata import WeightsMetadata
 
+log = logging.getLogger("moat")
+
 STEP_PREFIX = "step-"
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
                                                "state.pt", "meta.json")
-
-
-# --- atomic file helpers -----------------------------------------------------------------------
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def versions() -> dict[str, str]:
@@ -118,17 +93,6 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 # --- writing ------------------------------------------------------------------------------------
 
-def _save_safetensors(path: Path, state: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
-               for k, v in state.items()}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
-    os.chmod(path, 0o644)  # safetensors creates files readable by their owner only
-    _fsync_file(path)
-
-
 class CheckpointManager:
     """Writes, finds and prunes the checkpoints of one run directory (call on rank 0 only)."""
 
@@ -149,21 +113,11 @@ class CheckpointManager:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _save_safetensors(tmp / MODEL_FILE, model, weights_metadata)
-        if ema is not None:
-            _save_safetensors(tmp / EMA_FILE, ema, {**weights_metadata, "weights": "ema"})
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        meta = {**meta, "step": step, "name": name, "saved_at": time.time(),
-                "versions": versions(),
-                "files": sorted(p.name for p in tmp.iterdir()) + [META_FILE]}
-        with open(tmp / META_FILE, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(tmp)
+        try:
+            self._write_files(tmp, name, step, model, ema, state, meta, weights_metadata)
+        except BaseException:  # a full disk, Ctrl-C: free the space, keep the previous state
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         final = self.dir / name
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             old = self.dir / f".old-{name}-{os.getpid()}"
@@ -176,6 +130,21 @@ class CheckpointManager:
         atomic_write_text(self.dir / "latest", name + "\n")
         self.prune()
         return final
+
+    @staticmethod
+    def _write_files(tmp: Path, name: str, step: int, model: Mapping[str, torch.Tensor],
+                     ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
+                     meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> None:
+        contents = {MODEL_FILE: safetensors_bytes(model, weights_metadata),
+                    STATE_FILE: torch_save_bytes(dict(state))}
+        if ema is not None:  # weights files carry their tensors' digest (see read_weights)
+            contents[EMA_FILE] = safetensors_bytes(ema, {**weights_metadata, "weights": "ema"})
+        for file, data in contents.items():
+            write_synced(tmp / file, data)
+        meta = seal_json({**meta, "step": step, "name": name, "saved_at": time.time(),
+                          "versions": versions(), "files": manifest(contents)})
+        write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
+        fsync_dir(tmp)
 
     def mark_best(self, checkpoint: Path, metric: str, value: float, weights: str) -> None:
         atomic_write_text(self.dir / "best.json", json.dumps(
@@ -200,14 +169,34 @@ class CheckpointManager:
         return sorted(found, key=lambda p: p.name)
 
     def latest(self) -> Path | None:
-        """The checkpoint to resume from: `latest` if it is complete, else the newest complete."""
+        """The newest complete checkpoint (`latest` if it is complete), not verified."""
         pointer = self.dir / "latest"
         if pointer.is_file():
-            candidate = self.dir / pointer.read_text().strip()
+            candidate = self.dir / pointer.read_text(errors="replace").strip()
             if candidate.name.startswith(STEP_PREFIX) and is_complete(candidate):
                 return candidate
         done = self.complete()
         return done[-1] if done else None
+
+    def latest_intact(self) -> Path | None:
+        """The checkpoint to resume from or evaluate: the newest one whose files verify.
+
+        A damaged newer checkpoint (a flipped byte, a truncated or missing file, a corrupt
+        meta.json) is skipped with a warning that names the damaged file."""
+        if not self.dir.is_dir():
+            return None
+        folders = sorted((p for p in self.dir.iterdir()
+                          if p.name.startswith(STEP_PREFIX) and p.is_dir()),
+                         key=lambda p: p.name, reverse=True)
+        for i, path in enumerate(folders):
+            try:
+                verify_checkpoint(path)
+                return path
+            except DamagedFileError as err:
+                older = "the previous one" if i + 1 < len(folders) else "none left"
+                log.warning("checkpoint %s is damaged, falling back to %s: %s", path.name,
+                            older, err)
+        return None
 
     def prune(self) -> None:
         done = self.complete()
@@ -227,14 +216,30 @@ class CheckpointManager:
 
 
 def is_complete(path: Path) -> bool:
+    """Cheap test that a checkpoint was written completely (files exist; no hashing)."""
     meta = path / META_FILE
     if not meta.is_file():
         return False
     try:
         files = json.loads(meta.read_text()).get("files", [])
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, AttributeError):
         return False
     return all((path / f).is_file() for f in files)
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint folder after checking its seal and every file's size and
+    sha256; DamagedFileError names the first damaged file."""
+    if not (path / META_FILE).is_file():
+        raise DamagedFileError(path / META_FILE, "missing: the checkpoint is incomplete")
+    meta = check_sealed_json(path / META_FILE)
+    files = meta.get("files")
+    if isinstance(files, list):  # written before manifests: existence only
+        files = dict.fromkeys(files)
+    if not isinstance(files, dict):
+        raise DamagedFileError(path / META_FILE, "has no list of files")
+    verify_manifest(path, {k: v for k, v in files.items() if k != META_FILE})
+    return meta
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -249,11 +254,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if path.name in (META_FILE, STATE_FILE):
             return path.parent
         return path
-    if is_complete(path):
+    if path.name.startswith(STEP_PREFIX) or (path / META_FILE).exists():
+        verify_checkpoint(path)  # named explicitly: damage is an error, not a fallback
         return path
     for manager in (CheckpointManager(path), CheckpointManager(path.parent)):
         if manager.dir.resolve() == path.resolve() or manager.run_dir.resolve() == path.resolve():
-            latest = manager.latest()
+            latest = manager.latest_intact()
             if latest is not None:
                 return latest
     raise FileNotFoundError(f"no complete checkpoint in {str(path)!r} (expected RUN_DIR, "
@@ -261,19 +267,23 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / META_FILE).read_text())
+    return check_sealed_json(checkpoint / META_FILE)
 
 
 def read_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """The optimiser/RNG state, loaded with weights_only=True (no arbitrary code)."""
-    return torch.load(checkpoint / STATE_FILE, map_location=map_location, weights_only=True)
+    path = checkpoint / STATE_FILE
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - the unpickler raises many types, all "damaged"
+        # not its own text: it suggests weights_only=False, never right for a damaged file
+        raise DamagedFileError(path, f"cannot be read as training state "
+                               f"({type(err).__name__})") from None
 
 
 def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, 'model'|'ema') from a checkpoint folder; `which` = model, ema or auto
     (the weights that scored better on validation, else EMA if present)."""
-    from safetensors.torch import load_file
-
     if path.is_file():
         return _read_weights_file(path), "model"
     meta = read_meta(path)
@@ -284,7 +294,7 @@ def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tenso
     file = path / (EMA_FILE if which == "ema" else MODEL_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {which} weights ({file.name})")
-    return load_file(str(file)), which
+    return read_safetensors(file)[0], which
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moat.data.folders import describe_skipped, walk_files
+from moat.integrity import atomic_write_text, read_safetensors
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
 from moat.train.config import TrainConfig
@@ -88,9 +90,7 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
     if state is not None:
         model.load_state_dict(state)
     elif file_metadata(path).config is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(read_safetensors(path)[0])
     else:
         load_weights(model, path)
     # the training run's memory format: the same arithmetic, so the same predictions
@@ -98,12 +98,28 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
     return task, model, info
 
 
-def _report_dir(checkpoint: Path) -> Path:
-    """RUN_DIR/eval for checkpoints inside a run, else <file folder>/eval-<name>."""
-    path = resolve_checkpoint(checkpoint)
+def _report_dir(path: Path) -> Path:
+    """RUN_DIR/eval for checkpoints inside a run, else <file folder>/eval-<name>; where that
+    cannot be written (a read-only folder, someone else's run), ./eval-<name> instead."""
     if path.is_dir() and is_complete(path) and path.parent.name == "checkpoints":
-        return path.parent.parent / "eval"
-    return path.parent / f"eval-{path.stem}"
+        preferred, name = path.parent.parent / "eval", f"eval-{path.parent.parent.name}"
+    else:
+        preferred, name = path.parent / f"eval-{path.stem}", f"eval-{path.stem}"
+    if _writable(preferred):
+        return preferred
+    fallback = Path.cwd() / name
+    log.warning("cannot write the report to %s: writing it to %s instead (--report chooses)",
+                preferred, fallback)
+    return fallback
+
+
+def _writable(folder: Path) -> bool:
+    """Whether `folder` exists writable, or can be created (its nearest existing parent is)."""
+    while not folder.exists():
+        if folder.parent == folder:
+            return False
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, *,
@@ -137,7 +153,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
             metrics = task.evaluate(model, track_bad(loader, bad), info.device)
         report: list[str] = []
         if info.is_main:
-            out = Path(report_dir) if report_dir else _report_dir(Path(checkpoint))
+            out = Path(report_dir) if report_dir else _report_dir(Path(ckpt["checkpoint"]))
             report = task.write_report(metrics, str(out))
         return {"metrics": metrics, "line": task.format_metrics(metrics), "report": report,
                 "bad_images": dict(bad.paths), "task": task, **ckpt}
@@ -149,9 +165,11 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
     """Files as given; folders replaced by the image files under them (sorted)."""
     out: list[str] = []
     for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                          and not f.name.startswith("."))
+        if p.is_dir():  # safely: no loops, no links out of the folder, regular files only
+            files, skipped = walk_files(p, lambda f: Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            if skipped:
+                log.warning("skipped under %s: %s", p, describe_skipped(skipped))
+            out += files
         else:
             out.append(str(p))
     if not out:
@@ -180,6 +198,5 @@ def predict_checkpoint(images: Sequence[str | os.PathLike], checkpoint: str | os
         if str(json_path) == "-":
             print(text, end="")
         else:
-            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(json_path).write_text(text)
+            atomic_write_text(json_path, text)
     return results

@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from moat.integrity import atomic_output
+
 LOGGER_NAME = "moat"
 
 
@@ -137,7 +139,7 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=100)
+    with atomic_output(output) as tmp:  # the format follows the suffix, kept by tmp
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return output

@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadImageLog, BadSample
+from moat.errors import MoatError
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
     rng_state, set_rng_state
 from moat.train.config import TrainConfig
 from moat.train.loaders import eval_loader, full_batches, set_epoch, track_bad, train_loader
+from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.task import Task, get_task
@@ -44,7 +46,7 @@ from moat.weights.metadata import WeightsMetadata
 log = logging.getLogger("moat")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoatError, RuntimeError):
     """The loss or the gradient became NaN/inf; the message names the last good checkpoint."""
 
 
@@ -115,7 +117,11 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         raise ValueError("--output RUN_DIR is required: where checkpoints and logs go")
     info = dist_utils.setup(config.device)
     try:
-        return _Run(config, info, resume).fit()
+        # one live run per folder: a second run or a --resume of this one is refused
+        if info.is_main and not resume:
+            check_new_run_folder(config.output)  # never overwrite the user's own files
+        with RunLock(config.output) if info.is_main else contextlib.nullcontext():
+            return _Run(config, info, resume).fit()
     finally:
         dist_utils.cleanup()
 
@@ -132,7 +138,7 @@ def run_training(config_path: str | os.PathLike | None = None, overrides=(), res
                                          if config_path else None)
         if not output:
             raise ValueError("--resume needs --output RUN_DIR (the run to continue)")
-        latest = CheckpointManager(output).latest()
+        latest = CheckpointManager(output).latest_intact()
         if latest is not None:
             base = read_meta(latest)["config"]
     return train(load_config(config_path, overrides, base=base, **flags), resume=resume)
@@ -144,7 +150,7 @@ class _Run:
         self.run_dir = Path(config.output)
         self.is_main = info.is_main
         self.checkpoints = CheckpointManager(self.run_dir, config.keep_last)
-        existing = self.checkpoints.latest()
+        existing = self.checkpoints.latest_intact() if resume else self.checkpoints.latest()
         if existing is not None and not resume:
             raise ValueError(f"{self.run_dir} already holds checkpoints ({existing.name}); pass "
                              "--resume to continue that run, or choose another --output")
@@ -292,7 +298,11 @@ class _Run:
                 break
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.task.batch_size(batch) == 0:  # every file of this batch was unreadable
+        size = self.task.batch_size(batch)
+        # Every file of this batch was unreadable, or all but one: BatchNorm cannot normalise
+        # a single image whose last feature map is 1x1 ("expected more than one value per
+        # channel"), so that image is skipped with the bad ones.
+        if size == 0 or (size == 1 and getattr(batch, "bad", None)):
             loss = sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
             return loss, {}
         with autocast(self.device, self.amp):

@@ -3,8 +3,8 @@
 1. ``catalogue``: the 18 releases (pure data: tags, files, preprocessing, class names);
 2. ``metadata``: the header of every weights file (one dataclass, encoded in one place);
 3. ``variant``: which variant weights or a model are;
-4. readers: ``tf_checkpoint`` (TensorFlow checkpoints without TensorFlow), ``files``
-   (safetensors and safe PyTorch files);
+4. readers: ``tf_format`` and ``tf_checkpoint`` (TensorFlow checkpoints without
+   TensorFlow), ``files`` (safetensors and safe PyTorch files);
 5. conversion: ``official`` (official names and layouts), ``convert`` (checkpoint ->
    state dict / .safetensors), ``info`` (``moat info``);
 6. sources: ``cache`` (download, verify, convert once), ``hub`` (Hugging Face folders);

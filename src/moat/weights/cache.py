@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from safetensors import SafetensorError
+from tqdm.auto import tqdm
 
 from moat.weights.catalogue import BASE_URL, PretrainedWeights, release
 from moat.weights.convert import convert_checkpoint
@@ -158,9 +159,7 @@ def _download(url: str, dest: Path, expected: int | None, progress: bool | None)
                                 f"(interrupted or truncated). {retry}")
 
 
-def _progress_bar(total: int | None, name: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
+def _progress_bar(total: int | None, name: str, progress: bool | None) -> tqdm:
     show = sys.stderr.isatty() if progress is None else progress
     return tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=not show, leave=False)

@@ -208,4 +208,4 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
             bn_statistics="missing (filled with 0/1)" if weights.filled_bn_statistics
             else "present")
         save_weights(out, state, metadata)
-    return metadata
+    return WeightsMetadata.read(out)  # as written: with the tensors' sha256 and size

@@ -1,8 +1,9 @@
 """Reading and writing weights files safely: safetensors with a header, never arbitrary pickles.
 
 * Weights moat writes are **safetensors** files: plain tensors plus the header of
-  ``metadata.WeightsMetadata``. Loading one runs no code. They are written to a temporary
-  name and renamed, so a crash never leaves a half-written file under the real name.
+  ``metadata.WeightsMetadata`` and the sha256 and byte count of their tensors, checked on
+  load (``moat.integrity``). Loading one runs no code. They are written to a temporary name
+  and renamed, so a crash never leaves a half-written file under the real name.
 * Plain PyTorch files (``.pt``/``.pth``/``.bin``) are loaded only with
   ``torch.load(..., weights_only=True)``, which refuses anything but tensors and
   containers. Arbitrary pickles are never loaded; convert them yourself if you trust them.
@@ -16,8 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from moat.integrity import atomic_write_bytes, read_safetensors, safetensors_bytes
 from moat.weights.metadata import WeightsMetadata
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -52,16 +53,8 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are saved as .safetensors only")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tensors = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).contiguous()
-               for k, v in state.items()}
-    try:
-        save_file(tensors, partial, metadata=(metadata or WeightsMetadata()).to_header())
-        os.chmod(partial, 0o644)  # safetensors creates files readable by their owner only
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+    # the header also gets the tensors' sha256 and size, verified by load_state_dict
+    atomic_write_bytes(path, safetensors_bytes(state, (metadata or WeightsMetadata()).to_header()))
     return path
 
 
@@ -71,14 +64,17 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], W
     if not path.is_file():
         raise FileNotFoundError(f"no such weights file: {path}")
     if path.suffix == ".safetensors":
-        return load_file(path), WeightsMetadata.read(path)
+        tensors, header = read_safetensors(path)  # verified against the tensors' sha256
+        return tensors, WeightsMetadata.from_header(header)
     if path.suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # the unpickler raises many types; all mean "not weights"
-            raise ValueError(f"{path}: not a plain PyTorch weights file ({err}). Only tensors "
-                             "are loaded (weights_only=True); arbitrary pickles are refused. "
-                             "Convert the file to .safetensors if you trust it") from err
+            # Not the unpickler's own text: it suggests weights_only=False, i.e. running code.
+            raise ValueError(f"{path}: not a plain PyTorch weights file ({type(err).__name__}: "
+                             "damaged, or a pickle of more than tensors). Only tensors are "
+                             "loaded (weights_only=True); arbitrary pickles are refused. "
+                             "Convert the file to .safetensors if you trust it") from None
         for key in ("state_dict", "model"):  # common training-checkpoint wrappers
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]

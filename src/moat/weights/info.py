@@ -8,8 +8,9 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from moat.integrity import DamagedFileError
 from moat.weights.catalogue import find
 from moat.weights.convert import BN_STATISTICS, classify_variables
 from moat.weights.metadata import WeightsMetadata
@@ -88,10 +89,13 @@ def describe(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.suffix != ".safetensors":
         return format_info(checkpoint_info(path))
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        dtypes = Counter(str(f.get_slice(k).get_dtype()) for k in f.keys())
-        count = len(list(f.keys()))
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            dtypes = Counter(str(f.get_slice(k).get_dtype()) for k in f.keys())
+            count = len(list(f.keys()))
+    except SafetensorError as err:
+        raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None
     lines = [f"weights file:     {path}",
              f"tensors:          {count} ({', '.join(f'{k} x{v}' for k, v in dtypes.items())})"]
     for key, value in sorted(meta.items()):

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from moat._version import __version__
+from moat.integrity import DamagedFileError
 from moat.weights.catalogue import NO_PE_SUFFIX, PretrainedWeights
 
 CONVERTER_VERSION = "1"
@@ -130,5 +131,8 @@ class WeightsMetadata:
     @classmethod
     def read(cls, path: str | os.PathLike) -> WeightsMetadata:
         """The header of a .safetensors file (empty for files moat did not write)."""
-        with safe_open(os.fspath(path), framework="pt") as f:
-            return cls.from_header(f.metadata() or {})
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                return cls.from_header(f.metadata() or {})
+        except SafetensorError as err:
+            raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moat
+from moat.data.checks import check_classification_splits, check_readable
 from moat.data.classification import SkipBadCollate, classification_datasets, open_split
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
@@ -65,6 +66,7 @@ class ClassificationTask(Task):
         train_tf, val_tf = self._transforms()
         train, val = classification_datasets(c.data, c.val_data, train_transform=train_tf,
                                              val_transform=val_tf, strict=c.strict_data)
+        check_classification_splits(train, val)  # refuse data that cannot train, now
         self._set_classes(train.classes)
         return train, val
 
@@ -72,8 +74,10 @@ class ClassificationTask(Task):
         data = Path(self.config.data)
         for candidate in (data / "val", data / "val.csv", data):
             if candidate.exists():
-                return open_split(candidate, self.eval_transform(), self.classes,
-                                  strict=self.config.strict_data)
+                dataset = open_split(candidate, self.eval_transform(), self.classes,
+                                     strict=self.config.strict_data)
+                check_readable(dataset, "evaluation")
+                return dataset
         raise FileNotFoundError(f"--data {str(data)!r} does not exist")
 
     def _set_classes(self, classes: Sequence[str]) -> None:

@@ -9,9 +9,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _pair(size: int | Sequence[int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+from moat.preprocessing import size_pair
 
 
 def slide_inference(model: nn.Module, images: Tensor, crop_size: int | Sequence[int],
@@ -23,8 +21,9 @@ def slide_inference(model: nn.Module, images: Tensor, crop_size: int | Sequence[
     side is covered by one window of the image's size there (so a window that covers the
     image gives exactly whole-image inference).
     """
-    ch, cw = _pair(crop_size)
-    sh, sw = _pair(stride) if stride is not None else (max(1, ch * 2 // 3), max(1, cw * 2 // 3))
+    ch, cw = size_pair(crop_size)
+    sh, sw = size_pair(stride) if stride is not None else (max(1, ch * 2 // 3),
+                                                          max(1, cw * 2 // 3))
     if min(ch, cw, sh, sw) < 1:
         raise ValueError(f"crop_size and stride must be positive, got {crop_size}, {stride}")
     batch, _, height, width = images.shape

@@ -20,11 +20,12 @@ from torchvision.transforms.v2 import functional as TF
 from moat.data import segmentation as data
 from moat.data.images import load_rgb
 from moat.models.blocks import set_batch_norm_momentum
+from moat.preprocessing import size_pair
 from moat.tasks.backbone import batch_norm_thawed
 from moat.tasks.confusion import ConfusionMatrix, write_report
 from moat.tasks.segmentation.demo import run_demo
 from moat.tasks.segmentation.drawing import overlay, save_mask_png
-from moat.tasks.segmentation.inference import _pair, segment
+from moat.tasks.segmentation.inference import segment
 from moat.tasks.segmentation.metrics import metrics_from_confusion
 from moat.tasks.segmentation.model import deeplabv3plus
 from moat.tasks.segmentation.options import SegmentationOptions
@@ -91,7 +92,7 @@ class SegmentationTask(Task):
 
     @property
     def crop_size(self) -> tuple[int, int]:
-        return _pair(self.config.img_size)
+        return size_pair(self.config.img_size)
 
     def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         return tuple(self.config.mean), tuple(self.config.std)
