@@ -108,8 +108,10 @@ def _relative_update_difference(a: dict, b: dict, init: dict) -> float:
 
 
 def test_two_processes_adamw_ema_accumulation_match_one(data, tmp_path):
-    """AdamW, EMA and 2 accumulation steps per process (global batch 16 = 2 x 2 x 4) against
-    one process with one step of 16. AdamW amplifies float rounding (see the module
+    """AdamW, EMA and 2 accumulation steps (global batch 16): two processes with micro-batches
+    of 4 (SyncBatchNorm over 8) against one process with micro-batches of 8; both normalise
+    the same 8 images per micro-batch (a micro-batch of 16 would not: accumulation changes
+    BatchNorm's batch). AdamW amplifies float rounding (see the module
     docstring: ~7e-3 here), so the bound is 3e-2; a real fault is larger: e.g. a loss not
     divided by the accumulation steps doubles the gradient, which gradient clipping at norm
     1.0 turns into a different step, and a missing all-reduce halves the data per update."""
@@ -118,10 +120,10 @@ def test_two_processes_adamw_ema_accumulation_match_one(data, tmp_path):
     init_file = tmp_path / "init.safetensors"
     save_file({k: v.contiguous() for k, v in init.items()}, str(init_file))
     settings = dict(SETTINGS, data=str(data), init_from=str(init_file), optimizer="adamw",
-                    lr=1e-3, weight_decay=0.05, ema=True, ema_decay=0.5)
+                    lr=1e-3, weight_decay=0.05, ema=True, ema_decay=0.5, accum_steps=2)
 
     two = tmp_path / "two"
-    _train_two_processes(dict(settings, accum_steps=2), two)
+    _train_two_processes(settings, two)
     one = tmp_path / "one"
     train(load_config(None, [], output=str(one), **settings))
 

@@ -23,6 +23,8 @@ _TRAIN_HELP = {
     "lr": "peak learning rate (default: 1e-3 x batch/1024)",
     "init_from": "fine-tune from weights: RUN_DIR, .safetensors, .pt or an official "
                  "checkpoint (a new head is made for another class count)",
+    "pretrained": "fine-tune from the released weights of --model (a tag such as "
+                  "moat_0.in1k_224; downloaded and cached once), new head for the data",
     "layer_decay": "layer-wise lr decay, e.g. 0.75",
     "frozen_stages": "-1 none, 0 stem, K stem + stages 0..K-1",
     "precision": "auto, fp32, bf16 or fp16",

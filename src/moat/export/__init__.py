@@ -3,11 +3,15 @@
 * `optimize_for_inference(model)`: BatchNorm folded, fused attention with precomputed
   position biases, channels-last where faster (see `moat.export.inference`);
 * `export_onnx`, `export_torchscript`, `export_program` (torch.export .pt2): see
-  `moat.export.formats`; `moat export FORMAT MODEL OUT` on the command line.
+  `moat.export.formats`; `moat export FORMAT MODEL OUT` on the command line;
+* ONNX Runtime: `moat.export.graph` (the module path its optimiser fuses),
+  `moat.export.quantize` (static int8), `moat.export.ort` (sessions, `.onnx` as a model);
+* ExecuTorch (XNNPACK): `moat.export.edge`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,14 +20,16 @@ from moat.export.formats import (SIZE_MULTIPLE, check_dynamic_size, check_onnx, 
                                  export_program, export_torchscript, prepare_for_export,
                                  supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
+from moat.export.quantize import PREPROCESSING_KEY
 from moat.integrity import atomic_output
+from moat.models.config import MODEL_CONFIGS
 from moat.weights.hub import is_hub_name
 
 __all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
            "export_torchscript", "is_optimized", "load_model", "optimize_for_inference",
            "prepare_for_export", "run_export", "supports_dynamic_size"]
 
-FORMATS = ("onnx", "torchscript", "torch-export")
+FORMATS = ("onnx", "torchscript", "torch-export", "executorch")
 
 
 def load_model(model: str, *, weights: str | os.PathLike | None = None,
@@ -76,14 +82,32 @@ def _variant_of_file(path: Path) -> tuple[str, int]:
     return variant.model_name, variant.num_classes
 
 
+def _release_preprocessing(model) -> dict:
+    """Crop, interpolation, mean and std of the model's weights (its pretrained_cfg), else
+    of its variant's release (ImageNet's for a custom configuration)."""
+    from moat.preprocessing import variant_data_config
+    from moat.weights.variant import model_variant
+
+    name = model_variant(model).name
+    config = {**variant_data_config(name if name in MODEL_CONFIGS else "moat_0"),
+              **(getattr(model, "pretrained_cfg", None) or {})}
+    return {k: config[k] for k in ("crop_pct", "interpolation", "mean", "std")}
+
+
 def run_export(model, fmt: str, out: str | os.PathLike, *,
                img_size: int | Sequence[int] | None = None, batch: int = 1, opset: int = 17,
-               check: bool = True, static_size: bool = False) -> str:
+               check: bool = True, static_size: bool = False, dynamic_size: bool = False,
+               layout: str = "onnxruntime", metadata: dict[str, str] | None = None,
+               preprocessing: dict | None = None) -> str:
     """Export `model` in format `fmt` ("onnx", "torchscript", "torch-export"); a summary.
 
-    `img_size` defaults to the variant's native resolution. Height and width are dynamic
-    (multiples of 32) for a globally attending model unless `static_size`; TorchScript
-    traces are always fixed-size.
+    `img_size` defaults to the variant's native resolution. ONNX: fixed height and width
+    (position biases as constants, the fastest graph) unless `dynamic_size`, in the module
+    path `layout` (see `moat.export.formats.LAYOUTS`). torch.export: dynamic height and
+    width (multiples of 32) for a globally attending model unless `static_size`.
+    TorchScript traces are always fixed-size. An ONNX file records `preprocessing`
+    (input_size, crop_pct, interpolation, mean, std; default: the variant's release) and
+    `metadata` in its metadata_props, for `moat quantize` and `moat eval`.
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -92,25 +116,42 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     size = (size[0], size[-1])
     with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
         return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,
-                          static_size=static_size)
+                          static_size=static_size, dynamic_size=dynamic_size, layout=layout,
+                          metadata=metadata, preprocessing=preprocessing)
 
 
 def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[int, int], *,
-               batch: int, opset: int, check: bool, static_size: bool) -> str:
+               batch: int, opset: int, check: bool, static_size: bool, dynamic_size: bool,
+               layout: str, metadata: dict[str, str] | None,
+               preprocessing: dict | None) -> str:
     if fmt == "torchscript":
         export_torchscript(model, tmp, size, batch=batch)
         return (f"wrote {out}: TorchScript trace, dynamic batch, fixed {size[0]}x{size[1]}; "
                 "load with torch.jit.load")
-    dynamic = check_dynamic_size(model, size, False if static_size else None)
+    if fmt == "executorch":
+        from moat.export.edge import export_executorch
+
+        report = export_executorch(model, tmp, size, batch=batch, check=check)
+        return (f"wrote {out}: ExecuTorch program, XNNPACK delegate ({report['delegated_calls']} "
+                f"delegated calls), batch {batch}, fixed {size[0]}x{size[1]}"
+                + (f"; ExecuTorch runtime vs PyTorch: max abs error {report['max_abs_err']:.2e}"
+                   if check else ""))
+    if fmt == "onnx":
+        dynamic = check_dynamic_size(model, size, dynamic_size)
+    else:
+        dynamic = check_dynamic_size(model, size, False if static_size else None)
     shape = (f"dynamic height/width (multiples of {SIZE_MULTIPLE}, traced at "
              f"{size[0]}x{size[1]})" if dynamic else f"fixed {size[0]}x{size[1]}")
     if fmt == "torch-export":
         export_program(model, tmp, size, batch=batch, dynamic_size=dynamic)
         return (f"wrote {out}: torch.export program, dynamic batch, {shape}; load with "
                 "torch.export.load(path).module()")
+    preprocessing = {**(preprocessing or _release_preprocessing(model)), "input_size": size}
+    metadata = {**(metadata or {}), PREPROCESSING_KEY: json.dumps(preprocessing)}
     report = export_onnx(model, tmp, size, opset=opset, batch=batch, dynamic_size=dynamic,
-                         check=check)
-    lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}"]
+                         check=check, layout=layout, metadata=metadata)
+    lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}, "
+             f"{layout} layout"]
     lines += [f"  onnxruntime vs PyTorch, batch {r['batch']}, {r['img_size'][0]}x"
               f"{r['img_size'][1]}: max abs error {r['max_abs_err']:.2e}"
               for r in report.get("check", [])]

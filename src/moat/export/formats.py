@@ -24,17 +24,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from moat.export.graph import for_graph_runtime
 from moat.export.inference import (SamePaddingConv2d, is_optimized,
                                    optimize_for_inference, portable_ops)
 from moat.models.moat import MoatNet
 from moat.preprocessing import size_pair
 
-__all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
+__all__ = ["LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
            "export_onnx",
            "export_program", "export_torchscript", "prepare_for_export",
            "supports_dynamic_size"]
 
 SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
+# The module path an exporter traces: "pytorch", the `optimize_for_inference` model (what
+# PyTorch runtimes run best); "onnxruntime", its NCHW, fusion-friendly spelling
+# (`moat.export.graph`), which ONNX Runtime runs faster. The one switch between the two.
+LAYOUTS = ("pytorch", "onnxruntime")
 
 
 def supports_dynamic_size(model: MoatNet) -> bool:
@@ -94,12 +99,15 @@ def _freeze_padding(model: nn.Module, img_size: tuple[int, int]) -> None:
 
 
 def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
-                       dynamic_size: bool | None = None,
-                       channels_last: bool = False) -> tuple[MoatNet, bool]:
+                       dynamic_size: bool | None = None, channels_last: bool = False,
+                       layout: str = "pytorch") -> tuple[MoatNet, bool]:
     """The model to hand to an exporter, and whether its height/width may vary.
 
-    Returns an eval-mode, fused copy: `model` itself is not changed.
+    Returns an eval-mode, fused copy in the module path `layout` (see `LAYOUTS`): `model`
+    itself is not changed.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(model, MoatNet):
         raise TypeError(f"expected a MoatNet, got {type(model).__name__}")
     if is_optimized(model):
@@ -109,7 +117,7 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
     fused = optimize_for_inference(model, channels_last=channels_last,
                                    img_size=None if dynamic else size)
     _freeze_padding(fused, size)
-    return fused, dynamic
+    return (for_graph_runtime(fused) if layout == "onnxruntime" else fused), dynamic
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -155,8 +163,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, img_size: int | Se
     return program
 
 
-def _export(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool | None):
-    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size)
+def _export(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool | None,
+            layout: str = "pytorch"):
+    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size, layout=layout)
     example = _example(fused, size, max(batch, 2))  # batch 1 would be specialised
     with torch.no_grad():
         program = torch.export.export(fused, (example,),
@@ -187,10 +196,17 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
 # --- ONNX ----------------------------------------------------------------------------------
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Sequence[int], *,
-                opset: int = 17, batch: int = 1, dynamic_size: bool | None = None,
+                opset: int = 17, batch: int = 1, dynamic_size: bool | None = False,
                 check: bool = True, check_batches: Sequence[int] = (1, 8),
-                atol: float = 1e-4, program=None) -> dict:
-    """Export to ONNX (dynamic batch; dynamic height/width with global attention).
+                atol: float = 1e-4, program=None, layout: str = "onnxruntime",
+                metadata: dict[str, str] | None = None) -> dict:
+    """Export to ONNX (dynamic batch; fixed height/width unless `dynamic_size`).
+
+    A fixed size (the default) holds every position bias as a constant; `dynamic_size`
+    True (or None: whenever the model allows, i.e. global attention) computes the biases
+    from their tables in the graph, for any multiple of 32. `layout` "onnxruntime" (the
+    default) exports the module path of `moat.export.graph`, which ONNX Runtime runs
+    fastest; "pytorch" the `optimize_for_inference` model as it is.
 
     Uses the torch.export-based ("dynamo") exporter: it records the relative position
     bias as a function of the input size, so a dynamic-size graph is correct at every size
@@ -199,7 +215,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     dynamic-size graph, also at a second input size) and compares with PyTorch within
     `atol`; raises if it does not match. `program`: the ExportedProgram that
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
-    the model a second time). Returns a report dict.
+    the model a second time). `metadata`: string entries for the file's metadata_props
+    (`moat export onnx` records the preprocessing, see `moat.export.quantize`). Returns a
+    report dict.
     """
     size = size_pair(img_size)
     import onnx
@@ -210,7 +228,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                          f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
-        program, dynamic = _export(model, size, batch, dynamic_size)
+        program, dynamic = _export(model, size, batch, dynamic_size, layout)
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
     with torch.no_grad():
@@ -219,6 +237,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                           output_names=_output_names(model), external_data=False, verbose=False)
     if opset == 17:
         downgrade_onnx_to_opset17(path)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(os.fspath(path))
+        onnx.helper.set_model_props(proto, dict(metadata))
+        onnx.save(proto, os.fspath(path))
     report = {"path": str(path), "opset": _onnx_opset(path), "dynamic_batch": True,
               "dynamic_size": dynamic, "img_size": size}
     if check:

@@ -39,6 +39,39 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in values.items() if k in known})
 
 
+# metadata_props of an ONNX file exported from a run (`moat export onnx RUN_DIR OUT`)
+ONNX_CONFIG_KEY, ONNX_TASK_KEY = "moat.config", "moat.task_metadata"
+
+
+def onnx_metadata(task: Task) -> tuple[dict[str, str], dict[str, Any]]:
+    """(metadata_props, preprocessing) that let `moat eval` rebuild `task` from an ONNX file."""
+    c = task.config
+    props = {ONNX_CONFIG_KEY: json.dumps(c.to_dict()),
+             ONNX_TASK_KEY: json.dumps(task.metadata())}
+    return props, dict(crop_pct=c.crop_pct, interpolation=c.interpolation, mean=list(c.mean),
+                       std=list(c.std))
+
+
+def _load_onnx(path: Path, settings: Mapping[str, Any]) -> tuple[Task, nn.Module, dict]:
+    """The task of an ONNX file exported from a run, and the file as an ONNX Runtime model."""
+    import onnx
+
+    from moat.export.ort import OnnxRuntimeModel
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
+             .metadata_props}
+    if ONNX_CONFIG_KEY not in props:
+        raise ValueError(f"{path} does not record its task and classes: export it from the "
+                         "training run, `moat export onnx RUN_DIR OUT.onnx`")
+    config = config_from_dict(json.loads(props[ONNX_CONFIG_KEY]))
+    for key, value in settings.items():
+        if value is not None:
+            setattr(config, key, value)
+    task = get_task(config.task)(config)
+    task.load_metadata(json.loads(props.get(ONNX_TASK_KEY, "{}")))
+    return task, OnnxRuntimeModel(path), {"checkpoint": str(path), "weights": "onnxruntime"}
+
+
 def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
                         device: torch.device | str = "cpu",
                         settings: Mapping[str, Any] | None = None,
@@ -47,10 +80,13 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
 
     `settings` override the stored config (e.g. data, eval_img_size, strict_data).
     Files without a stored config (converted official weights) need the `variant` metadata
-    that `moat convert` writes.
+    that `moat convert` writes. An `.onnx` file exported from a run (`moat export onnx
+    RUN_DIR`) gives its task and an `OnnxRuntimeModel` (CPU) instead.
     """
     path = resolve_checkpoint(checkpoint)
     device = torch.device(device)
+    if path.suffix == ".onnx":  # evaluated by ONNX Runtime, on the CPU
+        return _load_onnx(path, settings or {})
     if path.is_dir():
         meta = read_meta(path)
         config, task_meta = config_from_dict(meta["config"]), meta.get("task_metadata", {})

@@ -1,0 +1,97 @@
+"""The issue's judged ONNX Runtime configuration: MOAT against its peers, side by side.
+
+CPU, float32, ONNX Runtime with intra_op_num_threads=2, every model exported the same way
+(`moat.benchmark_onnx`: MOAT by `moat export onnx` at a fixed size, timm's peers by
+`torch.onnx.export`, opset 18) and timed interleaved in one process, median of the repeats:
+
+* MOAT-0 at 224x224 against CoAtNet-0, ConvNeXt-T and MaxViT-T: batch-8 throughput
+  (multiply-adds per second) and batch-1 latency;
+* tiny-MOAT-0 and tiny-MOAT-1 at 256x256 against MobileViTv2-0.75/1.0/1.5, FastViT-T8 and
+  MobileNetV4-conv-medium: batch-1 latency (and batch-8 throughput).
+
+With `--int8-calibration DIR` the MOAT models are also quantized (static int8, calibrated
+on the images in DIR) and timed in the same rounds. Prints the tables and the verdicts:
+
+* MOAT-0's batch-8 GMAC/s >= CoAtNet-0's and ConvNeXt-T's;
+* tiny-MOAT-0 and tiny-MOAT-1 batch-1 latency <= MobileViTv2-0.75's and -1.0's;
+* with int8: int8 >= 1.5x faster than fp32 (batch 8 and batch 1) for MOAT-0, tiny-MOAT-1.
+
+    python benchmarks/inference_onnxruntime.py [--repeats 15] [--csv ort.csv] [--export-dir DIR]
+
+(Not named onnxruntime.py: a script's folder comes first on sys.path, and the script would
+shadow the onnxruntime package.)
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in benchmarks/inference.py: PyTorch (used for exporting) must not busy-wait either.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from moat.benchmark import format_table, write_csv  # noqa: E402
+from moat.benchmark_onnx import run_onnx_benchmark  # noqa: E402
+
+GROUPS = (("moat_0", ["moat_0"], 224), ("tiny_moat", ["tiny_moat_0", "tiny_moat_1"], 256))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--groups", nargs="+", default=[g[0] for g in GROUPS],
+                        choices=[g[0] for g in GROUPS])
+    parser.add_argument("--int8-calibration", metavar="DIR")
+    parser.add_argument("--export-dir", help="keep (and reuse) the exported files here")
+    parser.add_argument("--csv", help="also write the rows (with versions) to this CSV file")
+    args = parser.parse_args(argv)
+
+    rows = []
+    for group, models, size in GROUPS:
+        if group in args.groups:
+            rows += run_onnx_benchmark(
+                models, peers=True, img_sizes=[size], batch_sizes=[args.batch_size],
+                threads=[args.threads], warmup=args.warmup, repeats=args.repeats,
+                int8_calibration=args.int8_calibration, export_dir=args.export_dir,
+                log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_table(rows))
+    print(f"\nonnxruntime {rows[0]['onnxruntime']}; b1 latency: median of "
+          f"{max(args.repeats, 5)} interleaved batch-1 runs")
+    if args.csv:
+        write_csv(rows, args.csv)
+
+    def get(model: str, key: str) -> float | None:
+        return next((r[key] for r in rows if r["model"] == model), None)
+
+    def verdict(text: str, ok: bool) -> None:
+        print(f"{text}: {'PASS' if ok else 'FAIL'}")
+
+    print()
+    mine = get("moat_0", "gmacs_per_s")
+    for peer in ("coatnet_0_rw_224", "convnext_tiny"):
+        if mine is not None and get(peer, "gmacs_per_s") is not None:
+            theirs = get(peer, "gmacs_per_s")
+            verdict(f"batch {args.batch_size}: moat_0 {mine:.1f} GMAC/s vs {peer} "
+                    f"{theirs:.1f} GMAC/s (x{mine / theirs:.2f})", mine >= theirs)
+    for ours in ("tiny_moat_0", "tiny_moat_1"):
+        for peer in ("mobilevitv2_075", "mobilevitv2_100"):
+            a, b = get(ours, "latency_ms"), get(peer, "latency_ms")
+            if a is not None and b is not None:
+                verdict(f"batch 1: {ours} {a:.1f} ms vs {peer} {b:.1f} ms (x{b / a:.2f} "
+                        "speed)", a <= b)
+    for ours in ("moat_0", "tiny_moat_1"):
+        for key, what in (("time_ms", f"batch {args.batch_size}"), ("latency_ms", "batch 1")):
+            a, b = get(ours, key), get(f"{ours} (int8)", key)
+            if a is not None and b is not None:
+                verdict(f"{what}: {ours} int8 {b:.1f} ms vs fp32 {a:.1f} ms (x{a / b:.2f})",
+                        a / b >= 1.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""The module path of an ONNX export for ONNX Runtime: `for_graph_runtime(fused)`.
+
+`optimize_for_inference` shapes a model for eager PyTorch on CPU: channels-last, oneDNN's
+fused convolution + GELU calls, attention projections as 1x1 convolutions. In an ONNX
+graph those choices cost time: ONNX Runtime runs convolutions in NCHW (blocked NCHWc on
+x86), so every channels-last view becomes a Transpose, and a projection written as a
+1x1 convolution becomes two Transposes around a blocked convolution with layout reorders
+around it. This path writes the same function the way ONNX Runtime's optimiser and
+kernels want it (measured with `moat benchmark --runtime onnxruntime`):
+
+* NCHW convolutions (BatchNorm folded, 'SAME' padding frozen by the exporter);
+* GELU spelled `(x * 0.5) * (1 + erf(x / sqrt(2)))`, the pattern ONNX Runtime's GeluFusion
+  replaces by one Gelu kernel (PyTorch's exporter spells it in an order that is not fused:
+  five element-wise passes over the widest tensors of the network);
+* attention as plain matrix products on [B, T, C] tokens: one Transpose into tokens and one
+  back per block (the residual added on tokens), plus the head split and merge; the 1/sqrt(d) scale is folded into the
+  query weights; the position bias is a constant for every size known at export time;
+* LayerNorm as LayerNormalization on the token view (no transposes of its own).
+
+The copy computes the same function as the model (within float rounding). It is for
+exporting only; eager PyTorch is faster with `optimize_for_inference` alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from moat.export.inference import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
+                                   is_optimized)
+from moat.models.layers import avg_pool_same_exclude_pad, window_attention
+from moat.models.moat import MoatNet
+
+__all__ = ["GraphGelu", "for_graph_runtime", "graph_gelu"]
+
+_SQRT_2 = math.sqrt(2.0)
+
+
+def graph_gelu(x: Tensor) -> Tensor:
+    """Exact (erf) GELU in the operator order ONNX Runtime fuses into one Gelu kernel."""
+    return (x * 0.5) * (torch.erf(x / _SQRT_2) + 1.0)
+
+
+class GraphGelu(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return graph_gelu(x)
+
+
+class GraphMBConv(nn.Module):
+    """A `FusedMBConv` (same modules, same parameter names) in plain NCHW operators."""
+
+    def __init__(self, fused: FusedMBConv) -> None:
+        super().__init__()
+        self.stride, self.pool_size = fused.stride, fused.pool_size
+        self.shortcut_conv = fused.shortcut_conv
+        self.expand_conv, self.depthwise_conv = fused.expand_conv, fused.depthwise_conv
+        self.se, self.shrink_conv = fused.se, fused.shrink_conv
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = avg_pool_same_exclude_pad(x, self.pool_size, self.stride)
+        return x if self.shortcut_conv is None else self.shortcut_conv(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = graph_gelu(self.depthwise_conv(graph_gelu(self.expand_conv(x))))
+        if self.se is not None:
+            y = self.se(y)
+        return self.shortcut(x) + self.shrink_conv(y)
+
+
+class GraphAttention(InferenceAttention):
+    """`InferenceAttention` as matrix products on tokens, the query scale in its weights."""
+
+    def __init__(self, fused: InferenceAttention) -> None:
+        super().__init__(fused)
+        for name in fused._precomputed.values():
+            self.register_buffer(name, getattr(fused, name), persistent=False)
+        self._precomputed = dict(fused._precomputed)
+        inner = self.num_heads * self.head_size
+        with torch.no_grad():  # q = x Wq^T + bq, times head_size^-0.5: fold the scale
+            self.qkv.weight[:inner] *= self.head_size ** -0.5
+            self.qkv.bias[:inner] *= self.head_size ** -0.5
+        self.requires_grad_(False)
+
+    def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x: [B, windows, T, C], bias: [1, heads, T, T] or None -> [B, windows, T, C]."""
+        batch, windows, tokens, _ = x.shape
+        qkv = self.qkv(x).view(batch * windows, tokens, 3, self.num_heads, self.head_size)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*windows, heads, T, K]
+        scores = q @ k.transpose(-1, -2)
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        out = scores.softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(batch, windows, tokens, -1))
+
+
+class GraphMoatBlock(GraphMBConv):
+    """A `FusedMoatBlock` in plain operators: NCHW MBConv, then attention on tokens."""
+
+    def __init__(self, fused: FusedMoatBlock) -> None:
+        super().__init__(fused)
+        self.window = fused.window
+        self.attention_norm = fused.attention_norm
+        self.attention = GraphAttention(fused.attention)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = super().forward(x).permute(0, 2, 3, 1)  # [B, H, W, C]: one Transpose
+        window = self.window or tuple(x.shape[1:3])
+        # The residual is added to the token view, so one Transpose leads back to NCHW
+        # (ONNX Runtime folds both into its layout reorders around the convolutions).
+        x = x + window_attention(self.attention, self.attention_norm(x), window)
+        return x.permute(0, 3, 1, 2)
+
+
+def for_graph_runtime(fused: MoatNet) -> MoatNet:
+    """A copy of an `optimize_for_inference` model in the module path above."""
+    if not is_optimized(fused):
+        raise ValueError("for_graph_runtime takes a model from optimize_for_inference")
+    graph = copy.deepcopy(fused).to(memory_format=torch.contiguous_format)
+    stem = graph.stem
+    if isinstance(stem.conv_0, ConvGelu):
+        stem.conv_0, stem.act_0 = stem.conv_0[0], GraphGelu()
+    for stage in graph.stages:
+        for index, block in enumerate(stage):
+            stage[index] = (GraphMoatBlock if isinstance(block, FusedMoatBlock)
+                            else GraphMBConv)(block)
+    return graph
