@@ -13,6 +13,8 @@ import pytest
 from moat.cli import main
 from moat.tasks import classification, detection, segmentation
 
+pytestmark = pytest.mark.slow  # end to end: data, training, evaluation, prediction
+
 SMALL_DATA = {
     "classification": (classification, {"train_per_class": 4, "val_per_class": 2}),
     "segmentation": (segmentation, {"train_size": 8, "val_size": 4, "img_size": 64}),

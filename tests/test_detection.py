@@ -28,7 +28,7 @@ from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
 from moat.data.coco import (CocoDetection, coco_evaluate, collate_detection,  # noqa: E402
                             detections_to_coco, load_coco, train_transforms)
-from moat.tasks.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOU_THRESHOLDS,  # noqa: E402
+from moat.tasks.detection.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOU_THRESHOLDS,  # noqa: E402
                                 AgnosticBoxPredictor, CascadeRoIHeads, CascadeStage)
 from moat.tasks.detection import DetectionTask, build_detector  # noqa: E402
 
@@ -379,6 +379,7 @@ def _distributed_worker(rank: int, world: int, port: int, gt, dets, tmp: str, ou
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_task_evaluation_matches_pycocotools_also_split_over_two_processes(tmp_path, capsys):
     gt = _gt_dict()
     dets = _noisy_detections(gt, seed=1)
@@ -507,12 +508,14 @@ def trained_run(synthetic, tmp_path_factory):
     return run_dir, run.model.eval(), result
 
 
+@pytest.mark.slow
 def test_training_loop_evaluates_coco_metrics(trained_run):
     metrics = trained_run[2]["metrics"]
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "mask_AP", "mask_AP50"} <= set(metrics)
     assert all(-1.0 <= v <= 1.0 for v in metrics.values())
 
 
+@pytest.mark.slow
 def test_checkpoint_reloads_and_predicts_identically(trained_run, synthetic):
     from moat.train.inference import load_task_and_model
 
@@ -531,6 +534,7 @@ def test_checkpoint_reloads_and_predicts_identically(trained_run, synthetic):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_predict_writes_png_and_coco_json(trained_run, synthetic, tmp_path):
     from moat.train.inference import predict_checkpoint
 
@@ -552,6 +556,7 @@ def _image(path: Path) -> torch.Tensor:
                        scale=True)
 
 
+@pytest.mark.slow
 def test_detection_through_the_cli(trained_run, synthetic, tmp_path, capsys):
     from moat.cli import main
 

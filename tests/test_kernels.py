@@ -12,6 +12,8 @@ from moat.kernels import batch_norm_gelu, extension
 from moat.models.blocks import MBConvBlock
 from moat.models.config import MODEL_CONFIGS
 
+pytestmark = pytest.mark.slow  # compiles the C++ kernel on first use
+
 CL = torch.channels_last
 
 

@@ -14,9 +14,9 @@ from moat.data import segmentation as segdata
 from moat.data.synthetic_segmentation import write_segmentation_dataset
 from moat.tasks.backbone import (PRESETS, FrozenBatchNorm2d, MoatBackbone, batch_norm_thawed,
                                  build_backbone)
-from moat.tasks.segmentation import (ConfusionMatrix, DeepLabV3Plus, confusion_matrix,
-                                     deeplabv3plus, metrics_from_confusion, segment,
-                                     slide_inference)
+from moat.tasks.confusion import ConfusionMatrix, confusion_matrix
+from moat.tasks.segmentation import (DeepLabV3Plus, deeplabv3plus, metrics_from_confusion,
+                                     segment, slide_inference)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 NAN = float("nan")
@@ -70,7 +70,7 @@ def test_metrics_are_over_the_whole_set_not_per_image_means():
     cm.update(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 0, 255]))
     # whole-set matrix: truth 0 -> [5, 1], truth 1 -> [0, 1]
     assert torch.equal(cm.matrix, torch.tensor([[5, 1], [0, 1]]))
-    m = cm.compute()
+    m = metrics_from_confusion(cm.matrix)
     # IoU_0 = 5 / (6 + 5 - 5), IoU_1 = 1 / (1 + 2 - 1); a per-image mean would give
     # ((1) + (2/3 + 1/2) / 2) / 2 instead
     assert m["IoU/0"] == pytest.approx(5 / 6) and m["IoU/1"] == pytest.approx(1 / 2)
@@ -415,7 +415,7 @@ def test_task_contract(tmp_path):
     loader = torch.utils.data.DataLoader(val, batch_size=2, collate_fn=task.collate_fn(False))
     metrics = task.evaluate(model.eval(), loader, torch.device("cpu"))
     assert 0 <= metrics["mIoU"] <= 1 and 0 <= metrics["pixel_acc"] <= 1
-    task.config.task_options.update(inference="slide", slide_crop=32, flip_test=True)
+    task.options.inference, task.options.slide_crop, task.options.flip_test = "slide", 32, True
     assert set(task.evaluate(model, loader, torch.device("cpu"))) >= {"mIoU", "pixel_acc"}
     assert "mIoU" in task.format_metrics(metrics)
     # evaluation at another resolution: logits are resized to the (original) mask
@@ -444,6 +444,7 @@ def test_task_predict_writes_mask_and_overlay(tmp_path):
     assert overlay.mode == "RGB" and overlay.size == (48, 48)
 
 
+@pytest.mark.slow
 def test_short_training_run_through_the_shared_loop(tmp_path):
     from moat.train.config import load_config
     from moat.train.inference import evaluate_checkpoint, predict_checkpoint
@@ -511,6 +512,7 @@ def _distributed_eval_worker(rank: int, world: int, port: int, out: str) -> None
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluation_is_summed_across_processes(tmp_path):
     import json
     import socket

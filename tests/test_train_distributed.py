@@ -30,6 +30,8 @@ from moat.train.checkpoint import CheckpointManager, read_meta
 from moat.train.config import load_config
 from moat.train.loop import train
 
+pytestmark = pytest.mark.slow  # two torchrun processes
+
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 SETTINGS = dict(model="tiny_moat_0", img_size=32, epochs=1, batch_size=16, workers=0,
                 progress=False, tensorboard=False, optimizer="sgd", lr=0.05, warmup_epochs=0,

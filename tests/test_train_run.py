@@ -61,6 +61,7 @@ def _assert_same(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_run_matches_uninterrupted(data, tmp_path):
     """SIGKILL after the first checkpoint (mid-epoch), --resume, same final weights."""
     settings = dict(TINY, epochs=2, save_every_steps=2, deterministic=True, mixup=0.8,

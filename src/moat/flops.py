@@ -3,7 +3,7 @@
 "macs": multiply-adds of convolutions, linear layers and attention matmuls, the number
 peers report (fvcore/timm convention).
 
-"official": what the official FLOPs reproduce (MODEL_ZOO.md §3): TF's profiler counts every
+"official": what the official FLOPs reproduce (docs/model_zoo.md §2): TF's profiler counts every
 float op it has a formula for (matmuls and convolutions as 2 per multiply-add, but also
 bias adds, batch-norm scale and shift, GELU's arithmetic, residual adds, ...), divides by 2,
 and, because the test runs batch 8, includes one eighth of the batch-independent one-hot

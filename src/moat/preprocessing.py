@@ -1,4 +1,5 @@
-"""Input preprocessing facts of the released checkpoints (MODEL_ZOO.md §4, ARCHITECTURE.md §13).
+"""Input preprocessing facts of the released checkpoints (docs/model_zoo.md §3,
+docs/architecture.md §7).
 
 Official "option 1": ImageNet mean/std on 0..255 input (= these values on 0..1 input);
 "option 2": (x - 127.5) / 127.5 (= mean 0.5, std 0.5 on 0..1 input).

@@ -1,6 +1,6 @@
 """MOAT configuration: one dataclass and the variant table, the only place numbers live.
 
-Numbers come from the official deeplab2 `moat.py` (see ARCHITECTURE.md §1).
+Numbers come from the official deeplab2 `moat.py` (see docs/architecture.md §1).
 """
 
 from __future__ import annotations

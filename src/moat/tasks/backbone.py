@@ -35,6 +35,7 @@ from moat.models.config import MODEL_CONFIGS
 from moat.models.blocks import set_batch_norm_momentum
 from moat.models.layers import Conv2dSame
 from moat.models.moat import ENDPOINTS, MoatNet, Window
+from moat.train.checkpoint import load_pretrained
 
 __all__ = ["PRESETS", "BackbonePreset", "FrozenBatchNorm2d", "MoatBackbone", "build_backbone",
            "batch_norm_thawed", "freeze_batch_norm", "list_presets",
@@ -240,6 +241,14 @@ def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
 
             load_weights(model, weights)
     return model
+
+
+def load_pretrained_backbone(model: nn.Module, path: str, backbone: MoatBackbone | None) -> str:
+    """`--init-from PATH` for a model built on a MOAT backbone (see
+    `moat.train.checkpoint.load_pretrained`); frozen BatchNorm is thawed while loading, so
+    official-weight loaders find their BatchNorm2d layers."""
+    with batch_norm_thawed(backbone):
+        return load_pretrained(model, path, backbone=backbone)
 
 
 # --- builder ------------------------------------------------------------------------------

@@ -4,15 +4,17 @@ the optimiser and schedule, EMA, checkpoints, logging, resumption. A task owns w
 its model, data, loss, metrics and predictions.
 
 Order of calls in `moat train` (src/moat/train/loop.py): `Task(config)`, `build_datasets()`,
-`build_training_model(info, resume)` (so the model may use what the data found, e.g. the number of
-classes, which the task may write back into `config`), then per step `loss(...)` under autocast, per epoch
-`evaluate(...)` under autocast and no_grad on every rank (each sees a shard; called for the
-model and again for its EMA), and `metadata()` whenever a checkpoint is written. A batch may
-carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop logs those files; a
-training batch whose `batch_size()` is 0 is skipped (it still takes part in DDP's all-reduce). `moat eval` / `moat predict` rebuild the task
-from the config stored in the checkpoint, call `load_metadata(...)` and `build_model()`.
+`build_training_model(info, resume)` (so the model may use what the data found, e.g. the
+number of classes, which the task may write back into `config`), then per step `loss(...)`
+under autocast, per epoch `evaluate(...)` under autocast and no_grad on every rank (each sees
+a shard; called for the model and again for its EMA), and `metadata()` whenever a checkpoint
+is written. A batch may carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop
+logs those files; a training batch whose `batch_size()` is 0 is skipped (it still takes part
+in DDP's all-reduce). `moat eval` / `moat predict` rebuild the task from the config stored in
+the checkpoint, call `load_metadata(...)` and `build_model()`: the same model, complete.
 
-Task-specific settings live in `config.task_options` (a dict; `--set task_options.KEY=VALUE`).
+Task-specific settings are `config.task_options` (`--set task_options.KEY=VALUE`), checked and
+typed by the task's `options_type` into `task.options` (unknown keys are refused).
 Everything below `predict` is optional: the defaults work for any model containing a MoatNet.
 """
 
@@ -28,7 +30,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import moat.tasks
+from moat.models.moat import MoatNet
 from moat.train import distributed as dist_utils
+from moat.train.checkpoint import load_pretrained
 from moat.weights.loader import weights_file
 
 log = logging.getLogger("moat")
@@ -39,9 +44,13 @@ class Task:
 
     name: str = ""
     main_metric: str = ""  # key of `evaluate`'s result; higher is better; picks the best checkpoint
+    # The typed `task_options` (a `moat.tasks.options.TaskOptions` dataclass): `self.options`.
+    options_type: type | None = None
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.options = None if self.options_type is None else \
+            self.options_type.from_dict(getattr(config, "task_options", None), self.name)
 
     def build_model(self) -> nn.Module:
         """The complete model the config describes: architecture, BatchNorm momentum
@@ -130,16 +139,12 @@ class Task:
     def backbone(self, model: nn.Module) -> nn.Module | None:
         """The MoatNet inside `model` (for frozen stages, layer-wise lr decay, gradient
         checkpointing and `--init-from`). Default: the first MoatNet submodule."""
-        from moat.models.moat import MoatNet
-
         return next((m for m in model.modules() if isinstance(m, MoatNet)), None)
 
     def load_pretrained(self, model: nn.Module, path: str) -> str:
         """`--init-from PATH`: load weights for fine-tuning; return a one-line summary.
         Default: into `backbone(model)`, skipping tensors whose shape differs (e.g. a head
         with another number of classes); see `moat.train.checkpoint.load_pretrained`."""
-        from moat.train.checkpoint import load_pretrained
-
         return load_pretrained(model, path, backbone=self.backbone(model))
 
     def format_metrics(self, metrics: Mapping[str, float]) -> str:
@@ -182,8 +187,6 @@ def available_tasks() -> list[str]:
 
 
 def _import_task_modules() -> dict[str, str]:
-    import moat.tasks
-
     errors = {}
     for info in pkgutil.iter_modules(moat.tasks.__path__, "moat.tasks."):
         try:

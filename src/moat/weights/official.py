@@ -1,6 +1,6 @@
 """Official TensorFlow variable names <-> our parameters, with the layout transposes.
 
-The single source of truth for official naming (ARCHITECTURE.md §11-12). Official q, k and
+The single source of truth for official naming (docs/architecture.md §6). Official q, k and
 v projections are concatenated into our fused `qkv` layer.
 """
 

@@ -9,10 +9,7 @@ Metrics: top-1, top-5 (percent), loss, and a confusion matrix summed over proces
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import moat
+from moat.data.checks import check_classification_splits, check_readable
+from moat.data.classification import SkipBadCollate, classification_datasets, open_split
+from moat.data.images import BadImageError, load_rgb
+from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
 from moat.models.blocks import set_batch_norm_momentum
+from moat.tasks.classification.demo import run_demo
+from moat.tasks.confusion import ConfusionMatrix, class_recall, plot_confusion, write_report
+from moat.tasks.options import TaskOptions
+from moat.train.distributed import all_reduce_sum
 from moat.train.task import Task, register_task
 
 
@@ -29,6 +35,7 @@ from moat.train.task import Task, register_task
 class ClassificationTask(Task):
     name = "classification"
     main_metric = "top-1"
+    options_type = TaskOptions  # no task_options: every setting is a TrainConfig field
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -37,8 +44,6 @@ class ClassificationTask(Task):
 
     # --- data ----------------------------------------------------------------------------------
     def _transforms(self):
-        from moat.data.transforms import eval_transform, train_transform
-
         c = self.config
         train_tf = train_transform(
             c.img_size, mean=tuple(c.mean), std=tuple(c.std), interpolation=c.interpolation,
@@ -48,17 +53,12 @@ class ClassificationTask(Task):
         return train_tf, self.eval_transform()
 
     def eval_transform(self, img_size: int | None = None):
-        from moat.data.transforms import eval_transform
-
         c = self.config
         return eval_transform(img_size or c.eval_img_size or c.img_size, mean=tuple(c.mean),
                               std=tuple(c.std), interpolation=c.interpolation,
                               crop_pct=c.crop_pct)
 
     def build_datasets(self):
-        from moat.data.checks import check_classification_splits
-        from moat.data.classification import classification_datasets
-
         c = self.config
         if not c.data:
             raise ValueError("classification needs --data: a folder with train/<class>/ and "
@@ -76,9 +76,6 @@ class ClassificationTask(Task):
         return len(classification_datasets(self.config.data, self.config.val_data)[0])
 
     def build_eval_dataset(self):
-        from moat.data.checks import check_readable
-        from moat.data.classification import open_split
-
         data = Path(self.config.data)
         for candidate in (data / "val", data / "val.csv", data):
             if candidate.exists():
@@ -101,9 +98,6 @@ class ClassificationTask(Task):
         c.num_classes = len(classes)
 
     def collate_fn(self, train: bool):
-        from moat.data.classification import SkipBadCollate
-        from moat.data.transforms import mixup_cutmix
-
         if not train:
             return SkipBadCollate()
         c = self.config
@@ -111,8 +105,6 @@ class ClassificationTask(Task):
 
     # --- model and loss -------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
-        import moat
-
         c = self.config
         if c.num_classes is None:
             raise ValueError("num_classes is unknown: build the datasets first or set it")
@@ -138,11 +130,9 @@ class ClassificationTask(Task):
     # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        from moat.train.distributed import all_reduce_sum
-
         k = self.config.num_classes
         # bincount runs on the CPU: its CUDA kernel is not deterministic (--deterministic).
-        confusion = torch.zeros(k, k, dtype=torch.int64)
+        confusion = ConfusionMatrix(k, ignore_index=None)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 hits, count
         for batch in loader:
             images, targets = batch[0], batch[1]
@@ -155,25 +145,20 @@ class ClassificationTask(Task):
             top = logits.topk(min(5, k), dim=-1).indices
             sums[1] += (top == targets[:, None]).any(-1).sum()
             sums[2] += len(targets)
-            pairs = (targets * k + top[:, 0]).cpu()
-            confusion += torch.bincount(pairs, minlength=k * k).view(k, k)
-        self.confusion = all_reduce_sum(confusion.to(device)).cpu()
+            confusion.update(top[:, 0].cpu(), targets.cpu())
+        self.confusion = confusion.all_reduce(device)
         all_reduce_sum(sums)
-        confusion = self.confusion
         n = max(float(sums[2]), 1.0)
-        per_class = self.per_class_accuracy()
-        present = [a for a in per_class if not math.isnan(a)]
-        return {"top-1": float(confusion.diag().sum()) / n * 100, "top-5": float(sums[1]) / n * 100,
-                "loss": float(sums[0]) / n,
+        present = [a for a in self.per_class_accuracy() if not math.isnan(a)]
+        return {"top-1": float(self.confusion.diag().sum()) / n * 100,
+                "top-5": float(sums[1]) / n * 100, "loss": float(sums[0]) / n,
                 "mean-class-acc": sum(present) / max(len(present), 1),
                 "images": int(sums[2])}
 
     def per_class_accuracy(self) -> list[float]:
-        if self.confusion is None:
-            return []
-        totals = self.confusion.sum(1).double()
-        acc = self.confusion.diag().double() / totals * 100
-        return [float("nan") if t == 0 else float(a) for a, t in zip(acc, totals)]
+        """Accuracy (percent) of each class in the last evaluation; NaN for a class without
+        images."""
+        return [] if self.confusion is None else [a * 100 for a in class_recall(self.confusion)]
 
     def format_metrics(self, metrics: Mapping[str, float]) -> str:
         line = f"top-1: {metrics['top-1']:.2f}%  top-5: {metrics['top-5']:.2f}%"
@@ -186,27 +171,17 @@ class ClassificationTask(Task):
         return line
 
     def write_report(self, metrics: Mapping[str, Any], output_dir: str) -> list[str]:
-        """per_class.csv (accuracy and count per class), confusion.csv and confusion.png."""
+        """metrics.json, per_class.csv (accuracy in percent and count per class),
+        confusion.csv and confusion.png."""
         if self.confusion is None:
             return []
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
         names = self.classes or [str(i) for i in range(self.confusion.shape[0])]
-        totals = self.confusion.sum(1).tolist()
-        rows = ["class,accuracy,images"] + [
-            f"{_csv(n)},{'' if math.isnan(a) else f'{a:.2f}'},{t}"
-            for n, a, t in zip(names, self.per_class_accuracy(), totals)]
-        (out / "per_class.csv").write_text("\n".join(rows) + "\n")
-        (out / "confusion.csv").write_text(
-            "true\\predicted," + ",".join(_csv(n) for n in names) + "\n" + "".join(
-                f"{_csv(n)}," + ",".join(str(int(v)) for v in row) + "\n"
-                for n, row in zip(names, self.confusion.tolist())))
-        (out / "metrics.json").write_text(json.dumps(dict(metrics), indent=1) + "\n")
-        paths = [str(out / "metrics.json"), str(out / "per_class.csv"), str(out / "confusion.csv")]
-        png = plot_confusion(self.confusion, names, out / "confusion.png")
-        if png:
-            paths.append(png)
-        return paths
+        rows = [("" if math.isnan(a) else f"{a:.2f}", t) for a, t in
+                zip(self.per_class_accuracy(), self.confusion.sum(1).tolist())]
+        paths = write_report(output_dir, metrics, self.confusion, names,
+                             "class,accuracy,images", rows)
+        png = plot_confusion(self.confusion, names, Path(output_dir) / "confusion.png")
+        return paths + ([png] if png else [])
 
     # --- prediction ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -215,8 +190,6 @@ class ClassificationTask(Task):
                 batch_size: int = 32, **options: Any) -> list[dict]:
         """[{"path", "top_k": [{"label", "index", "probability"}, ...]}] per image; an
         unreadable file gives {"path", "error"} instead."""
-        from moat.data.images import BadImageError, load_rgb
-
         names = self.classes or [str(i) for i in range(self.config.num_classes)]
         transform = self.eval_transform(img_size)
         k = max(1, min(top_k, len(names)))
@@ -257,80 +230,3 @@ class ClassificationTask(Task):
     @classmethod
     def demo(cls, output_dir: str, **options: Any) -> dict[str, Any]:
         return run_demo(output_dir, **options)
-
-
-def _csv(name: str) -> str:
-    return f'"{name}"' if any(ch in name for ch in ',"\n') else name
-
-
-def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path: Path) -> str | None:
-    """A confusion-matrix PNG (rows: true class, columns: predicted); None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    k = len(names)
-    cm = confusion.double()
-    norm = cm / cm.sum(1, keepdim=True).clamp_min(1)
-    size = min(4 + 0.35 * k, 40)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    if k <= 50:
-        ax.set_xticks(range(k), names, rotation=90)
-        ax.set_yticks(range(k), names)
-        if k <= 20:
-            for i in range(k):
-                for j in range(k):
-                    if cm[i, j] > 0:
-                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8,
-                                color="white" if norm[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title("confusion matrix (row-normalised colours, counts)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return str(path)
-
-
-# --- demo --------------------------------------------------------------------------------------
-
-# Chosen so that tiny_moat_0 reaches >= 90% top-1 within 10 minutes on 2 CPU cores: the native
-# 64 px (at 32-48 px the network needs several times more steps before it starts to learn),
-# batch 32 with AdamW 1e-3 (more updates per image), a short warm-up and cosine schedule, mild
-# crops (80-100% of the area: smaller crops cut shapes off), no Mixup/CutMix/RandAugment (they
-# slow short runs down), BatchNorm momentum 0.1 so that evaluation statistics keep up with a
-# few hundred steps (with the official 0.01 a 300-step run evaluates at chance), data loading in
-# the main process (2 cores). Measured with benchmarks/demo.py on the idle 2-core machine:
-# 94.2% top-1 in 186 s wall (96.2% in 523 s while the machine was shared).
-DEMO_SETTINGS: dict[str, Any] = {
-    "model": "tiny_moat_0", "img_size": 64, "crop_pct": 1.0, "epochs": 10, "batch_size": 32,
-    "lr": 1e-3, "warmup_epochs": 0.5, "min_lr": 1e-5, "weight_decay": 0.05,
-    "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "randaugment": None,
-    "scale": (0.8, 1.0), "ema": True, "ema_decay": 0.99, "bn_momentum": 0.1, "workers": 0,
-    "eval_every_epochs": 5, "log_every_steps": 10, "keep_last": 1,
-}
-DEMO_DATA = {"num_classes": 10, "train_per_class": 200, "val_per_class": 50, "img_size": 64}
-
-
-def run_demo(output_dir: str | os.PathLike = "moat-demo", *, epochs: int | None = None,
-             overrides: Sequence[str] = (), progress: bool = True, **_: Any) -> dict[str, Any]:
-    """Write the shapes dataset, train tiny_moat_0 on it, evaluate, predict a few images."""
-    from moat.data.synthetic import write_shapes_dataset
-    from moat.train.demo import train_evaluate_predict
-
-    out = Path(output_dir)
-    t0 = time.time()
-    data = write_shapes_dataset(out / "data", **DEMO_DATA)
-    samples = [str(min((data.val_dir / c).iterdir())) for c in data.classes[:4]]
-    result = train_evaluate_predict(out, str(data.root), DEMO_SETTINGS, samples=samples,
-                                    epochs=epochs, overrides=overrides, progress=progress,
-                                    eval_data=str(data.val_dir), predict_options={"top_k": 3})
-    metrics = result["metrics"]
-    result["summary"] = (f"top-1: {metrics['top-1']:.2f}%  top-5: {metrics['top-5']:.2f}%  "
-                         f"(tiny_moat_0, {result['config'].epochs} epochs, "
-                         f"{time.time() - t0:.0f} s)")
-    return result

@@ -1,0 +1,261 @@
+"""The "detection" task of the training loop: COCO-format data (`moat.data.coco`), the
+detectors' own losses (`model.py`), COCO box (and mask) AP computed once on rank 0 over the
+detections of every process (`metrics.py`), drawn predictions (`drawing.py`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+
+from moat.data.coco import (CocoDetection, collate_detection, detections_to_coco,
+                            eval_transforms, train_transforms)
+from moat.data.images import load_rgb
+from moat.models.blocks import set_batch_norm_momentum
+from moat.tasks.backbone import load_pretrained_backbone
+from moat.tasks.detection.demo import run_detection_demo
+from moat.tasks.detection.drawing import draw_detections
+from moat.tasks.detection.metrics import coco_dataset, coco_metrics
+from moat.tasks.detection.model import build_detector
+from moat.tasks.detection.options import DETECTOR_OPTIONS, DetectionOptions
+from moat.train.task import Task, register_task
+
+
+def _find_split(root: Path, split: str) -> tuple[Path, Path]:
+    """(image folder, instances JSON) of a split in COCO's layout:
+    root/annotations/instances_<name>.json with images in root/<name> or root/images/<name>,
+    where <name> starts with the split ("train", "train2017", ...)."""
+    anns = sorted((root / "annotations").glob(f"instances_{split}*.json"))
+    for ann in anns:
+        name = ann.stem[len("instances_"):]
+        for folder in (root / name, root / "images" / name):
+            if folder.is_dir():
+                return folder, ann
+    raise FileNotFoundError(
+        f"no COCO {split!r} split under {str(root)!r}: expected "
+        f"annotations/instances_{split}*.json with images in a folder of the same name "
+        f"(e.g. annotations/instances_{split}2017.json + {split}2017/), or set "
+        f"task_options {split}_images / {split}_annotations")
+
+
+@register_task
+class DetectionTask(Task):
+    """COCO-style detection / instance segmentation.
+
+    Config fields used: model (backbone variant), data (a COCO-layout folder:
+    annotations/instances_<split>*.json + images in <split>*/), img_size (the shorter side
+    images are trained and evaluated at; default 800), eval_img_size (evaluation shorter side,
+    default img_size), hflip, bn_momentum, frozen_stages, grad_checkpointing, drop_path_rate.
+    `task_options`: `DetectionOptions`.
+    """
+
+    name = "detection"
+    main_metric = "AP"
+    options_type = DetectionOptions
+    # Common COCO fine-tuning practice for attention backbones (Swin / ConvNeXt Cascade Mask
+    # R-CNN "1x": AdamW 1e-4, wd 0.05, batch 16, 12 epochs, multi-scale + flip); the MOAT
+    # paper's schedule is not available (docs/model_zoo.md).
+    config_defaults: Mapping[str, Any] = {
+        "img_size": 800, "epochs": 12, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-6,
+        "weight_decay": 0.05, "warmup_epochs": 0.1, "clip_grad": None, "ema": False,
+        "label_smoothing": 0.0, "randaugment": None, "mixup": 0.0, "cutmix": 0.0,
+    }
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.options: DetectionOptions
+        self.classes: list[str] | None = self.options.class_names
+        self.label_to_category: dict[int, int] | None = None
+        self._eval_dataset = None
+
+    @property
+    def arch(self) -> str:
+        return self.options.arch
+
+    @property
+    def with_masks(self) -> bool:
+        return self.arch.endswith("mask_rcnn")
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes:
+            return len(self.classes)
+        if not self.config.num_classes:
+            raise ValueError("detection needs the class names: build the datasets first, or "
+                             "load a checkpoint (its metadata has them)")
+        return int(self.config.num_classes)
+
+    @property
+    def min_size(self) -> int:
+        return int(self.options.min_size or self.config.img_size)
+
+    @property
+    def max_size(self) -> int:
+        return int(self.options.max_size or round(self.min_size * 1333 / 800))
+
+    # --- contract -----------------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        c, o = self.config, self.options
+        extra = {k: getattr(o, k) for k in DETECTOR_OPTIONS if getattr(o, k) is not None}
+        min_size = int(c.eval_img_size or self.min_size)
+        max_size = self.max_size if not c.eval_img_size else round(self.max_size * min_size
+                                                                   / self.min_size)
+        model = build_detector(
+            self.arch, c.model, self.num_classes, min_size=min_size, max_size=max_size,
+            preset=o.preset, frozen_stages=c.frozen_stages, freeze_bn=o.freeze_bn,
+            grad_checkpointing=c.grad_checkpointing, drop_path_rate=c.drop_path_rate,
+            weights=o.weights, **extra)
+        set_batch_norm_momentum(model, c.bn_momentum)
+        return model
+
+    def _split(self, split: str) -> tuple[Path, Path]:
+        images, anns = getattr(self.options, f"{split}_images"), \
+            getattr(self.options, f"{split}_annotations")
+        if images and anns:
+            return Path(images), Path(anns)
+        if self.config.data is None:
+            raise ValueError("detection needs a COCO-format dataset folder (data) or "
+                             f"{split}_images + {split}_annotations")
+        return _find_split(Path(self.config.data), split)
+
+    def _set_classes(self, dataset) -> None:
+        if self.classes and list(self.classes) != dataset.classes:
+            raise ValueError(f"the dataset's categories {dataset.classes} differ from the "
+                             f"configured ones {list(self.classes)}")
+        self.classes = dataset.classes
+        self.label_to_category = dict(dataset.label_to_category)
+        self.config.num_classes = len(dataset.classes)
+
+    def build_datasets(self):
+        o = self.options
+        tf = train_transforms(self.min_size, self.max_size, scale_range=tuple(o.scale_range),
+                              jitter=o.jitter, hflip=float(self.config.hflip))
+        images, anns = self._split("train")
+        train = CocoDetection(images, anns, tf, train=True, masks=self.with_masks,
+                              skip_empty=o.skip_empty)
+        self._set_classes(train)
+        val = self.build_eval_dataset()
+        if val.classes != train.classes:
+            raise ValueError(f"train and val categories differ: {train.classes} vs {val.classes}")
+        return train, val
+
+    def build_eval_dataset(self):
+        images, anns = self._split("val")
+        val = CocoDetection(images, anns, eval_transforms(), masks=False)
+        if self.classes is None:
+            self._set_classes(val)
+        self._eval_dataset = val
+        return val
+
+    def collate_fn(self, train: bool):
+        return collate_detection
+
+    def batch_size(self, batch: Any) -> int:
+        return len(batch[0])
+
+    @staticmethod
+    def _to_device(batch: Any, device: torch.device):
+        images, targets = batch
+        images = [img.to(device, non_blocking=True) for img in images]
+        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v
+                    for k, v in t.items()} for t in targets]
+        return images, targets
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device):
+        images, targets = self._to_device(batch, device)
+        losses = model(images, targets)
+        total = sum(losses.values())
+        return total, {k: float(v.detach()) for k, v in losses.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        dataset = getattr(loader, "dataset", None)  # the loop passes a generator
+        dataset = coco_dataset(self._eval_dataset if dataset is None else dataset)
+        was_training = model.training
+        model.eval()
+        per_image: dict[int, list[dict]] = {}
+        for batch in loader:
+            images, targets = self._to_device(batch, device)
+            if not images:
+                continue
+            for output, target in zip(model(images), targets):
+                image_id = int(target["image_id"])
+                per_image[image_id] = detections_to_coco(output, image_id,
+                                                         dataset.label_to_category)
+        model.train(was_training)
+        return coco_metrics(per_image, dataset.coco, self.with_masks)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
+                output_dir: str | None = None, **options: Any) -> list[dict]:
+        """Per image: detections (category name and id, score, COCO bbox [x, y, w, h], and
+        an RLE mask with a mask head); with `output_dir`, `<stem>_detections.png` (boxes,
+        labels, scores, masks drawn for scores >= score_threshold) and
+        `<stem>_detections.json` (COCO results format, every detection)."""
+        threshold = float(options.get("score_threshold") or self.options.score_threshold)
+        if options.get("img_size"):  # a different inference size than the checkpoint's
+            transform = model.transform
+            ratio = transform.max_size / transform.min_size[0]
+            transform.min_size = (int(options["img_size"]),)
+            transform.max_size = round(int(options["img_size"]) * ratio)
+        names = list(self.classes or [str(i) for i in range(1, self.num_classes + 1)])
+        label_to_category = self.label_to_category or {i: i for i in range(1, len(names) + 1)}
+        out_dir = Path(output_dir) if output_dir else None
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        results = []
+        for index, path in enumerate(paths):
+            image = TF.pil_to_tensor(load_rgb(path))
+            output = model([TF.to_dtype(image, torch.float32, scale=True).to(device)])[0]
+            output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
+            coco = detections_to_coco(output, index + 1, label_to_category)
+            category_names = {label_to_category[i + 1]: n for i, n in enumerate(names)}
+            for det in coco:
+                det["category_name"] = category_names.get(det["category_id"], "?")
+                det["file_name"] = str(path)
+            result: dict[str, Any] = {
+                "path": str(path), "height": int(image.shape[1]), "width": int(image.shape[2]),
+                "detections": [{k: d[k] for k in ("category_name", "category_id", "score",
+                                                   "bbox")} for d in coco if d["score"] >= threshold],
+            }
+            if out_dir:
+                stem = Path(path).stem
+                png, js = out_dir / f"{stem}_detections.png", out_dir / f"{stem}_detections.json"
+                drawn = draw_detections(image, output, names, score_threshold=threshold)
+                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(png)
+                js.write_text(json.dumps(coco))
+                result |= {"image": str(png), "json": str(js)}
+            results.append(result)
+        return results
+
+    def load_pretrained(self, model: nn.Module, path: str) -> str:
+        return load_pretrained_backbone(model, path, self.backbone(model))
+
+    @classmethod
+    def demo(cls, output_dir: str, **options: Any) -> dict[str, Any]:
+        return run_detection_demo(output_dir, **options)
+
+    # --- checkpoint metadata --------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        return {"classes": self.classes, "arch": self.arch,
+                "label_to_category": {str(k): v for k, v in (self.label_to_category or {}).items()}}
+
+    def load_metadata(self, metadata: Mapping[str, Any]) -> None:
+        if metadata.get("classes"):
+            self.classes = list(metadata["classes"])
+        if metadata.get("label_to_category"):
+            self.label_to_category = {int(k): int(v)
+                                      for k, v in metadata["label_to_category"].items()}
+
+    def format_metrics(self, metrics: Mapping[str, float]) -> str:
+        keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "mask_AP", "mask_AP50", "mask_AP75"]
+        return "  ".join(f"{k}: {metrics[k]:.4f}" for k in keys if k in metrics)

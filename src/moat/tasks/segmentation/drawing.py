@@ -1,0 +1,46 @@
+"""Drawing segmentation masks: a colour palette, masks as palette PNGs, overlays."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+from moat.data.segmentation import IGNORE_INDEX
+
+
+def color_palette(num_classes: int) -> np.ndarray:
+    """[max(K, 256), 3] uint8 colours (the PASCAL VOC bit pattern; index 255 white)."""
+    n = max(num_classes, 256)
+    palette = np.zeros((n, 3), np.uint8)
+    for index in range(n):
+        c, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[index] = (r, g, b)
+    if num_classes <= 255:
+        palette[255] = 255
+    return palette
+
+
+def save_mask_png(mask: np.ndarray, path: str | os.PathLike, num_classes: int) -> None:
+    """Class ids as a palette PNG (K <= 256; viewable colours, indices = ids), else 16-bit."""
+    if num_classes <= 256 and mask.max(initial=0) < 256:
+        img = Image.fromarray(mask.astype(np.uint8))
+        img.putpalette(color_palette(num_classes)[:256].reshape(-1).tolist())
+    else:
+        img = Image.fromarray(mask.astype(np.uint16))
+    img.save(path)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.5,
+            ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Blend class colours over an RGB uint8 image (ignored pixels left as they are)."""
+    colours = color_palette(num_classes)[np.clip(mask, 0, max(num_classes, 256) - 1)]
+    blended = image.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
+    blended[mask == ignore_index] = image[mask == ignore_index]
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)

@@ -1,0 +1,288 @@
+"""The "segmentation" task of the training loop: DeepLabv3+ on MOAT (`model.py`), pixel-wise
+cross-entropy, mIoU over the whole set (`metrics.py`), whole-image or sliding-window
+inference (`inference.py`), mask PNGs and overlays (`drawing.py`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
+
+from moat.data import segmentation as data
+from moat.data.images import load_rgb
+from moat.models.blocks import set_batch_norm_momentum
+from moat.preprocessing import size_pair
+from moat.tasks.backbone import batch_norm_thawed
+from moat.tasks.confusion import ConfusionMatrix, write_report
+from moat.tasks.segmentation.demo import run_demo
+from moat.tasks.segmentation.drawing import overlay, save_mask_png
+from moat.tasks.segmentation.inference import segment
+from moat.tasks.segmentation.metrics import metrics_from_confusion
+from moat.tasks.segmentation.model import deeplabv3plus
+from moat.tasks.segmentation.options import SegmentationOptions
+from moat.train.checkpoint import load_pretrained
+from moat.train.task import Task, register_task
+
+# deeplabv3plus arguments that the options may set (None there: the builder's default)
+_MODEL_OPTIONS = ("output_stride", "aspp_channels", "decoder_channels", "low_level_channels",
+                  "dropout", "global_attention_at_end")
+
+
+def _read_class_names(root: str | os.PathLike) -> list[str] | None:
+    """Class names stored with a dataset: `classes.txt` (one per line) or the "classes" list
+    of `segmentation.json` (written by the synthetic dataset)."""
+    root = Path(root)
+    if (root / "classes.txt").is_file():
+        names = [line.strip() for line in (root / "classes.txt").read_text().splitlines()]
+        return [n for n in names if n]
+    if (root / "segmentation.json").is_file():
+        names = json.loads((root / "segmentation.json").read_text()).get("classes")
+        return list(names) if names else None
+    return None
+
+
+@register_task
+class SegmentationTask(Task):
+    """Semantic segmentation: DeepLabv3+ on MOAT, pixel-wise cross-entropy, mIoU.
+
+    TrainConfig fields used: model, data (dataset root, see `moat.data.segmentation`),
+    val_data, num_classes, img_size (training crop), eval_img_size (None: evaluate at the
+    original size; N: resize the shorter side to N, metrics still at the mask's size), mean,
+    std, hflip, drop_path_rate, position_embedding, window_size (None: the preset's),
+    pool_size, frozen_stages, grad_checkpointing, bn_momentum (whole model), init_from
+    (`build_training_model`), strict_data. `task_options`: `SegmentationOptions`.
+    """
+
+    name = "segmentation"
+    main_metric = "mIoU"
+    options_type = SegmentationOptions
+    config_defaults = {
+        "img_size": 512, "pool_size": 3, "batch_size": 16, "epochs": 100, "lr": 1e-4,
+        "weight_decay": 0.01, "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.0,
+        "randaugment": None, "mixup": 0.0, "cutmix": 0.0, "ema": False,
+    }
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.options: SegmentationOptions
+        self.class_names: list[str] | None = self.options.class_names
+        self.confusion: Tensor | None = None  # of the last evaluate()
+
+    # settings -------------------------------------------------------------------------
+    @property
+    def ignore_index(self) -> int:
+        return self.options.ignore_index
+
+    @property
+    def num_classes(self) -> int:
+        n = self.config.num_classes or (len(self.class_names) if self.class_names else None)
+        if not n or int(n) < 1:
+            raise ValueError("segmentation needs the number of classes: set num_classes (150 for "
+                             "ADE20K), or put classes.txt (one name per line) in the data folder")
+        return int(n)
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        return size_pair(self.config.img_size)
+
+    def _mean_std(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return tuple(self.config.mean), tuple(self.config.std)
+
+    # contract ---------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        c, o = self.config, self.options
+        overrides = {k: getattr(o, k) for k in _MODEL_OPTIONS if getattr(o, k) is not None}
+        if c.window_size is not None:
+            overrides["window_size"] = c.window_size
+        model = deeplabv3plus(
+            c.model, self.num_classes, preset=o.preset, pool_size=int(c.pool_size),
+            freeze_bn=o.freeze_bn, drop_path_rate=c.drop_path_rate,
+            position_embedding=bool(c.position_embedding), frozen_stages=c.frozen_stages,
+            grad_checkpointing=c.grad_checkpointing, **overrides)
+        set_batch_norm_momentum(model, c.bn_momentum)
+        return model
+
+    def _transforms(self):
+        mean, std = self._mean_std()
+        o = self.options
+        train_tf = data.train_transform(
+            self.crop_size, scale=tuple(o.scale_range), base_size=o.base_size,
+            hflip=float(self.config.hflip), photometric=o.photometric,
+            ignore_index=self.ignore_index, mean=mean, std=std)
+        val_tf = data.eval_transform(self.config.eval_img_size, mean=mean, std=std)
+        return train_tf, val_tf
+
+    def build_datasets(self):
+        root = self.config.data
+        if root is None:
+            raise ValueError("segmentation needs a dataset folder: --data DIR (ADE20K layout, "
+                             "or images/ + masks/ folders)")
+        train_tf, val_tf = self._transforms()
+        common = dict(layout=self.options.layout, reduce_zero_label=self.options.reduce_zero_label,
+                      ignore_index=self.ignore_index, strict=bool(self.config.strict_data))
+        train, val = data.segmentation_datasets(root, train_tf, val_tf, **common)
+        if self.config.val_data is not None:
+            val = data.segmentation_datasets(self.config.val_data, None, val_tf, **common)[0]
+        if self.class_names is None:
+            self.class_names = _read_class_names(root)
+        if self.config.num_classes is None:
+            found = data.find_segmentation_splits(root, self.options.layout)
+            if self.class_names:
+                self.config.num_classes = len(self.class_names)
+            elif found.name == "ade20k":
+                self.config.num_classes = 150
+        return train, val
+
+    def build_eval_dataset(self):
+        _, val_tf = self._transforms()
+        found = data.find_segmentation_splits(self.config.data, self.options.layout)
+        split = found.val or found.train  # a folder of images/ + masks/ is the split itself
+        reduce = self.options.reduce_zero_label
+        return data.SegmentationDataset.from_folders(
+            *split, val_tf, reduce_zero_label=found.reduce_zero_label if reduce is None else reduce,
+            ignore_index=self.ignore_index, strict=bool(self.config.strict_data))
+
+    def collate_fn(self, train: bool):
+        return data.SegmentationCollate()
+
+    def metadata(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.class_names,
+                "ignore_index": self.ignore_index}
+
+    def load_metadata(self, metadata) -> None:
+        if metadata.get("class_names"):
+            self.class_names = list(metadata["class_names"])
+        if metadata.get("num_classes") and self.config.num_classes is None:
+            self.config.num_classes = int(metadata["num_classes"])
+
+    @classmethod
+    def demo(cls, output_dir: str, **options: Any) -> dict[str, Any]:
+        return run_demo(output_dir, **options)
+
+    def load_pretrained(self, model: nn.Module, path: str) -> str:
+        backbone = self.backbone(model)
+        with batch_norm_thawed(backbone):  # official loaders look for BatchNorm2d
+            return load_pretrained(model, path, backbone=backbone)
+
+    def loss(self, model: nn.Module, batch: Any, device: torch.device):
+        images, masks = batch[0], batch[1]
+        if isinstance(images, list):
+            raise ValueError("training batches must have one size: use a fixed crop size")
+        images = images.to(device, non_blocking=True, memory_format=self.memory_format)
+        masks = masks.to(device, non_blocking=True)
+        logits = model(images)
+        if logits.shape[-2:] != masks.shape[-2:]:
+            raise ValueError(f"logits {tuple(logits.shape[-2:])} and masks "
+                             f"{tuple(masks.shape[-2:])} differ in size")
+        valid = masks != self.ignore_index
+        if not bool(valid.any()):  # every pixel ignored: contribute nothing, keep the graph
+            return logits.sum() * 0.0, {}
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        return loss, {}
+
+    def _inference_options(self, **overrides: Any) -> dict[str, Any]:
+        o = self.options
+        options = dict(mode=o.inference, flip=o.flip_test, crop_size=o.slide_crop or self.crop_size,
+                       stride=o.slide_stride)
+        options.update({k: v for k, v in overrides.items() if k in options and v is not None})
+        return options
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """mIoU, pixel_acc, mAcc and IoU/<class> over the whole loader (all processes)."""
+        cm = ConfusionMatrix(self.num_classes, self.ignore_index, device=device)
+        options = self._inference_options()
+        for batch in loader:
+            images, masks = batch[0], batch[1]
+            if isinstance(images, Tensor):
+                if images.numel() == 0:
+                    continue
+                images, masks = list(images.unbind(0)), list(masks.unbind(0))
+            for group in _same_size_groups(images, masks):
+                x = torch.stack([images[i] for i in group]).to(device,
+                                                               memory_format=self.memory_format)
+                y = torch.stack([masks[i] for i in group]).to(device)
+                logits = segment(model, x, output_size=y.shape[-2:], **options)
+                cm.update(logits.argmax(1), y)
+        self.confusion = cm.all_reduce()
+        return metrics_from_confusion(self.confusion, self.class_names)
+
+    def write_report(self, metrics, output_dir: str) -> list[str]:
+        """metrics.json, per_class.csv (IoU, accuracy and labelled pixels per class; empty
+        IoU for classes absent from truth and predictions) and confusion.csv (rows: truth)."""
+        if self.confusion is None:
+            return []
+        names = self.class_names or [str(i) for i in range(self.confusion.shape[0])]
+        cm = self.confusion.double()
+        tp, gt, pred = cm.diag(), cm.sum(1), cm.sum(0)
+        union = gt + pred - tp
+        rows = [(f"{float(tp[i] / union[i]):.4f}" if union[i] > 0 else "",
+                 f"{float(tp[i] / gt[i]):.4f}" if gt[i] > 0 else "", int(gt[i]))
+                for i in range(len(names))]
+        return write_report(output_dir, metrics, self.confusion, names,
+                            "class,IoU,accuracy,pixels", rows)
+
+    def format_metrics(self, metrics) -> str:
+        main = {k: v for k, v in metrics.items() if not k.startswith("IoU/")}
+        line = "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
+                         for k, v in main.items())
+        per_class = [(k[4:], v) for k, v in metrics.items() if k.startswith("IoU/")]
+        if per_class:
+            line += "\nper-class IoU: " + ", ".join(f"{n} {v:.3f}" for n, v in per_class)
+        return line
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
+                output_dir: str | None = None, **options: Any) -> list[dict]:
+        """Per image: `<stem>_mask.png` (a palette PNG whose pixel indices are the class ids)
+        and `<stem>_overlay.png` (class colours blended over the image) in `output_dir`, and
+        the share of pixels of each predicted class. Options: mode, flip, crop_size, stride,
+        eval_size or img_size (shorter side for inference; the mask always has the image's
+        size). Without `output_dir` no file is written."""
+        inference = self._inference_options(**options)
+        mean, std = self._mean_std()
+        size = options.get("eval_size") or options.get("img_size") or self.config.eval_img_size
+        transform = data.eval_transform(size, mean=mean, std=std)
+        out_dir = Path(output_dir) if output_dir else None
+        if out_dir:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        results = []
+        model.eval()
+        for path in paths:
+            rgb = load_rgb(path)
+            x, _ = transform(TF.pil_to_tensor(rgb), torch.zeros(1, 1, dtype=torch.long))
+            logits = segment(model, x[None].to(device), output_size=(rgb.height, rgb.width),
+                             **inference)
+            mask = logits.argmax(1)[0].cpu().numpy()
+            ids, counts = np.unique(mask, return_counts=True)
+            result: dict[str, Any] = {
+                "path": str(path), "height": rgb.height, "width": rgb.width,
+                "classes": {names[i]: round(float(c) / mask.size, 6) for i, c in zip(ids, counts)},
+            }
+            if out_dir:
+                stem = Path(path).stem
+                mask_path = out_dir / f"{stem}_mask.png"
+                overlay_path = out_dir / f"{stem}_overlay.png"
+                save_mask_png(mask, mask_path, self.num_classes)
+                Image.fromarray(overlay(np.asarray(rgb), mask, self.num_classes,
+                                        ignore_index=self.ignore_index)).save(overlay_path)
+                result |= {"mask": str(mask_path), "overlay": str(overlay_path)}
+            results.append(result)
+        return results
+
+
+def _same_size_groups(images: list[Tensor], masks: list[Tensor]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, y) in enumerate(zip(images, masks)):
+        groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
+    return list(groups.values())
