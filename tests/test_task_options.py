@@ -91,3 +91,17 @@ def test_the_options_reach_the_model():
     assert model.backbone.out_channels == 16
     assert model.roi_heads.box_head.fc7.out_features == 32
     assert model.transform.min_size == (64,)
+
+
+@pytest.mark.parametrize("name, expected", [("tiny_moat_0", True), ("tiny_moat_0_no_pe", False)])
+def test_position_embedding_follows_the_model_name_unless_set(name, expected):
+    task = ClassificationTask(TrainConfig(model=name, num_classes=3))
+    model = task.build_model()
+    has_table = any(n.endswith("relative_position_embedding") for n, _ in model.named_parameters())
+    assert has_table is expected
+    assert task.metadata()["position_embedding"] is expected
+    # an explicit setting wins over the name
+    explicit = ClassificationTask(TrainConfig(model="tiny_moat_0", position_embedding=False,
+                                              num_classes=3))
+    assert not any(n.endswith("relative_position_embedding")
+                   for n, _ in explicit.build_model().named_parameters())

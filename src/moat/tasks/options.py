@@ -15,7 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from moat.train.config import TrainConfig, _coerce
+from moat.train.config import TrainConfig, coerce
 
 O = TypeVar("O", bound="TaskOptions")
 
@@ -37,7 +37,7 @@ class TaskOptions:
             if key not in fields:
                 raise ValueError(f"config: {where}: unknown key {key!r}{_hint(key, fields)}")
             try:
-                setattr(options, key, _coerce(value, hints[key]))
+                setattr(options, key, coerce(value, hints[key]))
             except (TypeError, ValueError) as err:
                 raise ValueError(f"config: {where}: {key}={value!r}: {err}") from None
         options.validate()

@@ -63,7 +63,7 @@ class TrainConfig:
 
     # --- model options (moat.create_model) ----------------------------------------------------
     drop_path_rate: float | None = None  # None: the variant's official default
-    position_embedding: bool = True
+    position_embedding: bool | None = None  # None: as the model name says (`_no_pe`: without)
     window_size: list | None = None      # one entry per stage, e.g. [null, null, 14, null]
     pool_size: int = 2
     bn_momentum: float | None = None     # None: the model's (official 0.01, i.e. Keras 0.99);
@@ -135,6 +135,15 @@ class TrainConfig:
     def peak_lr(self) -> float:
         """The learning rate after warm-up (linear scaling rule unless `lr` is given)."""
         return self.lr if self.lr is not None else self.lr_base * self.batch_size / self.lr_base_batch
+
+    @property
+    def model_position_embedding(self) -> bool:
+        """`position_embedding`, or when unset what the model name says (`_no_pe`: without)."""
+        if self.position_embedding is not None:
+            return self.position_embedding
+        from moat.weights.catalogue import split_name
+        from moat.weights.hub import is_hub_name
+        return is_hub_name(self.model) or split_name(self.model)[1]
 
     def validate(self) -> TrainConfig:
         """Raise ValueError naming the first wrong setting and a valid alternative."""
@@ -344,7 +353,7 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         config.task_options.update(value)
         return
     try:
-        setattr(config, key, _coerce(value, _HINTS[key]))
+        setattr(config, key, coerce(value, _HINTS[key]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {key}={value!r}: {err}") from None
 
@@ -367,7 +376,7 @@ def _looks_float(text: str) -> bool:
     return text.strip().lower() not in ("nan", "inf", "-inf", "infinity") and not text.isdigit()
 
 
-def _coerce(value: Any, hint: Any) -> Any:
+def coerce(value: Any, hint: Any) -> Any:
     """Convert `value` (a string from the command line, or a YAML/JSON value) to `hint`."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -379,7 +388,7 @@ def _coerce(value: Any, hint: Any) -> Any:
         errors = []
         for a in inner:
             try:
-                return _coerce(value, a)
+                return coerce(value, a)
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
         raise ValueError("; ".join(errors))
@@ -424,7 +433,7 @@ def _coerce(value: Any, hint: Any) -> Any:
             raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
         if len(value) != len(args):
             raise ValueError(f"expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
+        return tuple(coerce(v, a) for v, a in zip(value, args))
     if hint is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"expected a list, got {value!r}")

@@ -108,9 +108,10 @@ class ClassificationTask(Task):
         c = self.config
         if c.num_classes is None:
             raise ValueError("num_classes is unknown: build the datasets first or set it")
+        pe = {} if c.position_embedding is None else {"position_embedding": c.position_embedding}
         model = moat.create_model(
-            c.model, num_classes=c.num_classes, position_embedding=c.position_embedding,
-            window_size=c.window_size, pool_size=c.pool_size, drop_path_rate=c.drop_path_rate)
+            c.model, num_classes=c.num_classes, window_size=c.window_size, pool_size=c.pool_size,
+            drop_path_rate=c.drop_path_rate, **pe)
         set_batch_norm_momentum(model, c.bn_momentum)
         model.freeze_stages(c.frozen_stages)
         model.set_grad_checkpointing(c.grad_checkpointing)
@@ -216,7 +217,7 @@ class ClassificationTask(Task):
     def metadata(self) -> dict[str, Any]:
         c = self.config
         return {"classes": self.classes, "variant": c.model,
-                "position_embedding": c.position_embedding, "num_classes": c.num_classes,
+                "position_embedding": c.model_position_embedding, "num_classes": c.num_classes,
                 "img_size": c.eval_img_size or c.img_size, "mean": list(c.mean),
                 "std": list(c.std), "interpolation": c.interpolation, "crop_pct": c.crop_pct}
 

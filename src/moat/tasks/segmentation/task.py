@@ -106,7 +106,7 @@ class SegmentationTask(Task):
         model = deeplabv3plus(
             c.model, self.num_classes, preset=o.preset, pool_size=int(c.pool_size),
             freeze_bn=o.freeze_bn, drop_path_rate=c.drop_path_rate,
-            position_embedding=bool(c.position_embedding), frozen_stages=c.frozen_stages,
+            position_embedding=c.model_position_embedding, frozen_stages=c.frozen_stages,
             grad_checkpointing=c.grad_checkpointing, **overrides)
         set_batch_norm_momentum(model, c.bn_momentum)
         return model
