@@ -163,7 +163,7 @@ def test_boundary_sorts_expected_failures_from_bugs(capsys):
 def test_train_flags_come_from_train_config(capsys):
     import argparse
 
-    from moat.cli_options import add_train_options
+    from moat.cli.options import add_train_options
 
     parser = argparse.ArgumentParser()
     add_train_options(parser)
