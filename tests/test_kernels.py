@@ -1,6 +1,7 @@
 """The fused BatchNorm+GELU training kernel against the unfused PyTorch ops."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,25 @@ CL = torch.channels_last
 def test_the_kernel_builds_here():
     # CI has a compiler: the fused path must really run there, not silently fall back.
     assert extension() is not None
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block(tmp_path):
+    # PyTorch's plain `lock` file, as a compile killed half-way leaves it: without our own
+    # flock every later process would wait for it forever.
+    import subprocess
+    import sys
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    name = f"moat_batch_norm_gelu_{torch.backends.cpu.get_cpu_capability().lower()}"
+    leftover = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    leftover.touch()
+    code = "import moat.kernels as k; assert k.extension() is not None"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "left behind by an interrupted build" in result.stderr
+    assert not leftover.exists()
 
 
 def _pair(channels: int, seed: int = 0) -> tuple[nn.BatchNorm2d, nn.BatchNorm2d]:
@@ -104,8 +124,12 @@ def test_turned_off_by_environment(monkeypatch):
     assert extension() is not None
 
 
-def test_without_a_compiler_it_warns_and_falls_back(monkeypatch):
+def test_without_a_compiler_it_warns_and_falls_back(monkeypatch, tmp_path):
     class NoCompiler:
+        @staticmethod
+        def _get_build_directory(name, verbose):
+            return str(tmp_path)
+
         @staticmethod
         def load(**kwargs):
             raise RuntimeError("Ninja is required to load C++ extensions")

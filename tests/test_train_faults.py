@@ -146,6 +146,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(data, uninterrupted
     (newest / "ema.safetensors").write_bytes(b"")
     assert cli(["train", "--data", str(data), "--output", str(run), *FLAGS, "--resume"]) == 0
     assert "step-000000003 is damaged" in caplog.text and "ema.safetensors" in caplog.text
+    assert "step-000000003 is damaged" in (run / "train.log").read_text()  # kept with the run
     _assert_same_as(uninterrupted, run)
 
 

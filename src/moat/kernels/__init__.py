@@ -14,6 +14,7 @@ and the unfused ops run. `MOAT_FUSED_KERNELS=0` turns it off.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -46,6 +47,24 @@ def _import_cpp_extension():
     return cpp_extension
 
 
+def _load(cpp_extension, name: str, **kwargs) -> ModuleType:
+    """`cpp_extension.load` under a build lock of our own.
+
+    PyTorch's own build lock is a plain file (`lock` in the build folder): a compile killed
+    half-way leaves it behind, and every later process then waits for it forever (seen here
+    when a training run was killed during its first build). An flock is released by the
+    operating system when its holder dies, so while we hold ours no live moat process is
+    building, and a plain lock file still there is such a leftover: it is removed."""
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    with open(build_dir / "moat-build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # another process building: wait for it
+        leftover = build_dir / "lock"
+        if leftover.exists():
+            log.warning("removing %s, left behind by an interrupted build", leftover)
+            leftover.unlink(missing_ok=True)
+        return cpp_extension.load(name=name, **kwargs)
+
+
 @functools.cache
 def extension() -> ModuleType | None:
     """The compiled kernel, or None (turned off, or it could not be built)."""
@@ -59,9 +78,9 @@ def extension() -> ModuleType | None:
              "it is compiled, about a minute)", capability)
     try:
         cpp_extension = _import_cpp_extension()
-        return cpp_extension.load(name=f"moat_batch_norm_gelu_{capability.lower()}",
-                                  sources=[str(Path(__file__).with_name("batch_norm_gelu.cpp"))],
-                                  extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
+        return _load(cpp_extension, name=f"moat_batch_norm_gelu_{capability.lower()}",
+                     sources=[str(Path(__file__).with_name("batch_norm_gelu.cpp"))],
+                     extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
     except Exception as error:  # no compiler, no headers, ...: same results, just slower
         warnings.warn(f"moat: the fused BatchNorm+GELU kernel could not be built ({error}); "
                       "training uses the unfused PyTorch ops, which are slower. It needs a "

@@ -32,8 +32,8 @@ log = logging.getLogger("moat")
 def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tuple[Run, Progress]:
     """The run of `config` on this process, and where its training starts."""
     run_dir = Path(config.output)
+    setup_logging(run_dir, info.is_main)  # first: the checkpoint fallback's warning is logged
     start = resume_point(run_dir, resume)  # None: a fresh run
-    setup_logging(run_dir, info.is_main)
     if resume and start is None:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     _warn_if_cpu_busy(info.device)
