@@ -71,12 +71,26 @@ l.Trainer._train_epoch = wait
 
 
 def _child(fault: str, data: Path, run: Path, *extra: str) -> subprocess.Popen:
+    argv = ["train", "--data", str(data), "--output", str(run), *FLAGS, *extra]
+    return _child_argv(argv, fault)
+
+
+def _child_argv(argv: list[str], fault: str = "none") -> subprocess.Popen:
     driver = ("import os, signal, sys\n" + FAULTS[fault] +
               "\nfrom moat.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["train", "--data", str(data), "--output", str(run), *FLAGS, *extra]
     return subprocess.Popen([sys.executable, "-c", driver, *argv], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _train(data: Path, run: Path, *extra: str, argv: list[str] | None = None) -> str:
+    """`moat train` in a process of its own, as a user runs it (the reference run, a killed
+    run and its resumption must not share a test process: state another test leaves in this
+    one, such as torch's thread count, changes float rounding); its stderr."""
+    child = _child("none", data, run, *extra) if argv is None else _child_argv(argv)
+    _, err = child.communicate(timeout=900)
+    assert child.returncode == 0, err[-3000:]
+    return err
 
 
 def _weights(run: Path, which: str) -> dict[str, torch.Tensor]:
@@ -91,7 +105,7 @@ def data(shapes3) -> Path:
 @pytest.fixture(scope="module")
 def uninterrupted(data, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("full") / "run"
-    assert cli(["train", "--data", str(data), "--output", str(run), *FLAGS]) == 0
+    _train(data, run)
     return run
 
 
@@ -115,7 +129,7 @@ def test_kill_then_resume_matches_uninterrupted(fault, data, uninterrupted, tmp_
         assert any(p.name.startswith(".tmp-step-000000004") for p in checkpoints.iterdir())
     else:
         assert CheckpointManager(run).latest().name == "step-000000003"
-    assert cli(["train", "--data", str(data), "--output", str(run), *FLAGS, "--resume"]) == 0
+    _train(data, run, "--resume")
     _assert_same_as(uninterrupted, run)
     assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())  # cleaned up
     assert "resumed from" in (run / "train.log").read_text()
@@ -133,19 +147,18 @@ def test_sigterm_prints_the_command_that_resumes(data, uninterrupted, tmp_path):
     assert child.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "stopped by SIGTERM" in err
     command = re.search(r"^\s+(moat train .*--resume)$", err, re.M).group(1)
-    assert cli(shlex.split(command)[1:]) == 0  # the printed command, as printed
+    _train(data, run, argv=shlex.split(command)[1:])  # the printed command, as printed
     _assert_same_as(uninterrupted, run)
 
 
-def test_damaged_newest_checkpoint_resumes_from_the_previous(data, uninterrupted, tmp_path,
-                                                             caplog):
+def test_damaged_newest_checkpoint_resumes_from_the_previous(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     child = _child("at an epoch boundary", data, run)
     child.communicate(timeout=900)
     newest = CheckpointManager(run).latest()  # step 3; step 2 is intact
     (newest / "ema.safetensors").write_bytes(b"")
-    assert cli(["train", "--data", str(data), "--output", str(run), *FLAGS, "--resume"]) == 0
-    assert "step-000000003 is damaged" in caplog.text and "ema.safetensors" in caplog.text
+    err = _train(data, run, "--resume")
+    assert "step-000000003 is damaged" in err and "ema.safetensors" in err
     assert "step-000000003 is damaged" in (run / "train.log").read_text()  # kept with the run
     _assert_same_as(uninterrupted, run)
 
