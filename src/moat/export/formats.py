@@ -52,8 +52,11 @@ def check_dynamic_size(model: MoatNet, img_size: tuple[int, int],
                        dynamic_size: bool | None) -> bool:
     """Whether the export's height/width are dynamic; None: whenever the model allows."""
     can = supports_dynamic_size(model)
+    # Traced at one size (SIZE_MULTIPLE) the last feature map is 1x1 and torch.export
+    # specialises the graph to it: the smallest size that traces a general graph is twice that.
+    traceable = all(s % SIZE_MULTIPLE == 0 and s >= 2 * SIZE_MULTIPLE for s in img_size)
     if dynamic_size is None:
-        dynamic_size = can and all(s % SIZE_MULTIPLE == 0 for s in img_size)
+        dynamic_size = can and traceable
     if dynamic_size and not can:
         raise ValueError("dynamic height/width needs global attention in every MOAT block; "
                          "with window attention the export has a fixed input size "
@@ -61,6 +64,10 @@ def check_dynamic_size(model: MoatNet, img_size: tuple[int, int],
     if dynamic_size and any(s % SIZE_MULTIPLE for s in img_size):
         raise ValueError(f"a dynamic-size export is traced at a multiple of {SIZE_MULTIPLE} "
                          f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
+    if dynamic_size and not traceable:
+        raise ValueError(f"a dynamic-size export is traced at {2 * SIZE_MULTIPLE} pixels or more "
+                         f"(at {SIZE_MULTIPLE} the last feature map is 1x1 and the graph "
+                         f"specialises to it); got img_size {img_size}: trace at e.g. 224")
     return dynamic_size
 
 
