@@ -109,7 +109,7 @@ def test_hf_hub_name_resolves_from_the_cache_offline(fine_tuned, tmp_path):
     torch.save(fine_tuned.state_dict(), tmp_path / "expected.pt")
     code = f"""
 import torch, moat, timm
-expected = torch.load({str(tmp_path / 'expected.pt')!r})
+expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
 a = moat.create_model("hf-hub:someone/tiny-moat-flowers").eval()
 b = timm.create_model("hf-hub:someone/tiny-moat-flowers", pretrained=True).eval()
 for model in (a, b):
