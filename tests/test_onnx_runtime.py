@@ -72,6 +72,14 @@ def test_onnxruntime_layout_is_fused_and_exact(tmp_path):
     assert exported["Resize"] == 0 and exported["Gather"] == 0
     # Tokens in and out, head split and merge: at most 5 Transposes per attention block.
     assert exported["Transpose"] <= 5 * attention_blocks
+    # TF 'SAME' at stride 2 stays a 3x3 kernel with pads (top, left, bottom, right) =
+    # (0, 0, 1, 1): the stem and every downsampling depthwise convolution.
+    strided = [n for n in onnx.load(path).graph.node if n.op_type == "Conv"
+               and onnx.helper.get_node_attr_value(n, "strides") == [2, 2]]
+    assert len(strided) == 1 + 4
+    for node in strided:
+        assert onnx.helper.get_node_attr_value(node, "kernel_shape") == [3, 3]
+        assert onnx.helper.get_node_attr_value(node, "pads") == [0, 0, 1, 1]
     ops = _optimized_ops(path, tmp_path)
     # Every GELU (stem + two per block) becomes one fused Gelu kernel; LayerNorm is fused.
     assert ops["Gelu"] == 1 + 2 * blocks and ops["Erf"] == 0

@@ -22,11 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.export.graph import for_graph_runtime
 from moat.export.inference import (SamePaddingConv2d, is_optimized,
                                    optimize_for_inference, portable_ops)
+from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
 from moat.preprocessing import size_pair
 
@@ -75,8 +77,26 @@ class _FrozenSameConv(nn.Conv2d):
     """A SamePaddingConv2d whose padded kernel was computed for one input parity."""
 
 
-def _freeze_padding(model: nn.Module, img_size: tuple[int, int]) -> None:
-    """Replace every SamePaddingConv2d by a plain convolution for this input size."""
+class _PaddedInputConv(nn.Conv2d):
+    """TF 'SAME' as a constant Pad of the input and an unpadded convolution: ONNX Runtime's
+    PadFusion turns the pair into one Conv with asymmetric pads, so the stride-2
+    convolutions keep their 3x3 kernels (the padded-kernel form computes 4x4: 16/9 of the
+    multiply-adds of a stride-2 depthwise convolution)."""
+
+    def __init__(self, conv: nn.Conv2d, padding: tuple[int, int, int, int]) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         0, groups=conv.groups, bias=conv.bias is not None)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.input_padding = padding  # F.pad order: left, right, top, bottom
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(F.pad(x, self.input_padding))
+
+
+def _freeze_padding(model: nn.Module, img_size: tuple[int, int], *,
+                    pad_input: bool = False) -> None:
+    """Replace every SamePaddingConv2d by a plain convolution for this input size (with
+    `pad_input`, by a Pad of the input and an unpadded convolution)."""
     convs = {name: m for name, m in model.named_modules() if isinstance(m, SamePaddingConv2d)}
     seen: dict[str, tuple[int, int]] = {}
 
@@ -95,14 +115,20 @@ def _freeze_padding(model: nn.Module, img_size: tuple[int, int]) -> None:
         for hook in hooks:
             hook.remove()
     for name, conv in convs.items():
+        parent, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent) if parent else model
+        if pad_input:
+            (top, bottom), (left, right) = (same_padding(n, k, s) for n, k, s in
+                                            zip(seen[name], conv.kernel_size, conv.stride))
+            setattr(parent, attr, _PaddedInputConv(conv, (left, right, top, bottom)))
+            continue
         weight, padding = conv.weight_and_padding(*seen[name])
         frozen = _FrozenSameConv(conv.in_channels, conv.out_channels, weight.shape[-2:],
                                  conv.stride, padding, groups=conv.groups,
                                  bias=conv.bias is not None)
         frozen.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         frozen.bias = conv.bias
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, frozen)
+        setattr(parent, attr, frozen)
 
 
 def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
@@ -123,7 +149,7 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
     dynamic = check_dynamic_size(model, size, dynamic_size)
     fused = optimize_for_inference(model, channels_last=channels_last,
                                    img_size=None if dynamic else size)
-    _freeze_padding(fused, size)
+    _freeze_padding(fused, size, pad_input=layout == "onnxruntime")
     return (for_graph_runtime(fused) if layout == "onnxruntime" else fused), dynamic
 
 
