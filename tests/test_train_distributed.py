@@ -48,16 +48,29 @@ def data(tmp_path_factory) -> Path:
     return root  # 48 training images: 3 steps of 16 (2 x 8 per process)
 
 
-def _train_two_processes(settings: dict, output: Path) -> None:
-    """`moat train` in two CPU processes under torchrun."""
+def _train_two_processes(settings: dict, output: Path,
+                         program: tuple[str, ...] = ("-m", "moat.cli"),
+                         timeout: float = 900) -> None:
+    """`moat train` (run by `program`) in two CPU processes under torchrun. A run still going
+    after `timeout` seconds (a hang) is stopped, torchrun stopping its workers, and fails."""
     flags = [f"--set={k}={json.dumps(v) if isinstance(v, list) else v}"
              for k, v in settings.items()]
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "moat.cli", "train", "--output", str(output), *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+           "2", *program, "train", "--output", str(output), *flags]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun sends its workers SIGTERM, then SIGKILL after 30 s
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        pytest.fail(f"two-process training still running after {timeout} s:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
 
 
 def test_two_processes_match_one(data, tmp_path):
@@ -132,3 +145,65 @@ def test_two_processes_adamw_ema_accumulation_match_one(data, tmp_path):
     for which in ("model", "ema"):
         w1, w2 = (load_file(str(c / f"{which}.safetensors")) for c in (ckpt_one, ckpt_two))
         assert _relative_update_difference(w1, w2, init) < 3e-2, which
+
+
+# Run by torchrun in each process: `moat train`, then this process's parameters to a file in
+# the folder given as the first argument.
+SAVE_PARAMETERS = """
+import os, sys
+from safetensors.torch import save_file
+import moat.train.loop as loop
+fit = loop.Trainer.fit
+def fit_and_save(self):
+    result = fit(self)
+    params = {k: p.detach().contiguous() for k, p in self.run.model.named_parameters()}
+    save_file(params, os.path.join(sys.argv[1], f"rank{self.run.info.rank}.safetensors"))
+    return result
+loop.Trainer.fit = fit_and_save
+from moat.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_batch_without_readable_images_on_one_process(tmp_path):
+    """Process 1's first micro-batch is only unreadable files (inside `no_sync`: it starts an
+    accumulation, before that process has read any image), process 0's fourth has one image
+    left (it ends an accumulation, so its backward all-reduces). Both processes still run
+    DDP's and SyncBatchNorm's collectives (`Trainer._skipped_loss`): the run ends, instead of
+    hanging (caught by the timeout) or failing on collectives out of step, with the same
+    parameters in both processes."""
+    from moat.data.classification import ImageFolderDataset
+    from moat.data.samplers import EpochSampler
+    from moat.data.synthetic import write_shapes_dataset
+
+    data = tmp_path / "data"
+    write_shapes_dataset(data, num_classes=3, train_per_class=8, val_per_class=1, img_size=32)
+    train_set = ImageFolderDataset(data / "train")  # 24 images: 6 micro-batches of 2 each
+    order = []
+    for rank in (0, 1):  # the files each process trains on, in order (seed 0, epoch 0)
+        sampler = EpochSampler(train_set, seed=0, drop_last=True, num_replicas=2, rank=rank)
+        sampler.set_epoch(0)
+        order.append([train_set.path(i) for _, i in sampler])
+    bad = order[1][0:2] + order[0][6:7]
+    for path in bad:
+        Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+
+    torch.manual_seed(7)
+    init = moat.create_model("tiny_moat_0", num_classes=3).state_dict()
+    save_file({k: v.contiguous() for k, v in init.items()}, str(tmp_path / "init.safetensors"))
+    settings = dict(SETTINGS, data=str(data), init_from=str(tmp_path / "init.safetensors"),
+                    seed=0, batch_size=8, accum_steps=2)
+    driver = tmp_path / "save_parameters.py"
+    driver.write_text(SAVE_PARAMETERS)
+    run = tmp_path / "run"
+    _train_two_processes(settings, run, program=(str(driver), str(tmp_path)), timeout=300)
+
+    assert read_meta(CheckpointManager(run).latest())["step"] == 3
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    reported = [f for e in events if e["event"] == "bad_images" for f in e["files"]]
+    assert sorted(reported) == sorted(bad)  # both processes' skipped files, gathered
+    p0, p1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    different = [k for k in p0 if not torch.equal(p0[k], p1[k])]
+    assert not different, f"{len(different)} parameters differ, e.g. {different[:3]}"
+    update = sum(((p0[k] - init[k]).double() ** 2).sum() for k in p0).sqrt()
+    assert update > 0.01  # the run did train

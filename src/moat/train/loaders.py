@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moat.data.bad_images import BadImageLog
+from moat.data.bad_images import BadImageLog, BadSample
 from moat.data.samplers import EpochSampler, ResumableSampler, ShardSampler
 
 
@@ -81,6 +81,22 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
 def full_batches(loader: DataLoader) -> int:
     """Batches per epoch on this process, ignoring any skip."""
     return loader.sampler.num_samples // loader.batch_size  # type: ignore[union-attr]
+
+
+def readable_batch(loader: DataLoader, epoch: int) -> Any:
+    """A full batch of `loader`'s shape from the first readable samples of its dataset (in
+    index order, augmented as in `epoch`): what a process whose own batch had no image to
+    train on runs instead in a distributed run (moat.train.loop)."""
+    dataset = loader.dataset  # a SeededDataset: items are (epoch, index)
+    good = []
+    for index in range(len(dataset)):  # type: ignore[arg-type]
+        sample = dataset[(epoch, index)]
+        if not isinstance(sample, BadSample):
+            good.append(sample)
+            if len(good) == loader.batch_size:
+                return loader.collate_fn(good)  # type: ignore[misc]
+    raise ValueError(f"the training data has fewer than {loader.batch_size} readable images, "
+                     "the batch size of one process")
 
 
 def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterator[Any]:

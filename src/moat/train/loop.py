@@ -31,7 +31,7 @@ from moat.errors import MoatError
 from moat.train import distributed as dist_utils
 from moat.train.assemble import assemble
 from moat.train.config import TrainConfig, load_config, read_config_file
-from moat.train.loaders import set_epoch, track_bad
+from moat.train.loaders import readable_batch, set_epoch, track_bad
 from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.precision import autocast
 from moat.train.run import Progress, Run, save_checkpoint, stored_config
@@ -85,6 +85,7 @@ class Trainer:
     def __init__(self, run: Run, progress: Progress) -> None:
         self.run, self.progress = run, progress
         self.start_step, self.start_time = progress.step, time.time()
+        self.stand_in: Any = None  # the batch `_skipped_loss` runs in a distributed run
 
     # --- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -160,13 +161,33 @@ class Trainer:
         # a single image whose last feature map is 1x1 ("expected more than one value per
         # channel"), so that image is skipped with the bad ones.
         if size == 0 or (size == 1 and getattr(batch, "bad", None)):
-            loss = sum(p.sum() for p in r.model.parameters() if p.requires_grad) * 0.0
-            return loss, {}
+            return self._skipped_loss(), {}
         with autocast(r.device, r.amp):
             loss, scalars = r.task.loss(r.train_model, batch, r.device)
         if c.debug_nan_step is not None and self.progress.step + 1 == c.debug_nan_step:
             loss = loss * float("nan")
         return loss, scalars
+
+    def _skipped_loss(self) -> torch.Tensor:
+        """A zero loss with zero gradients, for a batch that has nothing to train on.
+
+        Alone, a zero made from the parameters will do. In a distributed run every process
+        must run the same collectives in the same order: DDP's forward (its buffer broadcast,
+        SyncBatchNorm's statistics) and, when the micro-batch ends an accumulation (outside
+        `no_sync`), its gradient all-reduce, which DDP starts only in the backward of an output
+        of its own forward. So this process runs `stand_in`, one batch of readable training
+        images, through the DDP model as any batch (the same parameters used, as
+        `find_unused_parameters` expects) and multiplies its loss by 0: DDP averages the other
+        processes' gradients with zeros. Those images do count in BatchNorm's statistics.
+        """
+        r = self.run
+        if not r.info.distributed:
+            return sum(p.sum() for p in r.model.parameters() if p.requires_grad) * 0.0
+        if self.stand_in is None:
+            self.stand_in = readable_batch(r.train_loader, self.progress.epoch)
+        with autocast(r.device, r.amp):
+            loss, _ = r.task.loss(r.train_model, self.stand_in, r.device)
+        return loss * 0.0
 
     def _optimizer_step(self, window: dict) -> float:
         """NaN check, unscale + clip, step, EMA; returns the lr used."""

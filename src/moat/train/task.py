@@ -9,9 +9,11 @@ number of classes, which the task may write back into `config`), then per step `
 under autocast, per epoch `evaluate(...)` under autocast and no_grad on every rank (each sees
 a shard; called for the model and again for its EMA), and `metadata()` whenever a checkpoint
 is written. A batch may carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop
-logs those files; a training batch whose `batch_size()` is 0 is skipped (it still takes part
-in DDP's all-reduce). `moat eval` / `moat predict` rebuild the task from the config stored in
-the checkpoint, call `load_metadata(...)` and `build_model()`: the same model, complete.
+logs those files; a training batch whose `batch_size()` is 0 (or 1 with bad files) adds no
+gradient: in a distributed run that process calls `loss(...)` on a batch of readable training
+images instead and multiplies it by 0, so that it takes part in DDP's collectives (see
+`Trainer._skipped_loss`). `moat eval` / `moat predict` rebuild the task from the config stored
+in the checkpoint, call `load_metadata(...)` and `build_model()`: the same model, complete.
 
 Task-specific settings are `config.task_options` (`--set task_options.KEY=VALUE`), checked and
 typed by the task's `options_type` into `task.options` (unknown keys are refused).
