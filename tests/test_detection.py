@@ -26,7 +26,7 @@ from torchvision.models.detection._utils import BoxCoder  # noqa: E402
 from torchvision.models.detection.faster_rcnn import TwoMLPHead  # noqa: E402
 from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
 
-from moat.data.coco import (CocoDetection, coco_evaluate, collate_detection,  # noqa: E402
+from moat.data.coco import (CocoDetection, coco_evaluate,  # noqa: E402
                             detections_to_coco, load_coco, train_transforms)
 from moat.tasks.detection.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOU_THRESHOLDS,  # noqa: E402
                                 AgnosticBoxPredictor, CascadeRoIHeads, CascadeStage)

@@ -20,7 +20,7 @@ import moat
 from moat.cli import main
 from moat.weights import catalogue as zoo
 from moat.weights.convert import MissingBatchNormStatisticsWarning, convert_checkpoint
-from moat.weights.files import sha256sum
+from moat.integrity import file_sha256 as sha256sum
 from moat.weights.loader import load_weights
 from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import load_official_weights, to_official

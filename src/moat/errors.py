@@ -31,9 +31,11 @@ EXIT_ERROR, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 70, 130, 143
 
 # import name -> the package that provides it, all in the `full` extra (pyproject.toml)
 OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "PIL": "pillow",
-                     "yaml": "pyyaml", "tqdm": "tqdm", "tensorboard": "tensorboard",
+                     "yaml": "pyyaml", "tensorboard": "tensorboard",
                      "matplotlib": "matplotlib", "onnx": "onnx", "onnxscript": "onnxscript",
-                     "onnxruntime": "onnxruntime", "pycocotools": "pycocotools"}
+                     "onnxruntime": "onnxruntime", "pycocotools": "pycocotools",
+                     "executorch": "executorch", "huggingface_hub": "huggingface_hub",
+                     "captum": "captum", "gradio": "gradio"}
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
