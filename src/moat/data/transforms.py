@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
+from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
 
 Size = int | tuple[int, int]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -39,7 +39,7 @@ def train_transform(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bicubic",
+    interpolation: str = INTERPOLATION,
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
     randaugment: tuple[int, int] | None = (2, 9),
@@ -85,8 +85,8 @@ def eval_transform(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bicubic",
-    crop_pct: float = 0.875,
+    interpolation: str = INTERPOLATION,
+    crop_pct: float = CROP_PCT,
 ) -> v2.Compose:
     """Resize the shorter side to img_size / crop_pct, center-crop img_size, normalize.
 

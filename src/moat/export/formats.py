@@ -250,7 +250,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     dynamic-size graph, also at a second input size) and compares with PyTorch within
     `atol`; raises if it does not match. `program`: the ExportedProgram that
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
-    the model a second time). `metadata`: string entries for the file's metadata_props
+    the model a second time; it holds the "pytorch" layout, so pass that `layout` too). `metadata`: string entries for the file's metadata_props
     (`moat export onnx` records the preprocessing, see `moat.export.quantize`). Returns a
     report dict.
     """
@@ -264,6 +264,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     path = Path(path)
     if program is None:
         program, dynamic = _export(model, size, batch, dynamic_size, layout)
+    elif layout != "pytorch":
+        raise ValueError("`program` (from export_program) holds the 'pytorch' layout: pass "
+                         "layout='pytorch' with it, or leave program out")
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
