@@ -159,8 +159,8 @@ def _measure(sessions: dict, size: tuple[int, int], batch: int, threads: int, wa
         rows.append({**row, **env})
         log(f"  {label:28s} {row['time_ms']:9.1f} ms  {row['gmacs_per_s']:6.2f} GMAC/s"
             + (f"  b1 {row['latency_ms']:.1f} ms" if row["latency_ms"] else ""))
-    for row in rows:  # ratio to the first MOAT fp32 row of the run
-        reference = next((r for r in rows if _is_moat(r["model"])), None)
+    reference = next((r for r in rows if _is_moat(r["model"])), None)  # the first MOAT row
+    for row in rows:
         row["ratio_to_moat"] = (row["gmacs_per_s"] / reference["gmacs_per_s"]
                                 if reference else None)
     return rows

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
+from moat.weights.loader import data_config
 
 Size = int | tuple[int, int]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -162,3 +164,22 @@ def classification_loss(label_smoothing: float = 0.0, mixing: bool = False) -> n
     if mixing:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def create_transform(model_or_name: Any, *, img_size: int | Sequence[int] | None = None,
+                     crop_pct: float | None = None, interpolation: str | None = None,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     ) -> v2.Compose:
+    """The evaluation transform (torchvision.transforms.v2) of a checkpoint.
+
+    PIL image or uint8 tensor in, normalised float32 CxHxW tensor out. Any argument given
+    overrides the checkpoint's value, e.g. ``img_size=448`` to evaluate at another size.
+    """
+    config = data_config(model_or_name)
+    size = img_size or config["input_size"][1:]
+    if isinstance(size, Sequence) and size[0] == size[-1]:
+        size = int(size[0])
+    return eval_transform(size,
+                          mean=mean or config["mean"], std=std or config["std"],
+                          interpolation=interpolation or config["interpolation"],
+                          crop_pct=crop_pct or config["crop_pct"])

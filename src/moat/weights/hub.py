@@ -139,8 +139,8 @@ def model_card(config: Mapping[str, Any], *, dataset: str | None = None,
                metrics: Mapping[str, float] | None = None) -> str:
     """README.md of a saved model: what it is, what it was trained on, how to load it."""
     cfg, arch = config["pretrained_cfg"], config["architecture"]
-    release = PRETRAINED.get(cfg.get("tag") or "")
-    data = dataset or (DATASETS[release.data] if release else "not recorded")
+    entry = PRETRAINED.get(cfg.get("tag") or "")
+    data = dataset or (DATASETS[entry.data] if entry else "not recorded")
     names = cfg.get("label_names")
     rows = "\n".join(f"| {k} | {v} |" for k, v in (metrics or {}).items()) or \
         "| (none recorded) | |"
@@ -155,7 +155,7 @@ MOAT (Yang et al., "MOAT: Alternating Mobile Convolution and Attention Brings St
 Models", ICLR 2023) in PyTorch, saved by the `moat` library in timm's format.
 
 - **Variant:** `{arch}`, model arguments `{json.dumps(config['model_args'])}`
-- **Weights from:** {('release `' + release.tag + '`') if release else 'a moat training run'}
+- **Weights from:** {('release `' + entry.tag + '`') if entry else 'a moat training run'}
 - **Data:** {data}
 - **Classes:** {config['num_classes']}{(' (' + ', '.join(names[:5]) + ', ...)') if names else ''}
 - **Input:** {cfg.get('input_size')}, mean {cfg.get('mean')}, std {cfg.get('std')}, \

@@ -21,7 +21,7 @@ from moat.data import segmentation as data
 from moat.data.images import load_rgb
 from moat.models.blocks import set_batch_norm_momentum
 from moat.preprocessing import size_pair
-from moat.tasks.backbone import batch_norm_thawed
+from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.confusion import ConfusionMatrix, write_report
 from moat.tasks.segmentation.demo import run_demo
 from moat.tasks.segmentation.drawing import overlay, save_mask_png
@@ -29,7 +29,6 @@ from moat.tasks.segmentation.inference import segment
 from moat.tasks.segmentation.metrics import metrics_from_confusion
 from moat.tasks.segmentation.model import deeplabv3plus
 from moat.tasks.segmentation.options import SegmentationOptions
-from moat.train.checkpoint import load_pretrained
 from moat.train.task import Task, register_task
 
 # deeplabv3plus arguments that the options may set (None there: the builder's default)
@@ -169,9 +168,7 @@ class SegmentationTask(Task):
         return run_demo(output_dir, **options)
 
     def load_pretrained(self, model: nn.Module, path: str) -> str:
-        backbone = self.backbone(model)
-        with batch_norm_thawed(backbone):  # official loaders look for BatchNorm2d
-            return load_pretrained(model, path, backbone=backbone)
+        return load_pretrained_backbone(model, path, self.backbone(model))
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
         images, masks = batch[0], batch[1]
