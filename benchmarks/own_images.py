@@ -184,7 +184,7 @@ def main() -> None:
 
     print(f"\nmoat {sys.argv[1:]}, torch threads {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f}")
-    header = f"| set | classes | train images | epochs x batch | logistic regression 16x16 |" + \
+    header = "| set | classes | train images | epochs x batch | logistic regression 16x16 |" + \
         "".join(f" {r} top-1 (time) |" for r in args.runs)
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))

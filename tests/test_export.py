@@ -53,7 +53,8 @@ def _assert_matches(model, run, shapes):
 
 def test_onnx_global_attention_dynamic_batch_and_size(global_model, global_program, tmp_path):
     path = tmp_path / "global.onnx"
-    report = export_onnx(global_model, path, 64, program=global_program[1], dynamic_size=True)
+    report = export_onnx(global_model, path, 64, program=global_program[1], dynamic_size=True,
+                         layout="pytorch")
     assert report["opset"] == 17 and report["dynamic_size"]
     # Checked in onnxruntime at batch 1 and 8, at 64x64 and at another size (96x128).
     checked = {(r["batch"], r["img_size"]) for r in report["check"]}

@@ -124,6 +124,10 @@ def test_export_run_quantize_and_evaluate_onnx(trained_run, tmp_path, capsys):
     fp32, int8 = tmp_path / "run.onnx", tmp_path / "run.int8.onnx"
     assert cli(["export", "onnx", str(run), str(fp32)]) == 0
     assert "32x32" in capsys.readouterr().out  # the run's evaluation size
+    # A run brings its own model and classes: model flags are refused, not ignored.
+    assert cli(["export", "onnx", str(run), str(tmp_path / "x.onnx"), "--num-classes", "3"]) == 2
+    assert "--num-classes cannot be used with it" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
     assert cli(["quantize", str(fp32), str(int8), "--calibration", str(root / "train")]) == 0
     assert "calibrated on 32 images" in capsys.readouterr().out
     graph = onnx.load(int8).graph

@@ -20,7 +20,7 @@ import moat
 from moat.cli import main
 from moat.weights import catalogue as zoo
 from moat.weights.convert import MissingBatchNormStatisticsWarning, convert_checkpoint
-from moat.weights.files import sha256sum
+from moat.integrity import file_sha256 as sha256sum
 from moat.weights.loader import load_weights
 from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import load_official_weights, to_official
@@ -158,6 +158,10 @@ def test_ema_flag_needs_ema_copies(tmp_path: Path, ref_prefix: Path, ref_weights
     with pytest.raises(ValueError, match="only ExponentialMovingAverage copies.*ema=True"):
         _model(weights=prefix)
     _assert_same_state(_model(weights=prefix, ema=True), _model(weights=ref_prefix))
+    # `moat info` names the variant of an EMA-only checkpoint too (it read the copies).
+    info = moat.weights.checkpoint_info(prefix)
+    assert info["variant"].name == moat.weights.checkpoint_info(ref_prefix)["variant"].name
+    assert info["weights"] == 0 and info["ema_copies"] == len(ref_weights)
 
 
 def test_missing_batchnorm_statistics(tmp_path: Path, ref_weights, capsys) -> None:

@@ -148,6 +148,19 @@ def test_broken_download_is_refused_and_leaves_nothing(bucket, home, monkeypatch
         moat.create_model(TAG, pretrained=True)
 
 
+def test_failed_download_is_an_expected_error_in_the_cli(bucket, home, monkeypatch, ref_prefix,
+                                                        tmp_path, capsys):
+    from moat.cli import main as cli
+
+    _serve_broken(bucket, "truncated", ref_prefix, tmp_path)
+    with ReleaseServer(bucket) as server:
+        monkeypatch.setenv("MOAT_WEIGHTS_URL", server.url)
+        code = cli(["export", "onnx", TAG, str(tmp_path / "x.onnx"), "--pretrained"])
+    err = capsys.readouterr().err
+    assert code == 2, err  # a user-facing message, not "internal error" (70)
+    assert "Nothing was cached; run again" in err and "Traceback" not in err
+
+
 def test_short_response_is_refused(bucket, home, monkeypatch):
     """The server announces the full size and closes the connection half-way."""
     full = (bucket / ENTRY.file).read_bytes()

@@ -14,7 +14,7 @@ _EXPORTS = {
     "count_flops": "moat.flops", "optimize_for_inference": "moat.export.inference",
     "load_official_weights": "moat.weights.official",
     "list_pretrained": "moat.weights.catalogue",
-    "create_model": "moat.weights.loader", "create_transform": "moat.weights.loader",
+    "create_model": "moat.weights.loader", "create_transform": "moat.data.transforms",
     "data_config": "moat.weights.loader",
     "save_pretrained": "moat.weights.hub", "push_to_hub": "moat.weights.hub",
 }

@@ -12,6 +12,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -30,7 +31,11 @@ class _RegisterAfterLoading(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
         _uninstall()
-        importlib.import_module(REGISTRY)
+        try:
+            importlib.import_module(REGISTRY)
+        except ImportError as err:  # e.g. a timm without the API we use: timm still works
+            warnings.warn(f"moat's models are not registered in this timm ({err}); "
+                          "use moat.create_model instead", stacklevel=2)
 
     def __getattr__(self, name: str) -> Any:  # resources, file names, ...: timm's loader
         return getattr(self._loader, name)

@@ -2,9 +2,9 @@
 
 `run_onnx_benchmark` exports every model once per image size (MOAT with `moat.export`'s
 ONNX Runtime layout at a fixed size; timm's peers with `torch.onnx.export`, the same
-torch.export-based exporter and opset), optionally adds static int8 versions of the MOAT
-files (`moat.export.quantize`), and times all sessions **interleaved** (one run of each
-model per round), batch N then batch 1, reporting medians. The rows have the columns of
+torch.export-based exporter and opset), optionally adds static int8 versions of every
+file (`moat.export.quantize`; peers too, so that int8 speed-ups are compared in the same
+run), and times all sessions **interleaved** (one run of each model per round), batch N then batch 1, reporting medians. The rows have the columns of
 `moat.benchmark` (table and CSV), with `runtime` and `onnxruntime` versions added.
 
 Sessions: `moat.export.ort.onnx_session` (CPU, all graph optimisations, `threads` intra-op
@@ -25,6 +25,8 @@ import torch
 from moat.benchmark import (PEERS, _interleaved, _is_moat, count_macs, count_params,
                             environment)
 from moat.export.ort import onnx_session
+from moat.integrity import atomic_output
+from moat.preprocessing import size_pair
 
 __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
 
@@ -82,7 +84,7 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
     """Measure in ONNX Runtime; one row per model, size, batch and thread count.
 
     `peers` adds `peers_for(models)`. `int8_calibration`: a folder of images to calibrate
-    static int8 versions of the MOAT models (rows "NAME (int8)"). `export_dir` keeps the
+    static int8 versions of every model, peers included (rows "NAME (int8)"). `export_dir` keeps the
     exported files and reuses those already there (delete them after changing the code);
     by default they go to a temporary folder.
     """
@@ -96,7 +98,7 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
         folder = Path(export_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for size in img_sizes:
-            size = (size, size) if isinstance(size, int) else tuple(size)
+            size = size_pair(size)
             files = _export_all(names, size, folder, int8_calibration, log)
             for n_threads in threads:
                 sessions = {label: onnx_session(path, n_threads) for label, path in files.items()}
@@ -116,9 +118,10 @@ def _export_all(names: list[str], size: tuple[int, int], folder: Path,
         path = folder / f"{name}_{size[0]}x{size[1]}.onnx"
         if not path.exists():
             log(f"exporting {name} at {size[0]}x{size[1]} -> {path}")
-            export_model(name, size, path)
+            with atomic_output(path) as tmp:  # a killed export leaves no file to reuse
+                export_model(name, size, tmp)
         files[name] = path
-        if calibration is not None and _is_moat(name):
+        if calibration is not None:
             from moat.export.quantize import quantize_onnx
 
             int8 = folder / f"{name}_{size[0]}x{size[1]}.int8.onnx"
@@ -156,8 +159,8 @@ def _measure(sessions: dict, size: tuple[int, int], batch: int, threads: int, wa
         rows.append({**row, **env})
         log(f"  {label:28s} {row['time_ms']:9.1f} ms  {row['gmacs_per_s']:6.2f} GMAC/s"
             + (f"  b1 {row['latency_ms']:.1f} ms" if row["latency_ms"] else ""))
-    for row in rows:  # ratio to the first MOAT fp32 row of the run
-        reference = next((r for r in rows if _is_moat(r["model"])), None)
+    reference = next((r for r in rows if _is_moat(r["model"])), None)  # the first MOAT row
+    for row in rows:
         row["ratio_to_moat"] = (row["gmacs_per_s"] / reference["gmacs_per_s"]
                                 if reference else None)
     return rows

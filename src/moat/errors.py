@@ -3,7 +3,8 @@
 Exit codes:
 
     0    success
-    1    `moat predict`: some images could not be read (the others were predicted)
+    1    `moat predict`, `moat explain`: some images could not be read or explained (the
+         others were)
     2    an expected failure: bad input or data, a damaged file, a file system error
          (missing file, permission, read-only folder, full disk), a run folder in use, a
          missing optional package, a diverged run; one or two lines, no traceback
@@ -31,9 +32,11 @@ EXIT_ERROR, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 70, 130, 143
 
 # import name -> the package that provides it, all in the `full` extra (pyproject.toml)
 OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "PIL": "pillow",
-                     "yaml": "pyyaml", "tqdm": "tqdm", "tensorboard": "tensorboard",
+                     "yaml": "pyyaml", "tensorboard": "tensorboard",
                      "matplotlib": "matplotlib", "onnx": "onnx", "onnxscript": "onnxscript",
-                     "onnxruntime": "onnxruntime", "pycocotools": "pycocotools"}
+                     "onnxruntime": "onnxruntime", "pycocotools": "pycocotools",
+                     "executorch": "executorch", "huggingface_hub": "huggingface_hub",
+                     "captum": "captum", "gradio": "gradio"}
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 

@@ -42,7 +42,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
             f.add_argument("--no-check", dest="check", action="store_false",
                            help="skip the comparison with PyTorch in the target runtime")
         if name == "onnx":
-            f.add_argument("--opset", type=int, default=17)
+            f.add_argument("--opset", type=int, help="ONNX opset (default 17)")
             f.add_argument("--dynamic-size", action="store_true",
                            help="dynamic height/width (global attention only; position "
                            "biases computed in the graph: slower than the default fixed size)")
@@ -56,11 +56,20 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from moat.export import load_model, run_export
+    from moat.export import DEFAULT_OPSET, load_model, run_export
 
     metadata = preprocessing = None
     if Path(args.model).is_dir():  # a training run or checkpoint: its model and its data
         from moat.train.inference import load_task_and_model, onnx_metadata
+
+        ignored = [flag for flag, value in (
+            ("--weights", args.weights), ("--pretrained", args.pretrained),
+            ("--window-size", args.window_size), ("--pool-size", args.pool_size),
+            ("--global-attention-at-end", args.global_attention_at_end),
+            ("--num-classes", args.num_classes)) if value not in (None, False)]
+        if ignored:
+            raise ValueError(f"{args.model} is a training run: its model, weights and classes "
+                             f"come from the run, so {', '.join(ignored)} cannot be used with it")
 
         task, model, _ = load_task_and_model(args.model)
         metadata, preprocessing = onnx_metadata(task)
@@ -72,7 +81,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                            pool_size=args.pool_size, num_classes=args.num_classes)
     print(run_export(model, args.format, args.out, img_size=args.img_size, batch=args.batch,
                      metadata=metadata, preprocessing=preprocessing,
-                     opset=getattr(args, "opset", 17), check=getattr(args, "check", False),
+                     opset=getattr(args, "opset", None) or DEFAULT_OPSET, check=getattr(args, "check", False),
                      static_size=getattr(args, "static_size", True),
                      dynamic_size=getattr(args, "dynamic_size", False),
                      layout=getattr(args, "layout", "onnxruntime")))
@@ -112,7 +121,7 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    "ONNX Runtime (CPU, inference; --peers then picks mobile peers for "
                    "tiny-MOAT)")
     p.add_argument("--int8-calibration", metavar="DIR", help="onnxruntime: also static int8 "
-                   "versions of the MOAT models, calibrated on the images in DIR")
+                   "versions of every model (peers too), calibrated on the images in DIR")
     p.add_argument("--export-dir", help="onnxruntime: keep the exported files here and reuse "
                    "those already there (default: a temporary folder)")
     p.add_argument("--csv", help="write every row, with versions, to this CSV file")

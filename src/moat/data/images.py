@@ -16,6 +16,10 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# File suffixes taken for images where a folder is searched for them (prediction inputs,
+# calibration images, segmentation images); torchvision's list for classification folders.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
 WHITE = (255, 255, 255)
 BLACK = (0, 0, 0)
 

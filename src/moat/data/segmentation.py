@@ -40,11 +40,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from moat.data.bad_images import BadSample, split_bad
-from moat.data.images import BadImageError, load_rgb
+from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
 from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 
 IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")
 
 SegTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
@@ -119,7 +118,7 @@ def find_pairs(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> lis
     for d in (image_dir, mask_dir):
         if not d.is_dir():
             raise FileNotFoundError(f"no such folder: {str(d)!r}")
-    images, masks = _files(image_dir, IMAGE_EXTENSIONS), _files(mask_dir, MASK_EXTENSIONS)
+    images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, MASK_EXTENSIONS)
     if not images:
         raise ValueError(f"no images in {str(image_dir)!r}")
     orphans = sorted(set(images) - set(masks))

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
+from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
+from moat.weights.loader import data_config
 
 Size = int | tuple[int, int]
 BatchTransform = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -39,7 +41,7 @@ def train_transform(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bicubic",
+    interpolation: str = INTERPOLATION,
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: float = 0.5,
     randaugment: tuple[int, int] | None = (2, 9),
@@ -85,8 +87,8 @@ def eval_transform(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    interpolation: str = "bicubic",
-    crop_pct: float = 0.875,
+    interpolation: str = INTERPOLATION,
+    crop_pct: float = CROP_PCT,
 ) -> v2.Compose:
     """Resize the shorter side to img_size / crop_pct, center-crop img_size, normalize.
 
@@ -162,3 +164,22 @@ def classification_loss(label_smoothing: float = 0.0, mixing: bool = False) -> n
     if mixing:
         return SoftTargetCrossEntropy()
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+
+def create_transform(model_or_name: Any, *, img_size: int | Sequence[int] | None = None,
+                     crop_pct: float | None = None, interpolation: str | None = None,
+                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                     ) -> v2.Compose:
+    """The evaluation transform (torchvision.transforms.v2) of a checkpoint.
+
+    PIL image or uint8 tensor in, normalised float32 CxHxW tensor out. Any argument given
+    overrides the checkpoint's value, e.g. ``img_size=448`` to evaluate at another size.
+    """
+    config = data_config(model_or_name)
+    size = img_size or config["input_size"][1:]
+    if isinstance(size, Sequence) and size[0] == size[-1]:
+        size = int(size[0])
+    return eval_transform(size,
+                          mean=mean or config["mean"], std=std or config["std"],
+                          interpolation=interpolation or config["interpolation"],
+                          crop_pct=crop_pct or config["crop_pct"])

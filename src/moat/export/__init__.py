@@ -16,16 +16,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from moat.export.formats import (SIZE_MULTIPLE, check_dynamic_size, check_onnx, export_onnx,
+from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_size, check_onnx, export_onnx,
                                  export_program, export_torchscript, prepare_for_export,
                                  supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
 from moat.export.quantize import PREPROCESSING_KEY
 from moat.integrity import atomic_output
 from moat.models.config import MODEL_CONFIGS
+from moat.preprocessing import size_pair
 from moat.weights.hub import is_hub_name
 
-__all__ = ["SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
+__all__ = ["DEFAULT_OPSET", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
            "export_torchscript", "is_optimized", "load_model", "optimize_for_inference",
            "prepare_for_export", "run_export", "supports_dynamic_size"]
 
@@ -95,7 +96,7 @@ def _release_preprocessing(model) -> dict:
 
 
 def run_export(model, fmt: str, out: str | os.PathLike, *,
-               img_size: int | Sequence[int] | None = None, batch: int = 1, opset: int = 17,
+               img_size: int | Sequence[int] | None = None, batch: int = 1, opset: int = DEFAULT_OPSET,
                check: bool = True, static_size: bool = False, dynamic_size: bool = False,
                layout: str = "onnxruntime", metadata: dict[str, str] | None = None,
                preprocessing: dict | None = None) -> str:
@@ -111,9 +112,7 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     """
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-    size = img_size or model.cfg.native_resolution
-    size = tuple(size) if not isinstance(size, int) else (size,)
-    size = (size[0], size[-1])
+    size = size_pair(img_size or model.cfg.native_resolution)
     with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
         return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,
                           static_size=static_size, dynamic_size=dynamic_size, layout=layout,

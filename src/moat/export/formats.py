@@ -28,15 +28,17 @@ from torch import Tensor, nn
 from moat.export.graph import for_graph_runtime
 from moat.export.inference import (SamePaddingConv2d, is_optimized,
                                    optimize_for_inference, portable_ops)
+from moat.integrity import atomic_output
 from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
 from moat.preprocessing import size_pair
 
-__all__ = ["LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
            "export_onnx",
            "export_program", "export_torchscript", "prepare_for_export",
            "supports_dynamic_size"]
 
+DEFAULT_OPSET = 17  # the oldest opset the export writes (a downgrade of the exporter's 18)
 SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
 # The module path an exporter traces: "pytorch", the `optimize_for_inference` model (what
 # PyTorch runtimes run best); "onnxruntime", its NCHW, fusion-friendly spelling
@@ -229,7 +231,7 @@ def export_torchscript(model: nn.Module, path: str | os.PathLike,
 # --- ONNX ----------------------------------------------------------------------------------
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Sequence[int], *,
-                opset: int = 17, batch: int = 1, dynamic_size: bool | None = False,
+                opset: int = DEFAULT_OPSET, batch: int = 1, dynamic_size: bool | None = False,
                 check: bool = True, check_batches: Sequence[int] = (1, 8),
                 atol: float = 1e-4, program=None, layout: str = "onnxruntime",
                 metadata: dict[str, str] | None = None) -> dict:
@@ -248,7 +250,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     dynamic-size graph, also at a second input size) and compares with PyTorch within
     `atol`; raises if it does not match. `program`: the ExportedProgram that
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
-    the model a second time). `metadata`: string entries for the file's metadata_props
+    the model a second time; it holds the "pytorch" layout, so pass that `layout` too). `metadata`: string entries for the file's metadata_props
     (`moat export onnx` records the preprocessing, see `moat.export.quantize`). Returns a
     report dict.
     """
@@ -256,31 +258,34 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
-    if not 17 <= opset <= newest:
+    if not DEFAULT_OPSET <= opset <= newest:
         raise ValueError(f"opset {opset} is not supported: use 17 (default) to {newest} "
                          f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
         program, dynamic = _export(model, size, batch, dynamic_size, layout)
+    elif layout != "pytorch":
+        raise ValueError("`program` (from export_program) holds the 'pytorch' layout: pass "
+                         "layout='pytorch' with it, or leave program out")
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
-    with torch.no_grad():
-        torch.onnx.export(program, (), os.fspath(path), dynamo=True,
-                          opset_version=max(opset, 18), input_names=["x"],
-                          output_names=_output_names(model), external_data=False, verbose=False)
-    if opset == 17:
-        downgrade_onnx_to_opset17(path)
-    if metadata:
-        import onnx
-
-        proto = onnx.load(os.fspath(path))
-        onnx.helper.set_model_props(proto, dict(metadata))
-        onnx.save(proto, os.fspath(path))
-    report = {"path": str(path), "opset": _onnx_opset(path), "dynamic_batch": True,
-              "dynamic_size": dynamic, "img_size": size}
-    if check:
-        sizes = [size] + ([_other_size(size)] if dynamic else [])
-        report["check"] = check_onnx(path, model, sizes, check_batches, atol)
+    with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
+        with torch.no_grad():
+            torch.onnx.export(program, (), os.fspath(tmp), dynamo=True,
+                              opset_version=max(opset, 18), input_names=["x"],
+                              output_names=_output_names(model), external_data=False,
+                              verbose=False)
+        if opset == 17:
+            downgrade_onnx_to_opset17(tmp)
+        if metadata:
+            proto = onnx.load(os.fspath(tmp))
+            onnx.helper.set_model_props(proto, dict(metadata))
+            onnx.save(proto, os.fspath(tmp))
+        report = {"path": str(path), "opset": _onnx_opset(tmp), "dynamic_batch": True,
+                  "dynamic_size": dynamic, "img_size": size}
+        if check:
+            sizes = [size] + ([_other_size(size)] if dynamic else [])
+            report["check"] = check_onnx(tmp, model, sizes, check_batches, atol)
     return report
 
 

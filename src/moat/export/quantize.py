@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from moat.data.images import IMAGE_SUFFIXES
+
 __all__ = ["PREPROCESSING_KEY", "calibration_batches", "quantize_onnx", "read_preprocessing"]
 
 # Metadata entry (JSON) of every `moat export onnx` file: input_size, crop_pct,
 # interpolation, mean, std: what an image needs to become the graph's input.
 PREPROCESSING_KEY = "moat.preprocessing"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def read_preprocessing(path: str | os.PathLike) -> dict:

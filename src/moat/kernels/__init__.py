@@ -14,7 +14,6 @@ and the unfused ops run. `MOAT_FUSED_KERNELS=0` turns it off.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import logging
 import os
@@ -55,6 +54,8 @@ def _load(cpp_extension, name: str, **kwargs) -> ModuleType:
     when a training run was killed during its first build). An flock is released by the
     operating system when its holder dies, so while we hold ours no live moat process is
     building, and a plain lock file still there is such a leftover: it is removed."""
+    import fcntl  # POSIX only; imported here so that `import moat` works everywhere
+
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     with open(build_dir / "moat-build.flock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # another process building: wait for it

@@ -245,7 +245,7 @@ def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
         raise ValueError(f"expected a batch of images [B, {channels}, H, W], got a tensor of "
                          f"shape {list(x.shape)}{hint}")
     if x.shape[1] != channels:
-        hint = (f"; this looks like [B, H, W, C]: use x.permute(0, 3, 1, 2)"
+        hint = ("; this looks like [B, H, W, C]: use x.permute(0, 3, 1, 2)"
                 if x.shape[-1] == channels else
                 "; replicate a grey image with x.expand(-1, 3, -1, -1)" if x.shape[1] == 1
                 else "")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moat.data.segmentation import IGNORE_INDEX
+from moat.integrity import atomic_output, atomic_write_text
 from moat.train.distributed import all_reduce_sum
 
 
@@ -87,12 +88,12 @@ def write_report(output_dir: str | os.PathLike, metrics: Mapping[str, Any], conf
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [header] + [",".join([csv_cell(n), *map(str, row)]) for n, row in zip(names, rows)]
-    (out / "per_class.csv").write_text("\n".join(lines) + "\n")
-    (out / "confusion.csv").write_text(
+    atomic_write_text(out / "per_class.csv", "\n".join(lines) + "\n")
+    atomic_write_text(out / "confusion.csv",
         "true\\predicted," + ",".join(csv_cell(n) for n in names) + "\n" + "".join(
             f"{csv_cell(n)}," + ",".join(str(int(v)) for v in row) + "\n"
             for n, row in zip(names, confusion.tolist())))
-    (out / "metrics.json").write_text(json.dumps(dict(metrics), indent=1) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(dict(metrics), indent=1) + "\n")
     return [str(out / f) for f in ("metrics.json", "per_class.csv", "confusion.csv")]
 
 
@@ -125,6 +126,7 @@ def plot_confusion(confusion: Tensor, names: Sequence[str], path: str | os.PathL
     ax.set_ylabel("true")
     ax.set_title("confusion matrix (row-normalised colours, counts)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return str(path)

@@ -79,8 +79,12 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
               checkpoints=CheckpointManager(run_dir, config.keep_last),
               metrics=MetricsWriter(run_dir, info.is_main, config.tensorboard),
               bad=BadImageLog(log))
-    progress = restore(run, start) if start is not None else \
-        Progress(preferred="ema" if ema is not None else "model")
+    try:
+        progress = restore(run, start) if start is not None else \
+            Progress(preferred="ema" if ema is not None else "model")
+    except BaseException:  # e.g. a damaged state.pt: no open metrics file left behind
+        run.metrics.close()
+        raise
 
     if info.is_main:
         config.save(run_dir / "config.yaml")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from moat.integrity import DamagedFileError, atomic_write_bytes, atomic_write_text, \
+from moat.integrity import DamagedFileError, atomic_write_text, \
     check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
     seal_json, torch_save_bytes, verify_manifest, write_synced
 from moat.weights.files import load_state_dict
@@ -275,6 +275,8 @@ def read_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> di
     path = checkpoint / STATE_FILE
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, MemoryError):  # the disk or the machine, not the file's content
+        raise
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types, all "damaged"
         # not its own text: it suggests weights_only=False, never right for a damaged file
         raise DamagedFileError(path, f"cannot be read as training state "

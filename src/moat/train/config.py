@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
 from moat.train import recipes
 from moat.train.recipes import RECIPES
 
@@ -56,8 +56,8 @@ class TrainConfig:
     num_classes: int | None = None  # None: from the data
     img_size: int = 224
     eval_img_size: int | None = None  # None: img_size
-    crop_pct: float = 0.875        # eval: resize to img_size / crop_pct, centre-crop img_size
-    interpolation: str = "bicubic"
+    crop_pct: float = CROP_PCT     # eval: resize to img_size / crop_pct, centre-crop img_size
+    interpolation: str = INTERPOLATION
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -221,7 +221,7 @@ class TrainConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as YAML (or JSON when the name ends in .json), atomically."""
-        from moat.train.checkpoint import atomic_write_text
+        from moat.integrity import atomic_write_text
 
         path = Path(path)
         if path.suffix == ".json":

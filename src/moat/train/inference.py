@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moat.data.folders import describe_skipped, walk_files
+from moat.data.images import IMAGE_SUFFIXES
 from moat.integrity import atomic_write_text, read_safetensors
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
@@ -25,9 +26,6 @@ from moat.train.task import Task, get_task
 from moat.weights.loader import load_weights
 
 log = logging.getLogger("moat")
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                  ".pgm")
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:

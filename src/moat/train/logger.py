@@ -23,6 +23,20 @@ from moat.integrity import atomic_output
 LOGGER_NAME = "moat"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to the current sys.stderr, not the one of its creation: a
+    logger outlives the run that set it up (a notebook, a test, a program training twice),
+    and the stream it found then may be replaced or closed since."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(run_dir: Path | None, is_main: bool) -> logging.Logger:
     """Logger `moat`: INFO to stderr and RUN_DIR/train.log on rank 0; errors only elsewhere."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -33,7 +47,7 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> logging.Logger:
     logger.setLevel(logging.INFO if is_main else logging.ERROR)
     logger.propagate = False
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if is_main and run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "train.log", encoding="utf-8"))

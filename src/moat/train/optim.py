@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -161,7 +160,3 @@ class ModelEma:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
-
-
-def trainable_parameters(model: nn.Module) -> Iterable[torch.nn.Parameter]:
-    return (p for p in model.parameters() if p.requires_grad)

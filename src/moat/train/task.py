@@ -183,16 +183,11 @@ def get_task(name: str) -> type[Task]:
     return TASKS[name]
 
 
-def available_tasks() -> list[str]:
-    _import_task_modules()
-    return sorted(TASKS)
-
-
 def _import_task_modules() -> dict[str, str]:
     errors = {}
     for info in pkgutil.iter_modules(moat.tasks.__path__, "moat.tasks."):
         try:
             importlib.import_module(info.name)
-        except Exception as err:  # noqa: BLE001 - an optional dependency may be missing
+        except ImportError as err:  # an optional dependency may be missing
             errors[info.name] = f"{type(err).__name__}: {err}"
     return errors

@@ -26,7 +26,7 @@ _EXPORTS = {
     "DownloadError": "moat.weights.cache", "moat_home": "moat.weights.cache",
     "pretrained_file": "moat.weights.cache",
     "push_to_hub": "moat.weights.hub", "save_pretrained": "moat.weights.hub",
-    "create_model": "moat.weights.loader", "create_transform": "moat.weights.loader",
+    "create_model": "moat.weights.loader",
     "data_config": "moat.weights.loader", "load_tf_checkpoint": "moat.weights.loader",
     "load_weights": "moat.weights.loader",
 }

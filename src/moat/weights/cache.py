@@ -37,6 +37,7 @@ from filelock import FileLock
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
+from moat.errors import MoatError
 from moat.weights.catalogue import BASE_URL, PretrainedWeights, release
 from moat.weights.convert import convert_checkpoint
 from moat.weights.files import verify_sha256
@@ -52,7 +53,7 @@ __all__ = ["DownloadError", "cached_file", "moat_home", "offline", "pretrained_f
            "weights_url"]
 
 
-class DownloadError(RuntimeError):
+class DownloadError(MoatError, RuntimeError):
     """Released weights could not be fetched or verified; nothing was cached."""
 
 

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from moat.weights.catalogue import find, split_name
-from moat.weights.files import save_weights, sha256sum
+from moat.integrity import file_sha256
+from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import official_state_dict, official_tensors
 from moat.weights.tf_checkpoint import TFCheckpoint
@@ -176,7 +177,7 @@ def _source_fingerprint(ckpt: TFCheckpoint) -> tuple[str, str]:
     The index holds every tensor's crc32c, so its hash identifies the weights too.
     """
     path = ckpt.archive or ckpt.path.with_name(ckpt.path.name + ".index")
-    return path.name, sha256sum(path)
+    return path.name, file_sha256(path)
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,

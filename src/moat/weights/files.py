@@ -11,27 +11,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from moat.integrity import atomic_write_bytes, read_safetensors, safetensors_bytes
+from moat.integrity import atomic_write_bytes, file_sha256, read_safetensors, safetensors_bytes
 from moat.weights.metadata import WeightsMetadata
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
-__all__ = ["TORCH_SUFFIXES", "load_state_dict", "save_weights", "sha256sum", "verify_sha256"]
-
-
-def sha256sum(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["TORCH_SUFFIXES", "load_state_dict", "save_weights", "verify_sha256"]
 
 
 def verify_sha256(path: str | os.PathLike, expected: str) -> None:
@@ -41,7 +32,7 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     if not Path(path).is_file():
         raise ValueError(f"sha256 can only be checked for a single file, not {path}; pass the "
                          "archive or .safetensors file, or drop sha256")
-    actual = sha256sum(path)
+    actual = file_sha256(path)
     if actual != expected.lower():
         raise ValueError(f"{path}: sha256 is {actual}, expected {expected}; the file is "
                          "corrupted or not the expected release: download it again")
@@ -69,6 +60,8 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], W
     if path.suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, MemoryError):  # the disk or the machine, not the file's content
+            raise
         except Exception as err:  # the unpickler raises many types; all mean "not weights"
             # Not the unpickler's own text: it suggests weights_only=False, i.e. running code.
             raise ValueError(f"{path}: not a plain PyTorch weights file ({type(err).__name__}: "

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from moat.integrity import atomic_write_text
 from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
@@ -139,8 +140,8 @@ def model_card(config: Mapping[str, Any], *, dataset: str | None = None,
                metrics: Mapping[str, float] | None = None) -> str:
     """README.md of a saved model: what it is, what it was trained on, how to load it."""
     cfg, arch = config["pretrained_cfg"], config["architecture"]
-    release = PRETRAINED.get(cfg.get("tag") or "")
-    data = dataset or (DATASETS[release.data] if release else "not recorded")
+    entry = PRETRAINED.get(cfg.get("tag") or "")
+    data = dataset or (DATASETS[entry.data] if entry else "not recorded")
     names = cfg.get("label_names")
     rows = "\n".join(f"| {k} | {v} |" for k, v in (metrics or {}).items()) or \
         "| (none recorded) | |"
@@ -155,7 +156,7 @@ MOAT (Yang et al., "MOAT: Alternating Mobile Convolution and Attention Brings St
 Models", ICLR 2023) in PyTorch, saved by the `moat` library in timm's format.
 
 - **Variant:** `{arch}`, model arguments `{json.dumps(config['model_args'])}`
-- **Weights from:** {('release `' + release.tag + '`') if release else 'a moat training run'}
+- **Weights from:** {('release `' + entry.tag + '`') if entry else 'a moat training run'}
 - **Data:** {data}
 - **Classes:** {config['num_classes']}{(' (' + ', '.join(names[:5]) + ', ...)') if names else ''}
 - **Input:** {cfg.get('input_size')}, mean {cfg.get('mean')}, std {cfg.get('std')}, \
@@ -187,12 +188,6 @@ model = timm.create_model("hf-hub:ORG/NAME", pretrained=True)
 """
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
                     label_names: Sequence[str] | None = None, dataset: str | None = None,
                     metrics: Mapping[str, float] | None = None) -> Path:
@@ -214,8 +209,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, *,
         interpolation=cfg.get("interpolation"), crop_pct=cfg.get("crop_pct"),
         label_names=cfg["label_names"], model_args=config["model_args"])
     save_weights(directory / WEIGHTS_FILE, model.state_dict(), meta)
-    _write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-    _write_text(directory / CARD_FILE, model_card(config, dataset=dataset, metrics=metrics))
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(directory / CARD_FILE, model_card(config, dataset=dataset, metrics=metrics))
     return directory
 
 

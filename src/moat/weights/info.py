@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from moat.integrity import DamagedFileError
 from moat.weights.catalogue import find
-from moat.weights.convert import BN_STATISTICS, classify_variables
+from moat.weights.convert import BN_STATISTICS, EMA_SUFFIX, classify_variables
 from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import official_tensors
 from moat.weights.tf_checkpoint import TFCheckpoint
@@ -25,11 +25,13 @@ def checkpoint_info(path: str | os.PathLike) -> dict[str, object]:
     """What a TensorFlow checkpoint holds: variant, dtypes, EMA, BN statistics, slots."""
     with TFCheckpoint(path) as ckpt:
         found = classify_variables(ckpt.keys())
-        names = set(found.weights or found.ema)
+        # Official name -> shape, from the raw weights or else (an EMA-only file) the copies.
+        shapes = ({n: ckpt.shape(n) for n in found.weights}
+                  or {n: ckpt.shape(n + EMA_SUFFIX) for n in found.ema})
+        names = set(shapes)
         stats: tuple[int, int] | None = None
         try:
-            variant: Variant | str = detect_variant({n: ckpt.shape(n) for n in names},
-                                                    str(path))
+            variant: Variant | str = detect_variant(shapes, str(path))
             expected = [n for e in official_tensors(variant.meta_model()) for n in e.official
                         if n.endswith(BN_STATISTICS)]
             stats = (sum(n in names for n in expected), len(expected))

@@ -17,9 +17,9 @@ weights', the backbone is loaded and a fresh classifier is made (fine-tuning).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,12 +33,9 @@ from moat.weights.hub import ARCHITECTURE_ARGS, is_hub_name, resolve
 from moat.weights.official import load_official_weights
 from moat.weights.variant import check_variant, model_variant
 
-if TYPE_CHECKING:
-    from torchvision.transforms import v2
-
 HEAD_PREFIXES = ("logits_head.", "final_layer_norm.")
 
-__all__ = ["create_model", "create_transform", "data_config", "load_state",
+__all__ = ["create_model", "data_config", "load_state",
            "load_tf_checkpoint", "load_weights", "weights_file"]
 
 
@@ -186,24 +183,3 @@ def data_config(model_or_name: Any) -> dict[str, Any]:
                 release(variant.model_name).data_config()
     return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]
             for k in ("input_size", "interpolation", "crop_pct", "mean", "std")}
-
-
-def create_transform(model_or_name: Any, *, img_size: int | Sequence[int] | None = None,
-                     crop_pct: float | None = None, interpolation: str | None = None,
-                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                     ) -> v2.Compose:
-    """The evaluation transform (torchvision.transforms.v2) of a checkpoint.
-
-    PIL image or uint8 tensor in, normalised float32 CxHxW tensor out. Any argument given
-    overrides the checkpoint's value, e.g. ``img_size=448`` to evaluate at another size.
-    """
-    from moat.data.transforms import eval_transform  # needs torchvision (the `full` extra)
-
-    config = data_config(model_or_name)
-    size = img_size or config["input_size"][1:]
-    if isinstance(size, Sequence) and size[0] == size[-1]:
-        size = int(size[0])
-    return eval_transform(size,
-                          mean=mean or config["mean"], std=std or config["std"],
-                          interpolation=interpolation or config["interpolation"],
-                          crop_pct=crop_pct or config["crop_pct"])

@@ -71,8 +71,6 @@ class ClassificationTask(Task):
         return train, val
 
     def train_size(self) -> int:
-        from moat.data.classification import classification_datasets
-
         return len(classification_datasets(self.config.data, self.config.val_data)[0])
 
     def build_eval_dataset(self):
