@@ -1,10 +1,16 @@
-"""Exported classifiers on the page: `.onnx` (onnxruntime), `.pt2` (torch.export) and `.pt`
+"""Exported classifiers on the page: `.onnx` (ONNX Runtime), `.pt2` (torch.export) and `.pt`
 (TorchScript). They give the top-5 classes and the time taken, but no maps: an exported
 graph has no MOAT blocks to record attention from, and explanations need the PyTorch model
-(`--checkpoint RUN` or `--model NAME`)."""
+(`--checkpoint RUN` or `--model NAME`).
+
+An `.onnx` file from `moat export onnx` records its preprocessing (the variant's release,
+or the training run's) and, exported from a run, its class names: the page uses them.
+`.pt2` and `.pt` files record neither: ImageNet's preprocessing and class indices, unless
+given."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -14,43 +20,50 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moat.data.transforms import eval_transform
 from moat.explain.explainer import Explanation
+from moat.export.ort import OnnxRuntimeModel
+from moat.export.quantize import read_preprocessing
+from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
+from moat.train.inference import ONNX_CONFIG_KEY, ONNX_TASK_KEY
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2", ".pt")
 NO_MAPS = "no maps for an exported model: use --checkpoint RUN or --model NAME for them"
 
 
 class ExportedClassifier:
-    """`explain()` with the page's interface: predictions only."""
+    """`explain()` with the page's interface: predictions only. `img_size`, `mean`, `std`
+    and `class_names` override what the file records."""
 
     task = "classification"
 
     def __init__(self, path: str | os.PathLike, *, img_size: int | None = None,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  class_names: Sequence[str] | None = None) -> None:
-        from moat.data.transforms import eval_transform
-        from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
-        self.run, static = self._load()
-        size = img_size or static or 224
-        self.transform = eval_transform(size, mean=mean or IMAGENET_MEAN, std=std or IMAGENET_STD)
-        self.mean = np.array(mean or IMAGENET_MEAN, dtype=np.float32)
-        self.std = np.array(std or IMAGENET_STD, dtype=np.float32)
-        self.class_names = list(class_names or [])
+        self.model, recorded, names = self._load()
+        pre = {**dict(input_size=224, crop_pct=CROP_PCT, interpolation=INTERPOLATION,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD), **recorded}
+        mean, std = mean or pre["mean"], std or pre["std"]
+        self.transform = eval_transform(img_size or pre["input_size"], mean=mean, std=std,
+                                        crop_pct=pre["crop_pct"],
+                                        interpolation=pre["interpolation"])
+        self.mean, self.std = (np.array(v, dtype=np.float32) for v in (mean, std))
+        self.class_names = list(class_names or names)
 
     def _load(self):
-        """(batch [1, 3, H, W] -> logits function, static input side or None)."""
+        """(batch [1, 3, H, W] -> logits, the preprocessing and the class names it records)."""
         if self.path.suffix == ".onnx":
-            import onnxruntime as ort
-
-            session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
-            first = session.get_inputs()[0]
-            side = first.shape[-1] if isinstance(first.shape[-1], int) else None
-            return (lambda x: torch.from_numpy(session.run(None, {first.name: x.numpy()})[0]),
-                    side)
+            model = OnnxRuntimeModel(self.path)
+            props = model.session.get_modelmeta().custom_metadata_map
+            task = json.loads(props.get(ONNX_CONFIG_KEY, "{}")).get("task", self.task)
+            if task != self.task:
+                raise ValueError(f"{self.path.name} is a {task} model: the page shows exported "
+                                 "classifiers only; use --checkpoint RUN_DIR for it")
+            names = json.loads(props.get(ONNX_TASK_KEY, "{}")).get("classes") or []
+            return model, read_preprocessing(self.path), names
         if self.path.suffix == ".pt2":
             module = torch.export.load(str(self.path)).module()
         elif self.path.suffix == ".pt":
@@ -58,14 +71,14 @@ class ExportedClassifier:
         else:
             raise ValueError(f"{self.path.name}: not an exported model; use one of "
                              f"{', '.join(EXPORTED_SUFFIXES)}")
-        return (lambda x: module(x)), None
+        return module, {}, []
 
     def explain(self, image: Image.Image, target=None, *, method: str = "hirescam",
                 top_k: int = 5, **_) -> Explanation:
         start = time.perf_counter()
         x = self.transform(image.convert("RGB"))[None]
         with torch.no_grad():
-            probs = self.run(x).float().softmax(-1)[0]
+            probs = self.model(x).float().softmax(-1)[0]
         values, indices = probs.topk(max(1, min(top_k, len(probs))))
         names = self.class_names or [str(i) for i in range(len(probs))]
         view = (x[0].permute(1, 2, 0).numpy() * self.std + self.mean).clip(0, 1)
