@@ -14,7 +14,7 @@ from PIL import Image
 
 from moat.data.checks import DataError, check_classification_splits
 from moat.data.classification import ImageFolderDataset, classification_datasets
-from moat.data.folders import walk_files
+from moat.data.folders import output_names, walk_files
 from moat.data.images import BadImageError, load_rgb
 
 
@@ -59,6 +59,15 @@ def test_link_inside_the_class_is_followed_once(tmp_path):
     os.symlink("more", train / "cat" / "alias")
     files, skipped = walk_files(train / "cat")
     assert len(files) == 4 and len(skipped) == 1  # 'more' read once, through one name
+
+
+def test_output_names_are_unique_among_the_inputs():
+    assert output_names(["x/a.jpg", "x/b.png", "y/c"]) == ["a", "b", "c"]  # stems, as before
+    paths = ["x/a/cat.jpg", "x/b/cat.jpg", "x/cat-2.png", "x/Cat.png", "x/cat.png", "x/dog.jpg"]
+    # the first keeps its stem; 'cat-2' is another input's stem, and case does not make a
+    # name distinct (macOS and Windows file systems ignore it)
+    assert output_names(paths) == ["cat", "cat-3", "cat-2", "Cat-4", "cat-5", "dog"]
+    assert output_names([]) == []
 
 
 def test_fifo_and_device_named_like_images_are_skipped_and_reported(tmp_path, caplog):

@@ -549,6 +549,43 @@ def test_predict_writes_png_and_coco_json(trained_run, synthetic, tmp_path):
     assert json.loads((out / "all.json").read_text())[0]["path"].endswith("000001.png")
 
 
+@pytest.mark.slow
+def test_predict_names_same_stems_apart_and_reports_bad_images(trained_run, synthetic, tmp_path,
+                                                               capsys):
+    from moat.cli import main
+    from moat.train.inference import predict_checkpoint
+
+    originals = [synthetic.images("val") / f"00000{i}.png" for i in (1, 2)]
+    for sub, original in zip("ab", originals):  # two different images, both named img.png
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        (tmp_path / "in" / sub / "img.png").write_bytes(original.read_bytes())
+    (tmp_path / "in" / "z").mkdir()
+    (tmp_path / "in" / "z" / "img.png").write_bytes(b"not a png")
+    run_dir, out = trained_run[0], tmp_path / "pred"
+    results = predict_checkpoint([tmp_path / "in"], run_dir, output_dir=out)
+    assert [Path(r["path"]).parent.name for r in results] == ["a", "b", "z"]
+    assert set(results[2]) == {"path", "error"} and "z/img.png" in results[2]["error"]
+    assert [Path(r["image"]).name for r in results[:2]] == ["img_detections.png",
+                                                           "img-2_detections.png"]
+    assert [Path(r["json"]).name for r in results[:2]] == ["img_detections.json",
+                                                          "img-2_detections.json"]
+    # each file is its own input's: what predicting that image alone gives
+    for result, original in zip(results, originals):
+        alone = predict_checkpoint([original], run_dir, output_dir=tmp_path / "one")[0]
+        assert result["detections"] == alone["detections"]
+        np.testing.assert_array_equal(np.asarray(Image.open(result["image"])),
+                                      np.asarray(Image.open(alone["image"])))
+    assert not np.array_equal(np.asarray(Image.open(results[0]["image"])),
+                              np.asarray(Image.open(results[1]["image"])))
+    # the command: the corrupt image is reported, the others written, exit code 1
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "in"), "--checkpoint", str(run_dir),
+                 "--output-dir", str(tmp_path / "cli")]) == 1
+    assert "z/img.png: error" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*.png")) == [
+        "img-2_detections.png", "img_detections.png"]
+
+
 def _image(path: Path) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as TF
 

@@ -4,6 +4,7 @@ sample of Grace Hopper): maps on the image's pixels, the chosen class or box, th
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ import moat
 from moat.app.page import render
 from moat.cli import main
 from moat.data.transforms import eval_transform
-from moat.explain import Explainer, class_activation_maps, class_score, to_input_size
+from moat.explain import (Explainer, NoDetectionError, class_activation_maps, class_score,
+                          explain_files, to_input_size)
 
 PHOTO = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
 HALF = (0.5, 0.5, 0.5)
@@ -78,6 +80,49 @@ def test_moat_explain_writes_overlays_arrays_and_json(tmp_path, capsys):
     assert "bad.jpg: error" in capsys.readouterr().out
 
 
+def test_moat_explain_names_same_stems_apart_and_reports_bad_images(tmp_path, capsys):
+    photo = Image.open(PHOTO).convert("RGB").resize((96, 72))
+    for sub, picture in (("a", photo), ("b", photo.transpose(Image.FLIP_LEFT_RIGHT))):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        picture.save(tmp_path / "in" / sub / "hopper.png")
+    (tmp_path / "in" / "z").mkdir()
+    (tmp_path / "in" / "z" / "hopper.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    args = ["--model", "tiny_moat_0", "--img-size", "64"]
+    assert main(["explain", str(tmp_path / "in"), *args, "--output-dir", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "z/hopper.png: error" in printed and "b/hopper.png: class" in printed
+    assert sorted(p.name for p in out.glob("*.json")) == ["hopper-2.json", "hopper.json"]
+    # each file is its own input's: what explaining that image alone writes
+    for sub, name in (("a", "hopper"), ("b", "hopper-2")):
+        alone = tmp_path / f"alone_{sub}"
+        assert main(["explain", str(tmp_path / "in" / sub / "hopper.png"), *args,
+                     "--output-dir", str(alone)]) == 0
+        np.testing.assert_array_equal(np.load(out / f"{name}_maps.npz")["image"],
+                                      np.load(alone / "hopper_maps.npz")["image"])
+    assert not np.array_equal(np.load(out / "hopper_maps.npz")["image"],
+                              np.load(out / "hopper-2_maps.npz")["image"])
+
+
+def test_an_image_with_nothing_to_explain_does_not_stop_the_others(tmp_path, monkeypatch):
+    image = small_photo(tmp_path)
+    empty = tmp_path / "empty.png"
+    Image.new("RGB", (96, 72), "white").save(empty)
+    explain = Explainer.explain
+
+    def explain_or_find_nothing(self, path, *args, **kwargs):  # a detector seeing nothing
+        if Path(path) == empty:
+            raise NoDetectionError("no detection to explain: try another image, class or box")
+        return explain(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Explainer, "explain", explain_or_find_nothing)
+    results = explain_files([empty, image], tmp_path / "out", model="tiny_moat_0", img_size=64)
+    assert results[0] == {"path": str(empty), "error": "no detection to explain: try another "
+                          "image, class or box"}
+    assert results[1]["path"] == image and (tmp_path / "out" / "hopper.json").is_file()
+    assert not list((tmp_path / "out").glob("empty*"))
+
+
 def test_segmentation_explains_a_class_over_its_pixels(tmp_path):
     from moat.tasks.segmentation import deeplabv3plus
 
@@ -116,6 +161,8 @@ def test_detection_explains_a_chosen_box(tmp_path):
     assert 1 <= len(expl.predictions) <= 5
     chosen = sorted(expl.predictions, key=lambda p: -p["score"])[1]  # box=1: second best
     assert str(chosen["box"]) in expl.target
+    with pytest.raises(NoDetectionError, match="no detection to explain"):
+        explainer.explain(small_photo(tmp_path, (120, 90)), box=5)  # at most 5 detections
     assert all(m.shape == (90, 120) for m in expl.cams.values())
     assert sum(float(m.sum()) for m in expl.cams.values()) > 0
     assert all(a.shape[1:] == (90, 120) for a in expl.attention.values())

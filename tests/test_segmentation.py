@@ -444,8 +444,46 @@ def test_task_predict_writes_mask_and_overlay(tmp_path):
     assert overlay.mode == "RGB" and overlay.size == (48, 48)
 
 
+def _same_stem_folder(root: Path, images: list[Path]) -> Path:
+    """root/a/img.png, root/b/img.png, ... (copies of `images`) and root/z/img.png, corrupt."""
+    for sub, image in zip("abcdefgh", images):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "img.png").write_bytes(image.read_bytes())
+    (root / "z").mkdir()
+    (root / "z" / "img.png").write_bytes(b"not a png")
+    return root
+
+
+def test_task_predict_names_same_stems_apart_and_reports_bad_images(tmp_path):
+    from moat.train.inference import expand_images
+
+    task, data = _task(tmp_path)
+    task.build_datasets()
+    model = task.build_model()
+    originals = [data.root / "val" / "images" / f"0000{i}.png" for i in range(2)]
+    folder = _same_stem_folder(tmp_path / "in", originals)
+    out = task.predict(model, expand_images([folder]), torch.device("cpu"), str(tmp_path / "pred"))
+    assert [Path(r["path"]).parent.name for r in out] == ["a", "b", "z"]
+    assert Path(out[0]["mask"]).name == "img_mask.png"
+    assert Path(out[1]["mask"]).name == "img-2_mask.png"
+    assert Path(out[1]["overlay"]).name == "img-2_overlay.png"
+    assert "error" not in out[0] and set(out[2]) == {"path", "error"}
+    assert "z/img.png" in out[2]["error"]
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == [
+        "img-2_mask.png", "img-2_overlay.png", "img_mask.png", "img_overlay.png"]
+    # each file is its own input's: the same as predicting that image alone
+    for result, original in zip(out, originals):
+        alone = task.predict(model, [str(original)], torch.device("cpu"), str(tmp_path / "one"))[0]
+        for key in ("mask", "overlay"):
+            np.testing.assert_array_equal(np.asarray(Image.open(result[key])),
+                                          np.asarray(Image.open(alone[key])))
+    assert not np.array_equal(np.asarray(Image.open(out[0]["overlay"])),
+                              np.asarray(Image.open(out[1]["overlay"])))
+
+
 @pytest.mark.slow
 def test_short_training_run_through_the_shared_loop(tmp_path):
+    from moat.cli import main
     from moat.train.config import load_config
     from moat.train.inference import evaluate_checkpoint, predict_checkpoint
     from moat.train.loop import train
@@ -470,6 +508,14 @@ def test_short_training_run_through_the_shared_loop(tmp_path):
                              output_dir=str(tmp_path / "pred"))
     assert Image.open(out[0]["mask"]).size == (40, 40)
     assert (tmp_path / "pred" / "00001_overlay.png").is_file()
+    # the command: one corrupt image among good ones is reported, the others written, exit 1
+    folder = _same_stem_folder(tmp_path / "in", [image, data.root / "val" / "images" / "00000.png"])
+    assert main(["predict", str(folder), "--checkpoint", str(tmp_path / "run"),
+                 "--output-dir", str(tmp_path / "cli")]) == 1
+    assert sorted(p.name for p in (tmp_path / "cli").glob("*_mask.png")) == [
+        "img-2_mask.png", "img_mask.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "cli" / "img_mask.png")),
+                                  np.asarray(Image.open(out[0]["mask"])))
 
 
 class _ChannelsAsLogits(torch.nn.Module):

@@ -3,7 +3,8 @@
 Exit codes:
 
     0    success
-    1    `moat predict`: some images could not be read (the others were predicted)
+    1    `moat predict`, `moat explain`: some images could not be read or explained (the
+         others were)
     2    an expected failure: bad input or data, a damaged file, a file system error
          (missing file, permission, read-only folder, full disk), a run folder in use, a
          missing optional package, a diverged run; one or two lines, no traceback

@@ -8,13 +8,17 @@ datasets are often made of links into a pool of images, and a file cannot loop. 
 are not regular files (a FIFO named `x.png` would block the reader forever; devices, sockets,
 broken links) are skipped. Every skipped entry is returned with the reason, so that callers
 report them instead of losing them silently.
+
+`output_names(paths)` names the output files of each input (its stem), unique among the inputs,
+so that `a/cat.jpg` and `b/cat.jpg` (or `cat.jpg` and `cat.png`) never overwrite each other.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -61,6 +65,26 @@ def walk_files(folder: str | os.PathLike, accept: Callable[[str], bool] = lambda
                 skipped.append(Skipped(entry.path, kind))
         pending.extend(reversed(folders))  # depth first, in name order
     return sorted(files), skipped
+
+
+def output_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """A name for the output files of each of `paths`, unique among them: the file's stem
+    (`a/cat.jpg` -> `cat`); when several inputs share a stem (`a/cat.jpg`, `b/cat.jpg`,
+    `cat.png`; compared ignoring case, as macOS and Windows file systems do), the first keeps
+    it and the others, in input order, get `cat-2`, `cat-3`, ..., skipping any name that is
+    another input's stem."""
+    stems = [Path(p).stem for p in paths]
+    inputs = {s.casefold() for s in stems}
+    used: set[str] = set()
+    names = []
+    for stem in stems:
+        name, n = stem, 1
+        while name.casefold() in used or (n > 1 and name.casefold() in inputs):
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name.casefold())
+        names.append(name)
+    return names
 
 
 def class_folders(root: str | os.PathLike) -> tuple[list[str], list[Skipped]]:

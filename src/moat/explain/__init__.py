@@ -12,9 +12,9 @@ Lower level: `record_attention(model)` (the raw probabilities, windows stitched)
 from moat.explain.attention import AttentionMap, record_attention
 from moat.explain.cam import (box_score, class_activation_maps, class_score, mask_score,
                               stage_layers, to_input_size)
-from moat.explain.explainer import Explainer, Explanation
+from moat.explain.explainer import Explainer, Explanation, NoDetectionError
 from moat.explain.files import explain_files, write_explanation
 
-__all__ = ["AttentionMap", "Explainer", "Explanation", "box_score", "class_activation_maps",
-           "class_score", "explain_files", "mask_score", "record_attention", "stage_layers",
-           "to_input_size", "write_explanation"]
+__all__ = ["AttentionMap", "Explainer", "Explanation", "NoDetectionError", "box_score",
+           "class_activation_maps", "class_score", "explain_files", "mask_score",
+           "record_attention", "stage_layers", "to_input_size", "write_explanation"]

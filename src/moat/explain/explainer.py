@@ -29,6 +29,11 @@ from moat.explain.cam import (box_score, class_activation_maps, class_score, mas
 TASKS = ("classification", "segmentation", "detection")
 
 
+class NoDetectionError(ValueError):
+    """The detector found nothing (of the asked class, at the asked box) in this image: a
+    fact about the image, not an error of the model or the options."""
+
+
 @dataclass
 class Explanation:
     """What `Explainer.explain` returns; arrays are numpy, maps on `image`'s pixels."""
@@ -126,7 +131,8 @@ class Explainer:
         """Predict `image` and explain `target`: a class (name or index; default the
         predicted one for classification, the largest predicted class for segmentation, the
         class of the chosen detection for detection) or, for detectors, `box` (index into
-        the detections, best first; default 0)."""
+        the detections, best first; default 0). Raises BadImageError for an unreadable
+        file, NoDetectionError for a detector that found nothing to explain."""
         from moat.data.images import load_rgb
 
         rgb = image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(image)
@@ -191,7 +197,7 @@ class Explainer:
         if box is not None:
             order = order[box:]
         if len(order) == 0:
-            raise ValueError("no detection to explain" + (
+            raise NoDetectionError("no detection to explain" + (
                 f" of class {target!r}" if target is not None else "") +
                 ": try another image, class or box")
         chosen = int(order[0])

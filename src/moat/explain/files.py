@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moat.explain.explainer import Explainer, Explanation
+from moat.data.folders import output_names
+from moat.explain.explainer import Explainer, Explanation, NoDetectionError
 from moat.explain.render import attention_row, boxes_image, cam_row, mask_overlay
 from moat.integrity import atomic_output
 
@@ -64,8 +65,10 @@ def explain_files(images: Sequence[str | os.PathLike], output_dir: str | os.Path
                   method: str = "hirescam", img_size: int | None = None,
                   device: str = "cpu") -> list[dict]:
     """Explain each image (files, or folders of images) with the model named `model` or the
-    training `checkpoint`; write its files into output_dir. Returns per image {"path",
-    "target", "predictions", "files"}, or {"path", "error"} for an unreadable image."""
+    training `checkpoint`; write its files into output_dir, named after the image's stem made
+    unique among the images (`moat.data.folders.output_names`). Returns per image {"path",
+    "target", "predictions", "files"}, or {"path", "error"} for an unreadable image or one
+    with no detection to explain."""
     from moat.data.images import BadImageError
     from moat.train.inference import expand_images
 
@@ -74,13 +77,14 @@ def explain_files(images: Sequence[str | os.PathLike], output_dir: str | os.Path
     explainer = (Explainer.from_name(model, device=device, img_size=img_size) if model
                  else Explainer.from_checkpoint(checkpoint, device=device, img_size=img_size))
     results = []
-    for path in expand_images(images):
+    paths = expand_images(images)
+    for path, name in zip(paths, output_names(paths)):
         try:
             expl = explainer.explain(path, target, box=box, method=method)
-        except BadImageError as err:
+        except (BadImageError, NoDetectionError) as err:
             results.append({"path": str(path), "error": str(err)})
             continue
-        files = write_explanation(expl, output_dir, Path(path).stem)
+        files = write_explanation(expl, output_dir, name)
         results.append({"path": str(path), "target": expl.target,
                         "predictions": expl.predictions, "files": files})
     return results

@@ -16,7 +16,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data.coco import (CocoDetection, collate_detection, detections_to_coco,
                             eval_transforms, train_transforms)
-from moat.data.images import load_rgb
+from moat.data.folders import output_names
+from moat.data.images import BadImageError, load_rgb
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.detection.demo import run_detection_demo
@@ -196,9 +197,11 @@ class DetectionTask(Task):
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
                 output_dir: str | None = None, **options: Any) -> list[dict]:
         """Per image: detections (category name and id, score, COCO bbox [x, y, w, h], and
-        an RLE mask with a mask head); with `output_dir`, `<stem>_detections.png` (boxes,
+        an RLE mask with a mask head); with `output_dir`, `<name>_detections.png` (boxes,
         labels, scores, masks drawn for scores >= score_threshold) and
-        `<stem>_detections.json` (COCO results format, every detection)."""
+        `<name>_detections.json` (COCO results format, every detection), <name> being the
+        file's stem made unique among `paths` (`moat.data.folders.output_names`). An
+        unreadable file gives {"path", "error"} instead."""
         threshold = float(options.get("score_threshold") or self.options.score_threshold)
         if options.get("img_size"):  # a different inference size than the checkpoint's
             transform = model.transform
@@ -212,8 +215,12 @@ class DetectionTask(Task):
             out_dir.mkdir(parents=True, exist_ok=True)
         model.eval()
         results = []
-        for index, path in enumerate(paths):
-            image = TF.pil_to_tensor(load_rgb(path))
+        for index, (path, out_name) in enumerate(zip(paths, output_names(paths))):
+            try:
+                image = TF.pil_to_tensor(load_rgb(path))
+            except BadImageError as err:
+                results.append({"path": str(path), "error": str(err)})
+                continue
             output = model([TF.to_dtype(image, torch.float32, scale=True).to(device)])[0]
             output = {k: v.float() if v.is_floating_point() else v for k, v in output.items()}
             coco = detections_to_coco(output, index + 1, label_to_category)
@@ -227,8 +234,8 @@ class DetectionTask(Task):
                                                    "bbox")} for d in coco if d["score"] >= threshold],
             }
             if out_dir:
-                stem = Path(path).stem
-                png, js = out_dir / f"{stem}_detections.png", out_dir / f"{stem}_detections.json"
+                png = out_dir / f"{out_name}_detections.png"
+                js = out_dir / f"{out_name}_detections.json"
                 drawn = draw_detections(image, output, names, score_threshold=threshold)
                 Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(png)
                 js.write_text(json.dumps(coco))

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from moat.data import segmentation as data
-from moat.data.images import load_rgb
+from moat.data.folders import output_names
+from moat.data.images import BadImageError, load_rgb
 from moat.models.blocks import set_batch_norm_momentum
 from moat.preprocessing import size_pair
 from moat.tasks.backbone import batch_norm_thawed
@@ -243,11 +244,13 @@ class SegmentationTask(Task):
     @torch.no_grad()
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
                 output_dir: str | None = None, **options: Any) -> list[dict]:
-        """Per image: `<stem>_mask.png` (a palette PNG whose pixel indices are the class ids)
-        and `<stem>_overlay.png` (class colours blended over the image) in `output_dir`, and
-        the share of pixels of each predicted class. Options: mode, flip, crop_size, stride,
-        eval_size or img_size (shorter side for inference; the mask always has the image's
-        size). Without `output_dir` no file is written."""
+        """Per image: `<name>_mask.png` (a palette PNG whose pixel indices are the class ids)
+        and `<name>_overlay.png` (class colours blended over the image) in `output_dir`, and
+        the share of pixels of each predicted class; <name> is the file's stem, made unique
+        among `paths` (`moat.data.folders.output_names`). An unreadable file gives {"path",
+        "error"} instead. Options: mode, flip, crop_size, stride, eval_size or img_size
+        (shorter side for inference; the mask always has the image's size). Without
+        `output_dir` no file is written."""
         inference = self._inference_options(**options)
         mean, std = self._mean_std()
         size = options.get("eval_size") or options.get("img_size") or self.config.eval_img_size
@@ -258,8 +261,12 @@ class SegmentationTask(Task):
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         results = []
         model.eval()
-        for path in paths:
-            rgb = load_rgb(path)
+        for path, out_name in zip(paths, output_names(paths)):
+            try:
+                rgb = load_rgb(path)
+            except BadImageError as err:
+                results.append({"path": str(path), "error": str(err)})
+                continue
             x, _ = transform(TF.pil_to_tensor(rgb), torch.zeros(1, 1, dtype=torch.long))
             logits = segment(model, x[None].to(device), output_size=(rgb.height, rgb.width),
                              **inference)
@@ -270,9 +277,8 @@ class SegmentationTask(Task):
                 "classes": {names[i]: round(float(c) / mask.size, 6) for i, c in zip(ids, counts)},
             }
             if out_dir:
-                stem = Path(path).stem
-                mask_path = out_dir / f"{stem}_mask.png"
-                overlay_path = out_dir / f"{stem}_overlay.png"
+                mask_path = out_dir / f"{out_name}_mask.png"
+                overlay_path = out_dir / f"{out_name}_overlay.png"
                 save_mask_png(mask, mask_path, self.num_classes)
                 Image.fromarray(overlay(np.asarray(rgb), mask, self.num_classes,
                                         ignore_index=self.ignore_index)).save(overlay_path)
