@@ -245,3 +245,27 @@ def test_executorch_program_matches_pytorch(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(run_executorch(tmp_path / "micro.pte", x), model(x),
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
+    """A file without moat's metadata: ImageNet defaults at its fixed size, or at the size
+    given when its height and width are dynamic (refused without one)."""
+    from onnx import TensorProto, helper
+
+    from moat.export.quantize import read_preprocessing
+    from moat.preprocessing import CROP_PCT, IMAGENET_MEAN
+
+    def identity(path, dims):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+        onnx.save(helper.make_model(graph), path)
+        return path
+
+    fixed = read_preprocessing(identity(tmp_path / "fixed.onnx", ["b", 3, 40, 48]))
+    assert fixed["input_size"] == (40, 48) and fixed["crop_pct"] == CROP_PCT
+    assert tuple(fixed["mean"]) == IMAGENET_MEAN
+    dynamic = identity(tmp_path / "dynamic.onnx", ["b", 3, "h", "w"])
+    with pytest.raises(ValueError, match="no fixed input size"):
+        read_preprocessing(dynamic)
+    assert read_preprocessing(dynamic, 56)["input_size"] == (56, 56)

@@ -4,8 +4,9 @@
 ONNX Runtime layout at a fixed size; timm's peers with `torch.onnx.export`, the same
 torch.export-based exporter and opset), optionally adds static int8 versions of every
 file (`moat.export.quantize`; peers too, so that int8 speed-ups are compared in the same
-run), and times all sessions **interleaved** (one run of each model per round), batch N then batch 1, reporting medians. The rows have the columns of
-`moat.benchmark` (table and CSV), with `runtime` and `onnxruntime` versions added.
+run), and times all sessions **interleaved** (one run of each model per round), batch N then
+batch 1, reporting medians. The rows have the columns of `moat.benchmark` (table and CSV),
+with `runtime` and `onnxruntime` versions added.
 
 Sessions: `moat.export.ort.onnx_session` (CPU, all graph optimisations, `threads` intra-op
 threads that do not spin while idle), the same for every model.
@@ -84,8 +85,8 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
     """Measure in ONNX Runtime; one row per model, size, batch and thread count.
 
     `peers` adds `peers_for(models)`. `int8_calibration`: a folder of images to calibrate
-    static int8 versions of every model, peers included (rows "NAME (int8)"). `export_dir` keeps the
-    exported files and reuses those already there (delete them after changing the code);
+    static int8 versions of every model, peers included (rows "NAME (int8)"). `export_dir`
+    keeps the exported files and reuses those already there (delete them after changing the code);
     by default they go to a temporary folder.
     """
     import onnxruntime as ort

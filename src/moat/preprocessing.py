@@ -25,11 +25,16 @@ CROP_PCT = 0.875
 INTERPOLATION = "bicubic"
 
 
+def imagenet_data_config(size: int | Sequence[int]) -> dict[str, Any]:
+    """The default preprocessing at `size`: ImageNet mean/std, CROP_PCT, INTERPOLATION."""
+    return dict(input_size=size_pair(size), crop_pct=CROP_PCT, interpolation=INTERPOLATION,
+                **NORMALISATION["option1"])
+
+
 def variant_data_config(name: str) -> dict[str, Any]:
     """Resize/crop/normalisation of a variant's released checkpoint, at its native size."""
-    size = MODEL_CONFIGS[name].native_resolution
-    return dict(input_size=(size, size), crop_pct=CROP_PCT, interpolation=INTERPOLATION,
-                **NORMALISATION[VARIANT_NORMALISATION[name]])
+    return {**imagenet_data_config(MODEL_CONFIGS[name].native_resolution),
+            **NORMALISATION[VARIANT_NORMALISATION[name]]}
 
 
 def size_pair(size: int | Sequence[int]) -> tuple[int, int]:

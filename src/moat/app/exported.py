@@ -24,7 +24,7 @@ from moat.data.transforms import eval_transform
 from moat.explain.explainer import Explanation
 from moat.export.ort import OnnxRuntimeModel
 from moat.export.quantize import read_preprocessing
-from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
+from moat.preprocessing import imagenet_data_config
 from moat.train.inference import ONNX_CONFIG_KEY, ONNX_TASK_KEY
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2", ".pt")
@@ -43,9 +43,7 @@ class ExportedClassifier:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
-        self.model, recorded, names = self._load()
-        pre = {**dict(input_size=224, crop_pct=CROP_PCT, interpolation=INTERPOLATION,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD), **recorded}
+        self.model, pre, names = self._load(img_size or 224)
         mean, std = mean or pre["mean"], std or pre["std"]
         self.transform = eval_transform(img_size or pre["input_size"], mean=mean, std=std,
                                         crop_pct=pre["crop_pct"],
@@ -53,8 +51,9 @@ class ExportedClassifier:
         self.mean, self.std = (np.array(v, dtype=np.float32) for v in (mean, std))
         self.class_names = list(class_names or names)
 
-    def _load(self):
-        """(batch [1, 3, H, W] -> logits, the preprocessing and the class names it records)."""
+    def _load(self, img_size: int):
+        """(batch [1, 3, H, W] -> logits, the preprocessing it records (else ImageNet's at
+        `img_size`), the class names it records)."""
         if self.path.suffix == ".onnx":
             model = OnnxRuntimeModel(self.path)
             props = model.session.get_modelmeta().custom_metadata_map
@@ -63,7 +62,7 @@ class ExportedClassifier:
                 raise ValueError(f"{self.path.name} is a {task} model: the page shows exported "
                                  "classifiers only; use --checkpoint RUN_DIR for it")
             names = json.loads(props.get(ONNX_TASK_KEY, "{}")).get("classes") or []
-            return model, read_preprocessing(self.path), names
+            return model, read_preprocessing(self.path, img_size), names
         if self.path.suffix == ".pt2":
             module = torch.export.load(str(self.path)).module()
         elif self.path.suffix == ".pt":
@@ -71,7 +70,7 @@ class ExportedClassifier:
         else:
             raise ValueError(f"{self.path.name}: not an exported model; use one of "
                              f"{', '.join(EXPORTED_SUFFIXES)}")
-        return module, {}, []
+        return module, imagenet_data_config(img_size), []
 
     def explain(self, image: Image.Image, target=None, *, method: str = "hirescam",
                 top_k: int = 5, **_) -> Explanation:

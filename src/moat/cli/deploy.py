@@ -81,7 +81,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
                            pool_size=args.pool_size, num_classes=args.num_classes)
     print(run_export(model, args.format, args.out, img_size=args.img_size, batch=args.batch,
                      metadata=metadata, preprocessing=preprocessing,
-                     opset=getattr(args, "opset", None) or DEFAULT_OPSET, check=getattr(args, "check", False),
+                     opset=getattr(args, "opset", None) or DEFAULT_OPSET,
+                     check=getattr(args, "check", False),
                      static_size=getattr(args, "static_size", True),
                      dynamic_size=getattr(args, "dynamic_size", False),
                      layout=getattr(args, "layout", "onnxruntime")))

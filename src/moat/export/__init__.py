@@ -16,9 +16,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_size, check_onnx, export_onnx,
-                                 export_program, export_torchscript, prepare_for_export,
-                                 supports_dynamic_size)
+from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_size, check_onnx,
+                                 export_onnx, export_program, export_torchscript,
+                                 prepare_for_export, supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
 from moat.export.quantize import PREPROCESSING_KEY
 from moat.integrity import atomic_output
@@ -26,9 +26,9 @@ from moat.models.config import MODEL_CONFIGS
 from moat.preprocessing import size_pair
 from moat.weights.hub import is_hub_name
 
-__all__ = ["DEFAULT_OPSET", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx", "export_program",
-           "export_torchscript", "is_optimized", "load_model", "optimize_for_inference",
-           "prepare_for_export", "run_export", "supports_dynamic_size"]
+__all__ = ["DEFAULT_OPSET", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx",
+           "export_program", "export_torchscript", "is_optimized", "load_model",
+           "optimize_for_inference", "prepare_for_export", "run_export", "supports_dynamic_size"]
 
 FORMATS = ("onnx", "torchscript", "torch-export", "executorch")
 
@@ -96,7 +96,8 @@ def _release_preprocessing(model) -> dict:
 
 
 def run_export(model, fmt: str, out: str | os.PathLike, *,
-               img_size: int | Sequence[int] | None = None, batch: int = 1, opset: int = DEFAULT_OPSET,
+               img_size: int | Sequence[int] | None = None, batch: int = 1,
+               opset: int = DEFAULT_OPSET,
                check: bool = True, static_size: bool = False, dynamic_size: bool = False,
                layout: str = "onnxruntime", metadata: dict[str, str] | None = None,
                preprocessing: dict | None = None) -> str:

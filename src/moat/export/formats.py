@@ -33,10 +33,9 @@ from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
 from moat.preprocessing import size_pair
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "downgrade_onnx_to_opset17",
-           "export_onnx",
-           "export_program", "export_torchscript", "prepare_for_export",
-           "supports_dynamic_size"]
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx",
+           "downgrade_onnx_to_opset17", "export_onnx", "export_program", "export_torchscript",
+           "prepare_for_export", "supports_dynamic_size"]
 
 DEFAULT_OPSET = 17  # the oldest opset the export writes (a downgrade of the exporter's 18)
 SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
@@ -250,7 +249,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     dynamic-size graph, also at a second input size) and compares with PyTorch within
     `atol`; raises if it does not match. `program`: the ExportedProgram that
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
-    the model a second time; it holds the "pytorch" layout, so pass that `layout` too). `metadata`: string entries for the file's metadata_props
+    the model a second time; it holds the "pytorch" layout, so pass that `layout` too).
+    `metadata`: string entries for the file's metadata_props
     (`moat export onnx` records the preprocessing, see `moat.export.quantize`). Returns a
     report dict.
     """

@@ -5,7 +5,8 @@
 channel, and the result is a QDQ graph (QuantizeLinear/DequantizeLinear pairs around each
 quantized operator) that ONNX Runtime runs as int8 kernels on CPU. Convolutions and matrix
 products are quantized; GELU, LayerNorm and Softmax stay float (ONNX Runtime has no exact
-int8 kernels for them), fused by ONNX Runtime before quantizing (`_fuse_for_quantization`). Activations are uint8, weights int8 with `reduce_range` (7-bit
+int8 kernels for them), fused by ONNX Runtime before quantizing (`_fuse_for_quantization`).
+Activations are uint8, weights int8 with `reduce_range` (7-bit
 weights): x86 CPUs without VNNI multiply u8 x s8 pairs into a saturating 16-bit sum, which
 7-bit weights keep from overflowing.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +30,25 @@ __all__ = ["PREPROCESSING_KEY", "calibration_batches", "quantize_onnx", "read_pr
 PREPROCESSING_KEY = "moat.preprocessing"
 
 
-def read_preprocessing(path: str | os.PathLike) -> dict:
-    """The preprocessing recorded in an exported file (or ImageNet defaults at its input
-    size when the file has none, e.g. an ONNX file from elsewhere)."""
+def read_preprocessing(path: str | os.PathLike,
+                       img_size: int | Sequence[int] | None = None) -> dict:
+    """The preprocessing recorded in an exported file, or, for a file without it (e.g. an
+    ONNX file from elsewhere), ImageNet defaults at its fixed input size or else `img_size`."""
     import onnx
+
+    from moat.preprocessing import imagenet_data_config
 
     model = onnx.load(os.fspath(path), load_external_data=False)
     meta = {p.key: p.value for p in model.metadata_props}
     if PREPROCESSING_KEY in meta:
         return json.loads(meta[PREPROCESSING_KEY])
-    from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
-
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not dims[2] or not dims[3]:
-        raise ValueError(f"{path} has no fixed input size and no {PREPROCESSING_KEY} "
-                         "metadata: export it with `moat export onnx` (fixed size)")
-    return dict(input_size=dims[2:], crop_pct=CROP_PCT, interpolation=INTERPOLATION,
-                mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if len(dims) == 4 and dims[2] and dims[3]:
+        return imagenet_data_config(dims[2:])
+    if img_size:
+        return imagenet_data_config(img_size)
+    raise ValueError(f"{path} has no fixed input size and no {PREPROCESSING_KEY} metadata: "
+                     "give the input size, or export it with `moat export onnx` (fixed size)")
 
 
 def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
@@ -88,7 +91,7 @@ def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
     model, out = Path(model), Path(out)
     if model.resolve() == out.resolve():
         raise ValueError("OUT must differ from MODEL: quantization never overwrites its input")
-    preprocessing = read_preprocessing(model)
+    preprocessing = read_preprocessing(model, img_size)
     if img_size is not None:
         preprocessing["input_size"] = list(img_size)
     batches = calibration_batches(calibration, preprocessing, max_images=max_images)
