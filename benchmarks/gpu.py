@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,21 +248,29 @@ def run_torchrun(section: Section, sizes: Sizes, workdir: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]))
     latest = run / "checkpoints" / "latest"
+    steps = 4 * sizes.torchrun_epochs  # 32 images, batch 8
+    killed_at = [""]
     budget = max(section.budget - (time.perf_counter() - section.start), 10)
 
     def killed() -> dict:
         child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                 stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + budget / 2
         while not latest.exists() and child.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.05)
         was_running = child.poll() is None
-        os.killpg(child.pid, signal.SIGKILL)  # torchrun and its worker, as a lost machine
+        # as a lost machine: torchrun and its worker (which runs in a session of its own)
+        for pid in [*_descendants(child.pid), child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         output = child.communicate()[0]
         if not latest.exists():
             raise RuntimeError(f"no checkpoint before the kill (exit {child.returncode}):\n"
                                f"{output[-3000:]}")
-        return {"killed_at": latest.read_text().strip(), "killed_while_running": was_running}
+        killed_at[0] = latest.read_text().strip()
+        mid_run = not killed_at[0].endswith(f"{steps:09d}")  # not after the last step
+        return {"killed_at": killed_at[0], "killed_while_running": was_running,
+                "ok": was_running and mid_run}
 
     def resumed() -> dict:
         result = subprocess.run([*argv, "--resume"], env=env, capture_output=True, text=True,
@@ -271,12 +280,27 @@ def run_torchrun(section: Section, sizes: Sizes, workdir: Path) -> None:
                                f"{(result.stdout + result.stderr)[-3000:]}")
         log = (run / "train.log").read_text()
         final = latest.read_text().strip()
-        steps = 4 * sizes.torchrun_epochs
         return {"resumed": "resumed from" in log, "final_checkpoint": final,
-                "ok": "resumed from" in log and final.endswith(f"{steps:09d}")}
+                "ok": "resumed from" in log and final.endswith(f"{steps:09d}")
+                and killed_at[0] < final}
 
     if section.attempt("moat train under torchrun, killed", killed) is not None:
         section.attempt("moat train --resume under torchrun", resumed)
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`, children first (from /proc: Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
 
 
 # --- attention kernels -----------------------------------------------------------------------
@@ -492,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=list(GPU.budgets), help="run only these sections")
     args = parser.parse_args(argv)
     sizes = DRY if args.dry_run else GPU
+    # on the CPU FlexAttention runs its unfused reference on purpose (moat.models.layers)
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device here: run on a GPU, or --dry-run for the CPU check")
     out = Path(args.output)

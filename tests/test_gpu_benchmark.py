@@ -69,6 +69,8 @@ def test_dry_run_runs_every_section(tmp_path, reference_dir):
         assert row["ok"] and row["losses"][-1] < row["losses"][0], row
 
     torchrun = {r["item"]: r for r in sections["torchrun"]["results"]}
+    killed = torchrun["moat train under torchrun, killed"]
+    assert killed["killed_while_running"] and killed["killed_at"] != "step-000000008"
     assert torchrun["moat train --resume under torchrun"]["resumed"]
     assert torchrun["moat train --resume under torchrun"]["ok"]
 
