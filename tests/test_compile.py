@@ -66,13 +66,14 @@ def test_compiled_training_step_equals_eager(compiled_pair):
     (loss_e, grad_e), (loss_c, grad_c) = grads
     torch.testing.assert_close(loss_c, loss_e, atol=1e-5, rtol=1e-5)
     assert grad_c.keys() == grad_e.keys()
-    # equal up to float32 reordering: |compiled - eager| / |eager| <= 1e-2 per tensor (norms;
-    # seen: up to 3e-5 absolute on a few elements of the stem's gradient, which gathers the
-    # rounding of every layer above it through training-mode BatchNorm). A wrong gradient
-    # is off by its own size.
+    # equal up to float32 reordering: per tensor, |compiled - eager| <= 1e-2 |eager| plus
+    # 1e-5 of the whole gradient's norm (norms). The floor is for gradients that are zero
+    # up to rounding in both, such as the bias of a convolution that training-mode
+    # BatchNorm follows (stem.conv_0.bias). A wrong gradient is off by its own size.
+    total = torch.stack([g.norm() for g in grad_e.values()]).norm()
     for name in grad_e:
-        error = (grad_c[name] - grad_e[name]).norm() / grad_e[name].norm().clamp_min(1e-12)
-        assert error <= 1e-2, (name, error.item())
+        error = (grad_c[name] - grad_e[name]).norm()
+        assert error <= 1e-2 * grad_e[name].norm() + 1e-5 * total, (name, error.item())
     # BatchNorm statistics were updated the same way
     for (name, a), (_, b) in zip(eager.named_buffers(), copied.named_buffers(), strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
