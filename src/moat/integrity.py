@@ -326,15 +326,16 @@ def verify_safetensors(path: str | os.PathLike, data: bytes | bytearray | memory
 
 
 def load_safetensors(path: str | os.PathLike, data: bytes) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file's bytes (already verified); DamagedFileError if the
-    library cannot read them."""
+    """The tensors of a safetensors file's bytes (already verified), in name order;
+    DamagedFileError if the library cannot read them."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     try:
-        return load(data)
+        tensors = load(data)
     except SafetensorError as err:
         raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None
+    return {name: tensors[name] for name in sorted(tensors)}  # in name order, as safe_open
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

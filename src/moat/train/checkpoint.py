@@ -37,7 +37,8 @@ import platform
 import random
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -140,14 +141,29 @@ class CheckpointManager:
         weights = {MODEL_FILE: (model, weights_metadata)}
         if ema is not None:  # weights files carry their tensors' digest (see read_weights)
             weights[EMA_FILE] = (ema, {**weights_metadata, "weights": "ema"})
-        files = {}  # each file hashed while it is written: no copy in memory, no second read
-        for file, (tensors, header) in weights.items():
-            with _synced(tmp / file) as f:
+        # Each file is hashed while it is written (no copy in memory, no second read) and
+        # fsync'ed while the next one is written; the files close after their fsync.
+        files, syncs = {}, []
+        with contextlib.ExitStack() as opened, \
+                ThreadPoolExecutor(1, thread_name_prefix="moat-fsync") as syncer:
+            def new_file(file: str) -> Any:
+                return opened.enter_context(open(tmp / file, "wb"))
+
+            def sync(f: Any) -> None:
+                f.flush()
+                syncs.append(syncer.submit(os.fsync, f.fileno()))
+
+            for file, (tensors, header) in weights.items():
+                f = new_file(file)
                 files[file] = write_safetensors(f, tensors, header)
-        with _synced(tmp / STATE_FILE) as f:
+                sync(f)
+            f = new_file(STATE_FILE)
             writer = HashingWriter(f)
             torch.save(dict(state), writer)
             files[STATE_FILE] = writer.record()
+            sync(f)
+            for pending in syncs:
+                pending.result()  # an fsync error (a full disk) is raised here
         meta = seal_json({**meta, "step": step, "name": name, "saved_at": time.time(),
                           "versions": versions(), "files": dict(sorted(files.items()))})
         write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
@@ -220,15 +236,6 @@ class CheckpointManager:
             if path.name.startswith((".tmp-", ".old-")):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
                     missing_ok=True)
-
-
-@contextlib.contextmanager
-def _synced(path: Path) -> Iterator[Any]:
-    """A new file opened for writing, flushed and fsync'ed on success."""
-    with open(path, "wb") as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def is_complete(path: Path) -> bool:
