@@ -99,10 +99,19 @@ def readable_batch(loader: DataLoader, epoch: int) -> Any:
                      "the batch size of one process")
 
 
-def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterator[Any]:
-    """Pass batches through, recording the files a collate skipped (`batch.bad`)."""
-    for batch in batches:
-        bad = getattr(batch, "bad", None)
-        if bad:
-            log.add(bad)
-        yield batch
+def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterable[Any]:
+    """Pass batches through, recording the files a collate skipped (`batch.bad`); iterable
+    again as often as `batches` is."""
+    return _Tracked(batches, log)
+
+
+class _Tracked:
+    def __init__(self, batches: Iterable[Any], log: BadImageLog) -> None:
+        self.batches, self.log = batches, log
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            bad = getattr(batch, "bad", None)
+            if bad:
+                self.log.add(bad)
+            yield batch

@@ -6,7 +6,8 @@
         for each optimiser step:  accum_steps micro-batches of forward (autocast), backward
                                   -> NaN check -> unscale, clip -> step -> EMA -> log
                                   -> checkpoint every save_every_steps
-        evaluate (model and EMA; the better is reported and kept) -> checkpoint (+ best)
+        evaluate (model and, once it can matter, EMA, in one pass over the validation
+                  images; the better is reported and kept) -> checkpoint (+ best)
 
 `batch_size` is global: each of the N processes sees batch_size / (N * accum_steps) images per
 micro-batch. A loss (or, without a grad scaler, a gradient) that is NaN or infinite stops the
@@ -261,17 +262,27 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:
-        """Metrics of the raw weights and, with an EMA, of the averaged ones. The better of
-        the two (by the task's main metric; the EMA on a tie) is reported, and is what the
-        checkpoint marks as its preferred weights for eval, predict, export and --init-from."""
-        r, p = self.run, self.progress
-        metrics = self._evaluate_model(r.model)
-        values = dict(metrics)
+        """Metrics of the raw weights and, with an EMA where it can matter, of the averaged
+        ones, in one pass over the validation images (each decoded once, both models run on
+        the same batch). The better of the two (by the task's main metric; the EMA on a tie)
+        is reported, and is what the checkpoint marks as its preferred weights for eval,
+        predict, export and --init-from.
+
+        The EMA is evaluated from epoch `ema_eval_from_epoch` on (moat.train.auto: once it
+        has averaged over its horizon; before, it loses to the raw weights) and always at the
+        last epoch; an epoch without it prefers the raw weights."""
+        r, p, c = self.run, self.progress, self.run.config
+        models = {"model": r.model}
+        if r.ema is not None and (c.ema_eval_from_epoch is None or p.epoch + 1 == c.epochs
+                                  or p.epoch + 1 >= c.ema_eval_from_epoch):
+            models["ema"] = r.ema.module
+        results = self._evaluate_models(models)
+        metrics = values = results["model"]
         main = r.task.main_metric
         p.preferred = "model"
-        if r.ema is not None:
-            ema_metrics = self._evaluate_model(r.ema.module)
-            values.update({f"ema/{k}": v for k, v in ema_metrics.items()})
+        if "ema" in results:
+            ema_metrics = results["ema"]
+            values = {**metrics, **{f"ema/{k}": v for k, v in ema_metrics.items()}}
             if main in ema_metrics and ema_metrics[main] >= metrics.get(main, float("-inf")):
                 metrics, p.preferred = ema_metrics, "ema"
         r.metrics.write("eval", p.step, {"epoch": p.epoch + 1, **values}, prefix="val")
@@ -280,15 +291,17 @@ class Trainer:
         p.last_metrics = metrics
         return metrics
 
-    def _evaluate_model(self, model: nn.Module) -> dict[str, float]:
+    def _evaluate_models(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
         r = self.run
-        was_training = model.training
-        model.eval()
+        was_training = {name: model.training for name, model in models.items()}
+        for model in models.values():
+            model.eval()
         try:
             with torch.no_grad(), autocast(r.device, r.amp):
-                return r.task.evaluate(model, track_bad(r.val_loader, r.bad), r.device)
+                return r.task.evaluate_models(models, track_bad(r.val_loader, r.bad), r.device)
         finally:
-            model.train(was_training)
+            for name, model in models.items():
+                model.train(was_training[name])
 
     def _report_bad_images(self) -> None:
         """Gather the files every process skipped; rank 0 logs new ones and the total count."""

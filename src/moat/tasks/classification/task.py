@@ -128,31 +128,40 @@ class ClassificationTask(Task):
 
     # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """top-1, top-5, loss, mean per-class accuracy of each model, all run on each batch
+        (one pass over the images); `confusion` is the first model's."""
         k = self.config.num_classes
         # bincount runs on the CPU: its CUDA kernel is not deterministic (--deterministic).
-        confusion = ConfusionMatrix(k, ignore_index=None)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 hits, count
+        confusions = {name: ConfusionMatrix(k, ignore_index=None) for name in models}
+        # loss, top-5 hits, count
+        sums = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in models}
         for batch in loader:
             images, targets = batch[0], batch[1]
             if len(targets) == 0:
                 continue
             images = images.to(device, non_blocking=True, memory_format=self.memory_format)
             targets = targets.to(device, non_blocking=True)
-            logits = model(images).float()
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-            top = logits.topk(min(5, k), dim=-1).indices
-            sums[1] += (top == targets[:, None]).any(-1).sum()
-            sums[2] += len(targets)
-            confusion.update(top[:, 0].cpu(), targets.cpu())
-        self.confusion = confusion.all_reduce(device)
-        all_reduce_sum(sums)
-        n = max(float(sums[2]), 1.0)
-        present = [a for a in self.per_class_accuracy() if not math.isnan(a)]
-        return {"top-1": float(self.confusion.diag().sum()) / n * 100,
-                "top-5": float(sums[1]) / n * 100, "loss": float(sums[0]) / n,
+            for name, model in models.items():
+                logits = model(images).float()
+                sums[name][0] += F.cross_entropy(logits, targets, reduction="sum").double()
+                top = logits.topk(min(5, k), dim=-1).indices
+                sums[name][1] += (top == targets[:, None]).any(-1).sum()
+                sums[name][2] += len(targets)
+                confusions[name].update(top[:, 0].cpu(), targets.cpu())
+        results = {}
+        for name in reversed(list(models)):  # the first one's confusion stays
+            self.confusion = confusions[name].all_reduce(device)
+            all_reduce_sum(sums[name])
+            n = max(float(sums[name][2]), 1.0)
+            present = [a for a in self.per_class_accuracy() if not math.isnan(a)]
+            results[name] = {
+                "top-1": float(self.confusion.diag().sum()) / n * 100,
+                "top-5": float(sums[name][1]) / n * 100, "loss": float(sums[name][0]) / n,
                 "mean-class-acc": sum(present) / max(len(present), 1),
-                "images": int(sums[2])}
+                "images": int(sums[name][2])}
+        return {name: results[name] for name in models}
 
     def per_class_accuracy(self) -> list[float]:
         """Accuracy (percent) of each class in the last evaluation; NaN for a class without
