@@ -30,8 +30,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 # TrainConfig fields this module fills when nobody set them (in this order: the epochs
 # depend on the batch size, the EMA rule on both and on the recipe's ema_decay).
 AUTO_FIELDS = ("batch_size", "epochs", "workers", "ema_eval_from_epoch")
@@ -60,6 +58,8 @@ class Machine:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             memory = 8 << 30
+        import torch  # here: `moat train --help` reads the config, which reads this module
+
         gpus = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 0
         return cls(cores, memory, gpus, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
