@@ -20,8 +20,10 @@ never a half-written checkpoint; leftovers of an interrupted write are removed o
 save (and at once when the write fails, e.g. on a full disk). Only the last `keep_last`
 checkpoints are kept, plus the best one.
 
-meta.json lists the size and sha256 of every other file and is sealed with the sha256 of its
-own content (moat.integrity). Loading verifies them: `CheckpointManager.latest_intact` skips a
+meta.json lists the size and digest of every other file (a weights file: the sha256 of its
+header, which holds its tensors' digest; state.pt: its sha256), all computed while the files
+are written, and is sealed with the sha256 of its own content (moat.integrity). Loading
+reads each file once and verifies those bytes: `CheckpointManager.latest_intact` skips a
 damaged newest checkpoint with a warning and falls back to the previous intact one, and a
 checkpoint folder named explicitly that is damaged raises DamagedFileError naming the file.
 """
