@@ -232,8 +232,10 @@ _POOL: list[ThreadPoolExecutor] = []
 
 
 def _hasher() -> ThreadPoolExecutor:
+    """Threads that hash while writers write: as many as cores, shared by files written at
+    the same time."""
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(1, thread_name_prefix="moat-hash"))
+        _POOL.append(ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="moat-hash"))
     return _POOL[0]
 
 
