@@ -39,7 +39,7 @@ from moat.models.layers import (Attention, Conv2dSame, _window_regions,
                                 window_attention)
 from moat.models.moat import MoatNet
 
-__all__ = ["is_optimized", "optimize_for_inference", "portable_ops"]
+__all__ = ["GELU_FORMS", "is_optimized", "optimize_for_inference", "portable_ops"]
 
 
 # --- BatchNorm folding ------------------------------------------------------------------
@@ -173,13 +173,13 @@ def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[in
     return conv.weight, conv.padding
 
 
-def conv_gelu(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """gelu(conv(x)), exact GELU."""
+def conv_gelu(conv: nn.Conv2d, x: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(conv(x)); `approximate` as in F.gelu ("none": exact erf form, "tanh")."""
     if _eager_onednn(x):
         weight, padding = _weight_and_padding(conv, x)
         return _ONEDNN_CONV(x, weight, conv.bias, padding, conv.stride, conv.dilation,
-                            conv.groups, "gelu", [], "none")
-    return F.gelu(conv(x))
+                            conv.groups, "gelu", [], approximate)
+    return F.gelu(conv(x), approximate=approximate)
 
 
 def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
@@ -194,11 +194,12 @@ def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
 class ConvGelu(nn.Sequential):
     """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, approximate: str = "none") -> None:
         super().__init__(conv)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv_gelu(self[0], x)
+        return conv_gelu(self[0], x, self.approximate)
 
 
 # --- fused modules -------------------------------------------------------------------------
@@ -223,8 +224,9 @@ class FusedMBConv(nn.Module):
     """MBConvBlock with its three BatchNorms folded: 1x1 -> GELU -> 3x3 dw -> GELU -> [SE]
     -> 1x1, plus the (pooled, projected) shortcut of the un-normalised input."""
 
-    def __init__(self, block: MBConvBlock) -> None:
+    def __init__(self, block: MBConvBlock, approximate: str = "none") -> None:
         super().__init__()
+        self.approximate = approximate  # GELU: "none" (exact) or "tanh", as in F.gelu
         self.stride, self.pool_size = block.stride, block.pool_size
         self.shortcut_conv = copy.deepcopy(block.shortcut_conv)
         self.expand_conv = fold_bn_around_1x1(block.pre_norm, block.expand_conv,
@@ -246,7 +248,8 @@ class FusedMBConv(nn.Module):
         return self.forward_mbconv(x)
 
     def forward_mbconv(self, x: Tensor) -> Tensor:
-        y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x))
+        y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x, self.approximate),
+                      self.approximate)
         if self.se is not None:
             y = self.se(y)
         return conv_add(self.shrink_conv, y, self.shortcut(x))
@@ -303,8 +306,8 @@ class InferenceAttention(Attention):
 class FusedMoatBlock(FusedMBConv):
     """MoatBlock with folded BatchNorms, then LayerNorm + window / global attention."""
 
-    def __init__(self, block: MoatBlock) -> None:
-        super().__init__(block)
+    def __init__(self, block: MoatBlock, approximate: str = "none") -> None:
+        super().__init__(block, approximate)
         self.window = block.window
         self.attention_norm = copy.deepcopy(block.attention_norm)
         self.attention = InferenceAttention(block.attention)
@@ -348,8 +351,16 @@ def _default_channels_last(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+# The GELU forms `optimize_for_inference` offers -> F.gelu's `approximate` argument. "exact"
+# (erf) is the model's own function and the default; "tanh" is GELU's tanh approximation, a
+# deployment option: oneDNN and ONNX Runtime (FastGelu) run it about twice as fast as erf,
+# and it moves the logits (see `moat.export.gelu` for the measured cost and its limit).
+GELU_FORMS = {"exact": "none", "tanh": "tanh"}
+
+
 def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = None,
-                           img_size: int | Sequence[int] | None = None) -> MoatNet:
+                           img_size: int | Sequence[int] | None = None,
+                           gelu: str = "exact") -> MoatNet:
     """An optimised eval-mode copy of a MOAT model; the model itself is not changed.
 
     Args:
@@ -361,9 +372,13 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = Non
             biases for. Window attention biases are always precomputed; other sizes work
             and compute their bias once per size (cached) in eager mode. Leave it None for
             exports with dynamic height and width.
+        gelu: "exact" (default, the model's erf GELU) or "tanh" (GELU's tanh approximation:
+            faster on CPU, not the same function; `moat.export.gelu.gelu_cost` measures what
+            it changes, and `moat export onnx --gelu tanh` refuses it when top-1 moves by
+            more than 0.1 points). Recorded as the copy's `gelu` attribute.
 
     Returns a `MoatNet` (requires_grad off, eval mode) whose outputs match the plain model
-    in eval mode within 1e-4. It has no BatchNorm statistics and no drop path, so it always
+    in eval mode within 1e-4 (with gelu="exact"). It has no BatchNorm statistics and no drop path, so it always
     computes the eval-mode function: fine-tune the original model, not this copy.
     """
     if not isinstance(model, MoatNet):
@@ -371,20 +386,26 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = Non
                         f"{type(model).__name__}")
     if is_optimized(model):
         raise ValueError("this model is already optimised for inference")
+    if gelu not in GELU_FORMS:
+        raise ValueError(f"gelu must be one of {list(GELU_FORMS)}, got {gelu!r}")
+    approximate = GELU_FORMS[gelu]
     param = next(model.parameters())
     fused = copy.deepcopy(model).eval()
     stem = fused.stem
-    stem.conv_0 = ConvGelu(_without_input_padding(fold_bn_after(stem.conv_0, stem.norm_0)))
+    stem.conv_0 = ConvGelu(_without_input_padding(fold_bn_after(stem.conv_0, stem.norm_0)),
+                           approximate)
     stem.norm_0 = stem.act_0 = nn.Identity()
     for stage in fused.stages:
         for index, block in enumerate(stage):
-            stage[index] = (FusedMoatBlock if isinstance(block, MoatBlock) else FusedMBConv)(block)
+            stage[index] = (FusedMoatBlock if isinstance(block, MoatBlock)
+                            else FusedMBConv)(block, approximate)
     if img_size is not None:
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         _precompute_for_size(fused, size)
     fused.requires_grad_(False)
     fused.grad_checkpointing = False
     fused.optimized_for_inference = True
+    fused.gelu = gelu
     if channels_last is None:
         channels_last = _default_channels_last(param.device)
     if channels_last:
