@@ -28,11 +28,13 @@ import contextlib
 import copy
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.cpu import cpu_info
 from moat.models.blocks import MBConvBlock, MoatBlock, SqueezeExcite
 from moat.models.layers import (Attention, Conv2dSame, _window_regions,
                                 avg_pool_same_exclude_pad, relative_position_bias, same_padding,
@@ -108,14 +110,64 @@ def portable_ops():
         _PORTABLE.on = before
 
 
-def _eager_onednn(x: Tensor) -> bool:
+# --- choices made for the CPU found at run time -------------------------------------------
+
+@dataclass(frozen=True)
+class CpuChoices:
+    """How the fused model runs in eager CPU inference (see `cpu_choices` for the rule)."""
+
+    channels_last: bool  # weights (and so activations) channels-last by default
+    onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
+    chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
+
+
+def cpu_choices(isa: str) -> CpuChoices:
+    """The one rule: what eager CPU inference uses for an instruction-set level (`moat.cpu`:
+    "avx512", "avx2", "default"), as measured with benchmarks/cpu_choices.py on MOAT-0,
+    batch 8, 224 px, 2 threads (README, "CPU instruction sets")."""
+    # Channels-last: oneDNN's convolutions run blocked-channel kernels either way, and the
+    # LayerNorm and global-attention token views read a channels-last map in place (NCHW
+    # needs a transpose copy before and after each attention).
+    # oneDNN fusion: GELU applied in the convolution's output loop saves one pass over the
+    # widest (4x expanded) tensors, twice a block.
+    # Chunking: see CHUNK_BYTES (allocator page faults, not the instruction set).
+    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES)
+
+
+_CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
+
+
+def current_cpu_choices() -> CpuChoices:
+    """`cpu_choices` for this process's CPU (`moat.cpu.cpu_info().isa`; an AVX-512 machine
+    limited by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA counts as the limited one)."""
+    if not _CHOICES:
+        _CHOICES.append(cpu_choices(cpu_info().isa))
+    return _CHOICES[0]
+
+
+@contextlib.contextmanager
+def using_cpu_choices(choices: CpuChoices):
+    """Within this block eager CPU inference follows `choices` (for measuring the rule)."""
+    saved = list(_CHOICES)
+    _CHOICES[:] = [choices]
+    try:
+        yield
+    finally:
+        _CHOICES[:] = saved
+
+
+def _eager_cpu(x: Tensor) -> bool:
+    """Eager CPU inference, where the choices above apply."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # graphs get the standard operators (compile fuses them itself)
-    return (_ONEDNN_CONV is not None and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not getattr(_PORTABLE, "on", False)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not x.requires_grad and not getattr(_PORTABLE, "on", False)
             and not torch.is_autocast_enabled("cpu"))  # autocast casts only aten ops
+
+
+def _eager_onednn(x: Tensor) -> bool:
+    return (_ONEDNN_CONV is not None and _eager_cpu(x) and current_cpu_choices().onednn_fusion
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 # The largest intermediate of an eager CPU block is kept below this size by running the block
@@ -127,11 +179,13 @@ CHUNK_BYTES = 24 * 2**20
 
 
 def _batch_chunks(x: Tensor, widest_channels: int) -> int:
-    """Parts to split the batch into so that [part, widest_channels, H, W] fits CHUNK_BYTES."""
-    if x.shape[0] == 1 or not _eager_onednn(x):
+    """Parts to split the batch into so that [part, widest_channels, H, W] fits the chosen
+    size (CHUNK_BYTES unless `cpu_choices` says otherwise)."""
+    limit = current_cpu_choices().chunk_bytes
+    if x.shape[0] == 1 or not limit or not _eager_cpu(x):
         return 1
     per_sample = widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
-    per_part = max(1, CHUNK_BYTES // per_sample)
+    per_part = max(1, limit // per_sample)
     return -(-x.shape[0] // per_part)
 
 
@@ -345,10 +399,9 @@ def _precompute_for_size(model: MoatNet, img_size: tuple[int, int]) -> None:
 
 
 def _default_channels_last(device: torch.device) -> bool:
-    # Measured with benchmarks/inference.py (MOAT-0, 224): channels-last is faster on CPU
-    # (oneDNN convolutions; no transposes around LayerNorm and attention). Not measured on
-    # CUDA yet, so it stays opt-in there.
-    return device.type == "cpu"
+    # CPU: `cpu_choices` for the instruction set found at run time. Not measured on CUDA
+    # yet, so it stays opt-in there.
+    return device.type == "cpu" and current_cpu_choices().channels_last
 
 
 # The GELU forms `optimize_for_inference` offers -> F.gelu's `approximate` argument. "exact"
