@@ -119,6 +119,7 @@ class CpuChoices:
     channels_last: bool  # weights (and so activations) channels-last by default
     onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
     chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
+    se_in_weights: bool = True  # squeeze-excite's gate folded into the next 1x1 conv's weights
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -131,7 +132,11 @@ def cpu_choices(isa: str) -> CpuChoices:
     # oneDNN fusion: GELU applied in the convolution's output loop saves one pass over the
     # widest (4x expanded) tensors, twice a block.
     # Chunking: see CHUNK_BYTES (allocator page faults, not the instruction set).
-    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES)
+    # Squeeze-excite: its gate multiplies the widest tensor of the block (a memory-bound pass
+    # that took longer than the 1x1 convolution after it); folded into that convolution's
+    # weights per sample instead (W * gate[b]), the pass disappears.
+    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES,
+                      se_in_weights=True)
 
 
 _CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
@@ -245,6 +250,18 @@ def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     return residual + conv(x)
 
 
+def gated_conv_add(conv: nn.Conv2d, x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
+    """residual + conv(x * gate[:, :, None, None]) for a 1x1 convolution, the gate folded into
+    the weights of each sample (one oneDNN call per sample; no pass over the gated x)."""
+    if residual.shape[1] != conv.out_channels:
+        return conv_add(conv, x * gate[:, :, None, None], residual)
+    weight, padding = _weight_and_padding(conv, x)
+    parts = [_ONEDNN_CONV.binary(x[i:i + 1], residual[i:i + 1], weight * gate[i, None, :, None, None],
+                                 conv.bias, padding, conv.stride, conv.dilation, conv.groups,
+                                 "add", None, None, [], None) for i in range(x.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class ConvGelu(nn.Sequential):
     """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
 
@@ -269,9 +286,12 @@ class FusedSqueezeExcite(nn.Module):
             linear.weight.data.copy_(conv.weight.detach()[:, :, 0, 0])
             linear.bias.data.copy_(conv.bias.detach())
 
+    def gate(self, x: Tensor) -> Tensor:
+        """The per-sample, per-channel scale [B, C]."""
+        return self.expand(F.silu(self.reduce(x.mean((2, 3))))).sigmoid()
+
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.expand(F.silu(self.reduce(x.mean((2, 3)))))
-        return x * scale.sigmoid()[:, :, None, None]
+        return x * self.gate(x)[:, :, None, None]
 
 
 class FusedMBConv(nn.Module):
@@ -305,6 +325,8 @@ class FusedMBConv(nn.Module):
         y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x, self.approximate),
                       self.approximate)
         if self.se is not None:
+            if _eager_onednn(y) and current_cpu_choices().se_in_weights:
+                return gated_conv_add(self.shrink_conv, y, self.se.gate(y), self.shortcut(x))
             y = self.se(y)
         return conv_add(self.shrink_conv, y, self.shortcut(x))
 
