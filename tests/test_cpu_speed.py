@@ -138,6 +138,7 @@ def test_effective_isa_follows_the_processor_and_the_limits():
     assert effective_isa(True, True, "AVX2", "") == "avx2"  # ATEN_CPU_CAPABILITY=avx2
     assert effective_isa(True, True, "AVX512", "AVX2") == "avx2"  # ONEDNN_MAX_CPU_ISA=AVX2
     assert effective_isa(True, False, "AVX2", "AVX512_CORE") == "avx2"  # a limit never raises
+    assert effective_isa(True, True, "AVX512", "", "AVX2") == "avx2"  # MKL_ENABLE_INSTRUCTIONS
     assert effective_isa(False, False, "DEFAULT", "") == "default"
 
 

@@ -8,9 +8,11 @@ Two views of the instruction sets:
 * `hardware`: what the processor reports (/proc/cpuinfo flags on Linux);
 * `isa`: what the kernels will actually use in this process: PyTorch's ATen capability
   (`torch.backends.cpu.get_cpu_capability()`, lowered by ATEN_CPU_CAPABILITY=avx2) and
-  oneDNN's limit (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA). An AVX-512 machine run with
-  ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 emulates an AVX2-only CPU for PyTorch;
-  ONNX Runtime's MLAS has no such switch (it always picks from the processor's flags).
+  oneDNN's limit (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA) and MKL's (MKL_ENABLE_INSTRUCTIONS,
+  for nn.Linear's matrix products). An AVX-512 machine run with ATEN_CPU_CAPABILITY=avx2
+  ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 emulates an AVX2-only CPU for
+  PyTorch; ONNX Runtime's MLAS has no such switch (it always picks from the processor's
+  flags).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class CpuInfo:
     amx: bool  # AMX tiles (bf16 / int8)
     torch_capability: str  # ATen's kernels in this process: DEFAULT, AVX2, AVX512, ...
     onednn_limit: str  # ONEDNN_MAX_CPU_ISA, or "" (no limit)
+    mkl_limit: str  # MKL_ENABLE_INSTRUCTIONS, or "" (no limit)
     isa: str  # the effective level for PyTorch's kernels: one of ISA_LEVELS
 
     @property
@@ -51,7 +54,8 @@ class CpuInfo:
         line = f"{self.model} ({', '.join(sets) or 'no AVX2'})"
         if self.emulated:
             line += (f"; PyTorch limited to {self.isa.upper()} (emulated: ATen "
-                     f"{self.torch_capability}, oneDNN {self.onednn_limit or 'no limit'})")
+                     f"{self.torch_capability}, oneDNN {self.onednn_limit or 'no limit'}, "
+                     f"MKL {self.mkl_limit or 'no limit'})")
         return line
 
     def as_dict(self) -> dict[str, str]:
@@ -59,7 +63,8 @@ class CpuInfo:
         return {"cpu": self.model, "cpu_avx2": str(self.avx2), "cpu_avx512": str(self.avx512),
                 "cpu_vnni": str(self.vnni), "cpu_amx": str(self.amx),
                 "torch_cpu_capability": self.torch_capability,
-                "onednn_max_cpu_isa": self.onednn_limit, "cpu_isa": self.isa}
+                "onednn_max_cpu_isa": self.onednn_limit, "mkl_enable_instructions": self.mkl_limit,
+                "cpu_isa": self.isa}
 
 
 def read_flags() -> tuple[str, set[str]]:
@@ -81,11 +86,12 @@ def read_flags() -> tuple[str, set[str]]:
     return model or platform.processor() or platform.machine(), flags
 
 
-def effective_isa(avx2: bool, avx512: bool, torch_capability: str, onednn_limit: str) -> str:
+def effective_isa(avx2: bool, avx512: bool, torch_capability: str, onednn_limit: str,
+                  mkl_limit: str = "") -> str:
     """The vector level PyTorch's CPU kernels run at: the processor's, lowered by the ATen
-    capability and the oneDNN limit when they are set (either one set to AVX2 means AVX2)."""
+    capability and the oneDNN and MKL limits when they are set (any one at AVX2: AVX2)."""
     level = "avx512" if avx512 else "avx2" if avx2 else "default"
-    for limit in (torch_capability.lower(), onednn_limit.lower()):
+    for limit in (torch_capability.lower(), onednn_limit.lower(), mkl_limit.lower()):
         if not limit:
             continue
         cap = ("avx512" if limit.startswith("avx512") or limit.startswith("avx10")
@@ -102,6 +108,7 @@ def cpu_info() -> CpuInfo:
     avx512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
     capability = torch.backends.cpu.get_cpu_capability()
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    mkl = os.environ.get("MKL_ENABLE_INSTRUCTIONS", "")
     if not flags:  # no /proc/cpuinfo (macOS, Windows): trust ATen's own detection
         avx2, avx512 = capability.startswith(("AVX2", "AVX512")), capability.startswith("AVX512")
     else:
@@ -109,5 +116,5 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model=model, avx2=avx2, avx512=avx512,
                    vnni=bool({"avx512_vnni", "avx_vnni"} & flags),
                    amx=bool({"amx_tile", "amx_bf16", "amx_int8"} & flags),
-                   torch_capability=capability, onednn_limit=limit,
-                   isa=effective_isa(avx2, avx512, capability, limit))
+                   torch_capability=capability, onednn_limit=limit, mkl_limit=mkl,
+                   isa=effective_isa(avx2, avx512, capability, limit, mkl))

@@ -120,6 +120,7 @@ class CpuChoices:
     onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
     chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
     se_in_weights: bool = True  # squeeze-excite's gate folded into the next 1x1 conv's weights
+    projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -346,6 +347,11 @@ class InferenceAttention(Attention):
         self.load_state_dict(attention.state_dict())
         self.to(attention.qkv.weight.device, attention.qkv.weight.dtype)
         self._precomputed: dict[tuple, str] = {}  # (window, crop) -> buffer name
+
+    def project(self, linear: nn.Linear, x: Tensor) -> Tensor:
+        if _eager_cpu(x) and not current_cpu_choices().projections_as_conv:
+            return linear(x)
+        return super().project(linear, x)
 
     def precompute(self, window: tuple[int, int], crop: tuple[int, int] | None = None) -> None:
         table = self.relative_position_embedding
