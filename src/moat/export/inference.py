@@ -125,7 +125,7 @@ class CpuChoices:
 
 def cpu_choices(isa: str) -> CpuChoices:
     """The one rule: what eager CPU inference uses for an instruction-set level (`moat.cpu`:
-    "avx512", "avx2", "default"), as measured with benchmarks/cpu_choices.py on MOAT-0,
+    "avx512", "avx2", "default"), measured with benchmarks/cpu_choices.py on MOAT-0,
     batch 8, 224 px, 2 threads (README, "CPU instruction sets")."""
     # Channels-last: oneDNN's convolutions run blocked-channel kernels either way, and the
     # LayerNorm and global-attention token views read a channels-last map in place (NCHW
@@ -136,8 +136,14 @@ def cpu_choices(isa: str) -> CpuChoices:
     # Squeeze-excite: its gate multiplies the widest tensor of the block (a memory-bound pass
     # that took longer than the 1x1 convolution after it); folded into that convolution's
     # weights per sample instead (W * gate[b]), the pass disappears.
+    # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within 5% of
+    # each other on AVX2 and AVX-512 alike (MOAT-0's q/k/v and output shapes): convolution.
+    # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): every choice
+    # above wins or ties on both, so the rule does not depend on `isa` today; it is the one
+    # place to change when a machine measures otherwise.
+    del isa
     return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES,
-                      se_in_weights=True)
+                      se_in_weights=True, projections_as_conv=True)
 
 
 _CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
@@ -145,7 +151,8 @@ _CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
 
 def current_cpu_choices() -> CpuChoices:
     """`cpu_choices` for this process's CPU (`moat.cpu.cpu_info().isa`; an AVX-512 machine
-    limited by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA counts as the limited one)."""
+    limited by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS counts as
+    the limited one)."""
     if not _CHOICES:
         _CHOICES.append(cpu_choices(cpu_info().isa))
     return _CHOICES[0]
