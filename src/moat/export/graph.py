@@ -41,7 +41,6 @@ from moat.models.moat import MoatNet
 __all__ = ["GraphGelu", "for_graph_runtime", "graph_gelu"]
 
 _SQRT_2 = math.sqrt(2.0)
-SE_AS_MATMUL = True
 
 
 def graph_gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -80,20 +79,9 @@ class GraphMBConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = graph_gelu(self.expand_conv(x), self.approximate)
         y = graph_gelu(self.depthwise_conv(y), self.approximate)
-        if self.se is not None and SE_AS_MATMUL:
-            return self.shortcut(x) + self.gated_shrink(y, self.se.gate(y))
         if self.se is not None:
             y = self.se(y)
         return self.shortcut(x) + self.shrink_conv(y)
-
-    def gated_shrink(self, y: Tensor, gate: Tensor) -> Tensor:
-        """shrink_conv(y * gate) as one batched MatMul, the gate in each sample's weights."""
-        batch, channels, height, width = y.shape
-        weight = self.shrink_conv.weight[:, :, 0, 0][None] * gate[:, None, :]  # [B, O, C]
-        out = torch.matmul(weight, y.reshape(batch, channels, height * width))
-        if self.shrink_conv.bias is not None:
-            out = out + self.shrink_conv.bias[:, None]
-        return out.view(batch, -1, height, width)
 
 
 class GraphAttention(InferenceAttention):
