@@ -121,6 +121,7 @@ class CpuChoices:
     chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
     se_in_weights: bool = True  # squeeze-excite's gate folded into the next 1x1 conv's weights
     projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
+    shrink_as_matmul: bool = False  # MBConv's last 1x1 conv + residual as one MKL (b)addmm
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -270,6 +271,27 @@ def gated_conv_add(conv: nn.Conv2d, x: Tensor, gate: Tensor, residual: Tensor) -
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def matmul_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, gate: Tensor | None = None) -> Tensor:
+    """residual + conv(x [* gate]) for a 1x1 convolution on channels-last maps, as one matrix
+    product (MKL) accumulated into the residual: addmm, or baddbmm with the gate in each
+    sample's weights."""
+    b, c, h, w = x.shape
+    if not (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and residual.shape == (b, conv.out_channels, h, w)
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        x = x if gate is None else x * gate[:, :, None, None]
+        return conv_add(conv, x, residual)
+    weight = conv.weight[:, :, 0, 0]  # [out, in]
+    out = residual.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # a copy unless channels-last
+    out = out + conv.bias if conv.bias is not None else out.clone()
+    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of a channels-last map
+    if gate is None:
+        out.view(b * h * w, -1).addmm_(tokens.view(b * h * w, c), weight.t())
+    else:
+        out.baddbmm_(tokens, (weight[None] * gate[:, None, :]).transpose(1, 2))
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 class ConvGelu(nn.Sequential):
     """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
 
@@ -332,10 +354,16 @@ class FusedMBConv(nn.Module):
     def forward_mbconv(self, x: Tensor) -> Tensor:
         y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x, self.approximate),
                       self.approximate)
+        choices = current_cpu_choices()
         if self.se is not None:
-            if _eager_onednn(y) and current_cpu_choices().se_in_weights:
-                return gated_conv_add(self.shrink_conv, y, self.se.gate(y), self.shortcut(x))
+            if _eager_onednn(y) and choices.se_in_weights:
+                gate = self.se.gate(y)
+                if choices.shrink_as_matmul:
+                    return matmul_add(self.shrink_conv, y, self.shortcut(x), gate)
+                return gated_conv_add(self.shrink_conv, y, gate, self.shortcut(x))
             y = self.se(y)
+        if _eager_cpu(y) and choices.shrink_as_matmul:
+            return matmul_add(self.shrink_conv, y, self.shortcut(x))
         return conv_add(self.shrink_conv, y, self.shortcut(x))
 
 
