@@ -23,6 +23,7 @@ from moat.data.checks import check_classification_splits, check_readable
 from moat.data.classification import SkipBadCollate, classification_datasets, open_split
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
+from moat.device import to_device
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.classification.demo import run_demo
 from moat.tasks.confusion import ConfusionMatrix, class_recall, plot_confusion, write_report
@@ -116,8 +117,8 @@ class ClassificationTask(Task):
         return model
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
-        images = batch[0].to(device, non_blocking=True, memory_format=self.memory_format)
-        targets = batch[1].to(device, non_blocking=True)
+        images = to_device(batch[0], device, self.memory_format)
+        targets = to_device(batch[1], device)
         logits = model(images)
         if targets.ndim == 2:  # soft targets from Mixup/CutMix, smoothing already folded in
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -141,8 +142,8 @@ class ClassificationTask(Task):
             images, targets = batch[0], batch[1]
             if len(targets) == 0:
                 continue
-            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(device, non_blocking=True)
+            images = to_device(images, device, self.memory_format)
+            targets = to_device(targets, device)
             for name, model in models.items():
                 logits = model(images).float()
                 sums[name][0] += F.cross_entropy(logits, targets, reduction="sum").double()
