@@ -53,7 +53,8 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     micro = _micro_batch(config, info.world_size)
     pin = info.device.type == "cuda"
     train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
-                                 workers=config.workers, seed=config.seed, pin_memory=pin)
+                                 workers=config.workers, seed=config.seed, pin_memory=pin,
+                                 accum_steps=config.accum_steps)
     val_batches = None if val_set is None or config.eval_every_epochs == 0 else \
         eval_loader(val_set, micro, collate_fn=task.collate_fn(False),
                     workers=min(config.workers, 2), pin_memory=pin)
