@@ -30,10 +30,12 @@ a label outside the training set's classes and an image or label key no sample h
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 from collections import OrderedDict
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +43,12 @@ from typing import Any
 
 import braceexpand
 import numpy as np
+from webdataset import TarWriter
 from wids.wids import IndexedTarSamples
 
 from moat.data.checks import DataError
 from moat.data.classification import ImageDataset, Transform, targets_from_labels
-from moat.data.images import decode_rgb
+from moat.data.images import decode_rgb, load_rgb
 from moat.integrity import atomic_write_text
 
 log = logging.getLogger("moat")
@@ -316,3 +319,78 @@ def split_shards(folder: Path) -> dict[str, list[Path]]:
                 out[name] = found
                 break
     return out if "train" in out else {}
+
+
+# --- writing shards (`moat shard`) -----------------------------------------------------------
+
+SHARD_NAME = "{split}-{index:06d}.tar"
+
+
+def write_shards(splits: dict[str, ImageDataset], out: str | os.PathLike, shard_size: int,
+                 workers: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Write each split's samples (shuffled with `seed`, so a shard mixes classes) into
+    WebDataset shards of `shard_size` samples: `OUT/{split}-000000.tar`, ..., each member
+    `KEY.<image suffix>` (the file's own bytes), `KEY.cls` (class index) and `KEY.json`
+    (class name, source path), in `workers` processes; each shard is written under a temporary
+    name and renamed when complete. Then `_info.json` (timm's layout plus `class_names`) is
+    written, atomically, last. Returns its content."""
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be >= 1, got {shard_size}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = next(iter(splits.values())).classes
+    jobs = []
+    for split, dataset in splits.items():
+        order = np.random.default_rng(seed).permutation(len(dataset))
+        for k, start in enumerate(range(0, len(dataset), shard_size)):
+            rows = [(dataset.path(i), int(dataset.targets_array[i]))
+                    for i in order[start:start + shard_size]]
+            jobs.append((split, str(out / SHARD_NAME.format(split=split, index=k)), rows,
+                         classes, start))
+    with ProcessPoolExecutor(max(1, workers)) if workers > 1 else _Inline() as pool:
+        lengths = list(pool.map(_write_shard, jobs))
+    info: dict[str, Any] = {"name": out.name, "num_classes": len(classes),
+                            "class_names": list(classes), "splits": {}}
+    for split in splits:
+        mine = [(Path(job[1]).name, n) for job, n in zip(jobs, lengths) if job[0] == split]
+        info["splits"][split] = {"name": split, "num_samples": sum(n for _, n in mine),
+                                 "filenames": [f for f, _ in mine],
+                                 "shard_lengths": [n for _, n in mine]}
+    atomic_write_text(out / INFO_NAMES[0], json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def _write_shard(job: tuple[str, str, list[tuple[str, int]], list[str], int]) -> int:
+    split, target, rows, classes, first = job
+    tmp = Path(target).with_name(f".tmp-{Path(target).name}")
+    with open(tmp, "wb") as stream:
+        writer = TarWriter(stream)
+        for n, (path, label) in enumerate(rows):
+            suffix = Path(path).suffix.lower().lstrip(".")
+            data = Path(path).read_bytes()
+            if suffix not in IMAGE_KEYS:  # bmp, gif, tiff...: stored as PNG, decoded once here
+                buffer = io.BytesIO()
+                load_rgb(path).save(buffer, format="PNG")
+                suffix, data = "png", buffer.getvalue()
+            writer.write({"__key__": f"{split}{first + n:08d}", suffix: data,
+                          "cls": str(label).encode(),
+                          "json": json.dumps({"label": label, "class": classes[label],
+                                              "source": str(path)}).encode()})
+        writer.close()
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, target)
+    return len(rows)
+
+
+class _Inline:
+    """The executor interface, run in this process (workers=1)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def map(self, func, items):  # noqa: ANN001
+        return map(func, items)
