@@ -41,7 +41,8 @@ def write_folders(root: Path, images: int, size: int) -> None:
     for k in range(images):
         name, photo = list(photos.items())[k % len(photos)]
         side = int(rng.integers(size // 2, min(photo.shape[:2])))
-        y, x = rng.integers(0, photo.shape[0] - side + 1), rng.integers(0, photo.shape[1] - side + 1)
+        y = rng.integers(0, photo.shape[0] - side + 1)
+        x = rng.integers(0, photo.shape[1] - side + 1)
         crop = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size))
         folder = root / "train" / name
         folder.mkdir(parents=True, exist_ok=True)

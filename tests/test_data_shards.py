@@ -192,7 +192,8 @@ def test_hugging_face_save_to_disk_and_parquet(hf_data, photos):
 
 @pytest.mark.parametrize("size,world,batch,accum,shards", [
     (28, 1, 8, 1, [6, 6, 6, 6, 4]), (28, 2, 4, 1, [6, 6, 6, 6, 4]), (29, 3, 2, 2, None),
-    (5, 2, 4, 1, [2, 3]), (100, 4, 3, 1, [10] * 10)])
+    (5, 2, 4, 1, [2, 3]), (100, 4, 3, 1, [10] * 10), (29, 1, 4, 1, [6, 6, 6, 6, 5]),
+    (13, 2, 3, 2, None)])
 def test_exact_sampler_gives_each_sample_once(size, world, batch, accum, shards):
     data = list(range(size))
     epochs = []
@@ -210,6 +211,10 @@ def test_exact_sampler_gives_each_sample_once(size, world, batch, accum, shards)
         assert len(per_rank[0]) % (batch * accum) == 0
         real = sorted(i for r in per_rank for i in r if i != PAD)
         assert real == data  # each sample once
+        if batch >= 3:  # no micro-batch of a single image (BatchNorm would fail on it)
+            for r in per_rank:
+                counts = [sum(i != PAD for i in r[b:b + batch]) for b in range(0, len(r), batch)]
+                assert 1 not in counts, counts
         epochs.append(per_rank)
     assert epochs[0] != epochs[1]  # a new order every epoch
 
@@ -243,6 +248,17 @@ def test_training_from_shards_counts_every_sample(shard_run):
     evals = _events(shard_run, "eval")
     assert [e["images"] for e in evals] == [9, 9]
     assert "trained on 28 of the 28 training samples" in (shard_run / "train.log").read_text()
+
+
+def test_moat_eval_on_shards_counts_every_validation_sample(shard_run, shards):
+    from moat.train.inference import evaluate_checkpoint
+
+    final = read_meta(CheckpointManager(shard_run).latest())["metrics"]
+    for data in (shards, shards / "val-{000000..000001}.tar"):
+        result = evaluate_checkpoint(shard_run, data, batch_size=4, workers=1,
+                                     report_dir=shard_run / "eval-report")
+        assert result["metrics"]["images"] == 9
+        assert result["metrics"]["top-1"] == pytest.approx(final["top-1"])
 
 
 def test_training_from_hugging_face_dataset(hf_data, tmp_path):

@@ -8,10 +8,11 @@ DistributedSampler, so every sample counts once (`ShardSampler`).
 `ExactSampler` (shards and Hugging Face datasets) trains every sample exactly once per epoch
 over all ranks and loader workers, in a new seeded order each epoch that keeps reads local to a
 few shards at a time; every rank takes the same number of steps, its last micro-batches made
-short (or empty) by padding slots (index -1) that the collate drops. The rule where exactness
-cannot hold: a micro-batch left with a single image is skipped (BatchNorm cannot normalise one
-image; moat.train.loop), and an unreadable image is skipped; both are counted, as the epoch's
-`train_samples` falls short of the set's size by them.
+short (or empty) by padding slots (index -1) that the collate drops, and never left with a
+single image when a micro-batch holds 3 or more. The rule where exactness cannot hold: with
+micro-batches of 1 or 2 images, a micro-batch left with a single image is skipped (BatchNorm
+cannot normalise one image; moat.train.loop); an unreadable image is skipped. Both are counted:
+the epoch's `train_samples` falls short of the set's size by them.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class ExactSampler(ResumableSampler):
         if sum(self.shard_sizes) != self.size:
             raise ValueError(f"shard sizes sum to {sum(self.shard_sizes)}, not {self.size}")
         self.window = window
+        self.batch_size = batch_size
         per_step = self.num_replicas * batch_size * accum_steps
         self.num_samples = math.ceil(self.size / per_step) * batch_size * accum_steps
         self.total_size = self.num_samples * self.num_replicas
@@ -114,7 +116,12 @@ class ExactSampler(ResumableSampler):
         share, extra = divmod(self.size, self.num_replicas)
         start = self.rank * share + min(self.rank, extra)
         mine = self.epoch_order()[start:start + share + (self.rank < extra)].tolist()
-        return iter(mine + [PAD] * (self.num_samples - len(mine)))
+        pads = self.num_samples - len(mine)
+        if len(mine) % self.batch_size == 1 and len(mine) > self.batch_size >= 3:
+            # the last micro-batch would hold one image: move a padding slot into the batch
+            # before it, which keeps batch_size - 1 images, and the last one two
+            mine, pads = mine[:-2] + [PAD] + mine[-2:], pads - 1
+        return iter(mine + [PAD] * pads)
 
 
 class ExactEpochSampler(ExactSampler):
