@@ -56,7 +56,8 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     micro = _micro_batch(config, info.world_size)
     pin = pins_memory(info.device)
     train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
-                                 workers=config.workers, seed=config.seed, pin_memory=pin)
+                                 workers=config.workers, seed=config.seed, pin_memory=pin,
+                                 accum_steps=config.accum_steps)
     # Evaluation keeps no activations for backward: twice the training batch fits in the
     # memory training needs, and runs with fewer per-batch overheads.
     val_batches = None if val_set is None or config.eval_every_epochs == 0 else \
