@@ -224,8 +224,9 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
     if unlabelled:
         report.warnings.append(f"{len(unlabelled)} mask(s) of the {split} split have no "
                                f"labelled pixel (all ignore_index {ignore}): {files(unlabelled)}")
-    if num_classes and not over:
-        absent = [names[k] if k < len(names) else str(k) for k in range(num_classes)
+    expected_classes = num_classes or len(pixels)  # unknown: the masks' 0..largest label
+    if expected_classes and not over:
+        absent = [names[k] if k < len(names) else str(k) for k in range(expected_classes)
                   if k >= len(pixels) or pixels[k] == 0]
         if absent and split == "training":
             report.warnings.append(f"class(es) without any pixel in the {split} split: "

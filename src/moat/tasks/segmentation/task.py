@@ -25,7 +25,7 @@ from moat.preprocessing import size_pair
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.confusion import ConfusionMatrix, write_report
 from moat.tasks.segmentation.demo import run_demo
-from moat.tasks.segmentation.drawing import overlay, save_mask_png
+from moat.tasks.segmentation.drawing import add_legend, color_palette, overlay, save_mask_png
 from moat.tasks.segmentation.inference import segment
 from moat.tasks.segmentation.metrics import metrics_from_confusion
 from moat.tasks.segmentation.model import deeplabv3plus
@@ -272,6 +272,14 @@ class SegmentationTask(Task):
         return write_report(output_dir, metrics, self.confusion, names,
                             "class,IoU,accuracy,pixels", rows)
 
+    def palette(self) -> np.ndarray:
+        """Colours of the classes: the dataset's colour table when it has one (so predicted
+        masks look like the labels), else the PASCAL VOC pattern."""
+        palette = color_palette(self.num_classes)
+        if self.class_colours:
+            palette[:len(self.class_colours)] = np.asarray(self.class_colours, np.uint8)
+        return palette
+
     def format_metrics(self, metrics) -> str:
         main = {k: v for k, v in metrics.items() if not k.startswith("IoU/")}
         line = "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
@@ -285,7 +293,8 @@ class SegmentationTask(Task):
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
                 output_dir: str | None = None, **options: Any) -> list[dict]:
         """Per image: `<name>_mask.png` (a palette PNG whose pixel indices are the class ids)
-        and `<name>_overlay.png` (class colours blended over the image) in `output_dir`, and
+        and `<name>_overlay.png` (class colours blended over the image, and a legend of the
+        predicted classes below it) in `output_dir`, and
         the share of pixels of each predicted class; <name> is the file's stem, made unique
         among `paths` (`moat.data.folders.output_names`). An unreadable file gives {"path",
         "error"} instead. Options: mode, flip, crop_size, stride, eval_size or img_size
@@ -319,9 +328,11 @@ class SegmentationTask(Task):
             if out_dir:
                 mask_path = out_dir / f"{out_name}_mask.png"
                 overlay_path = out_dir / f"{out_name}_overlay.png"
-                save_mask_png(mask, mask_path, self.num_classes)
-                Image.fromarray(overlay(np.asarray(rgb), mask, self.num_classes,
-                                        ignore_index=self.ignore_index)).save(overlay_path)
+                save_mask_png(mask, mask_path, self.num_classes, palette=self.palette())
+                present = {int(i): names[i] if i < len(names) else str(i) for i in ids}
+                drawn = overlay(np.asarray(rgb), mask, self.num_classes,
+                                ignore_index=self.ignore_index, palette=self.palette())
+                Image.fromarray(add_legend(drawn, present, self.palette())).save(overlay_path)
                 result |= {"mask": str(mask_path), "overlay": str(overlay_path)}
             results.append(result)
         return results
