@@ -177,4 +177,39 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_train, _add_eval, _add_predict, _add_shard, _add_demo, _add_plot]
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a dataset before training (moat data check)")
+    actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="what a dataset holds and what is wrong with it, without training",
+        description="The pre-flight check `moat train` and `moat eval` run: images, classes, "
+        "instances or pixels per class, label values found against those expected, sizes; "
+        "problems name the files and the fix. Exit status 2 when the data would be refused.")
+    check.add_argument("--task", default="classification",
+                       help="classification, segmentation or detection")
+    check.add_argument("--data", required=True, help="the dataset folder, as for moat train")
+    check.add_argument("--config", help="YAML or JSON file of settings, as for moat train")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="settings as for moat train, e.g. --set task_options.binary=true")
+    check.set_defaults(func=_cmd_data_check)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from moat.data.checks import DataError
+    from moat.train.config import load_config
+    from moat.train.task import get_task
+
+    config = load_config(args.config, args.set, task=args.task, data=args.data)
+    reports = get_task(config.task)(config).check_data()
+    for report in reports:
+        print(report.text())
+    errors = [e for r in reports for e in r.errors]
+    if errors:
+        raise DataError(f"{len(errors)} problem(s) to fix before training (listed above as "
+                        "ERROR)")
+    print("ok: the data can be trained on" + (" (see the warnings)" if any(
+        r.warnings for r in reports) else ""))
+    return 0
+
+
+COMMANDS = [_add_train, _add_eval, _add_predict, _add_shard, _add_demo, _add_plot, _add_data]
