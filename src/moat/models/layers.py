@@ -285,8 +285,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x: [B, windows, T, C], bias: [1, heads, T, T] or None -> [B, windows, T, C]."""
         batch, windows, tokens, _ = x.shape
-        qkv = pointwise(self.qkv, x).view(batch * windows, tokens, 3, self.num_heads,
-                                          self.head_size)
+        qkv = self.project(self.qkv, x).view(batch * windows, tokens, 3, self.num_heads,
+                                             self.head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*windows, heads, T, K]
         scale = self.head_size ** -0.5
         if bias is not None:
@@ -305,4 +305,8 @@ class Attention(nn.Module):
             out = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias).softmax(-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        return pointwise(self.proj, out.transpose(1, 2).reshape(batch, windows, tokens, -1))
+        return self.project(self.proj, out.transpose(1, 2).reshape(batch, windows, tokens, -1))
+
+    def project(self, linear: nn.Linear, x: Tensor) -> Tensor:
+        """The q/k/v and output projections (`pointwise`; an inference copy may choose)."""
+        return pointwise(linear, x)

@@ -17,6 +17,7 @@ from torch import nn
 from moat.data.bad_images import BadImageLog
 from moat.device import configure_device, pins_memory
 from moat.train import distributed as dist_utils
+from moat.train.auto import AUTO_FIELDS
 from moat.train.checkpoint import CheckpointManager
 from moat.train.config import TrainConfig
 from moat.train.loaders import eval_loader, full_batches, train_loader
@@ -55,9 +56,12 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     micro = _micro_batch(config, info.world_size)
     pin = pins_memory(info.device)
     train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
-                                 workers=config.workers, seed=config.seed, pin_memory=pin)
+                                 workers=config.workers, seed=config.seed, pin_memory=pin,
+                                 accum_steps=config.accum_steps)
+    # Evaluation keeps no activations for backward: twice the training batch fits in the
+    # memory training needs, and runs with fewer per-batch overheads.
     val_batches = None if val_set is None or config.eval_every_epochs == 0 else \
-        eval_loader(val_set, micro, collate_fn=task.collate_fn(False),
+        eval_loader(val_set, 2 * micro, collate_fn=task.collate_fn(False),
                     workers=min(config.workers, 2), pin_memory=pin)
     steps_per_epoch = full_batches(train_batches) // config.accum_steps
     if steps_per_epoch == 0:
@@ -124,3 +128,9 @@ def _log_header(run: Run, micro: int) -> None:
              c.sources.get("recipe", c.recipe))
     for name in RECIPE_FIELDS:
         log.info("  %-16s %-14s %s", name, getattr(c, name), c.sources.get(name, "default"))
+    chosen = [name for name in AUTO_FIELDS if c.sources.get(name, "").startswith("auto")]
+    if chosen:
+        log.info("chosen from the data and this machine, as nobody set them (set them to "
+                 "override; moat.train.auto):")
+    for name in chosen:
+        log.info("  %-19s %-11s %s", name, getattr(c, name), c.sources[name])
