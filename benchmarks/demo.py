@@ -32,6 +32,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from moat.cpu import cpu_info  # noqa: E402
+
 # task -> (metric key, its target, seconds allowed)
 TARGETS = {"classification": ("top-1", 90.0, 600), "segmentation": ("mIoU", 0.8, 900),
            "detection": ("AP50", 0.8, 1200)}
@@ -66,7 +68,7 @@ def main() -> None:
     key, target, seconds = TARGETS[args.task]
     value = result["metrics"][key]
     print(result["summary"])
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+    print(f"machine: {cpu_info().describe()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"time: {wall:.0f} s wall ({result['train_seconds']:.0f} s training), "

@@ -52,6 +52,10 @@ class TrainConfig:
     model: str = "moat_0"
     data: str | None = None        # folder with train/ + val/ (or train.csv + val.csv), or a split
     val_data: str | None = None    # a separate validation split (folder or .csv)
+    # shards and Hugging Face datasets: the image member/column and the label member/column
+    # (or json field); None: found (moat.data.shards, moat.data.hf)
+    image_key: str | None = None
+    label_key: str | None = None
     output: str | None = None      # RUN_DIR: config, logs, metrics, checkpoints
     num_classes: int | None = None  # None: from the data
     img_size: int = 224

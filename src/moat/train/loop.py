@@ -94,6 +94,7 @@ class Trainer:
         try:
             for p.epoch in range(p.epoch, c.epochs):
                 self._train_epoch()
+                self._report_train_samples()
                 p.batch_in_epoch = 0
                 evaluate = c.eval_every_epochs and ((p.epoch + 1) % c.eval_every_epochs == 0
                                                    or p.epoch + 1 == c.epochs)
@@ -161,13 +162,34 @@ class Trainer:
         # Every file of this batch was unreadable, or all but one: BatchNorm cannot normalise
         # a single image whose last feature map is 1x1 ("expected more than one value per
         # channel"), so that image is skipped with the bad ones.
-        if size == 0 or (size == 1 and getattr(batch, "bad", None)):
+        if size == 0 or (size == 1 and (getattr(batch, "bad", None) or self._padded(size))):
             return self._skipped_loss(), {}
+        self.progress.samples_in_epoch += size
         with autocast(r.device, r.amp):
             loss, scalars = r.task.loss(r.train_model, batch, r.device)
         if c.debug_nan_step is not None and self.progress.step + 1 == c.debug_nan_step:
             loss = loss * float("nan")
         return loss, scalars
+
+    def _padded(self, size: int) -> bool:
+        """Whether a batch of `size` is short because ExactSampler padded it."""
+        return size < (self.run.train_loader.batch_size or 1) and \
+            getattr(self.run.train_loader.dataset.dataset, "exact_epochs", False)
+
+    def _report_train_samples(self) -> None:
+        """Log and record how many images the epoch trained on, over all processes: with
+        shards and datasets, the training set's size less the skipped images."""
+        r, p = self.run, self.progress
+        count = torch.tensor([p.samples_in_epoch], dtype=torch.float64, device=r.device)
+        dist_utils.all_reduce_sum(count)
+        p.samples_in_epoch = 0
+        total, size = int(count.item()), len(r.train_loader.dataset)
+        log.info("epoch %d/%d: trained on %d of the %d training samples%s", p.epoch + 1,
+                 r.config.epochs, total, size,
+                 "" if total == size else " (the others: unreadable, in a one-image "
+                 "micro-batch, or, from folders, in the incomplete last batch)")
+        r.metrics.write("epoch", p.step, {"epoch": p.epoch + 1, "train_samples": total,
+                                          "dataset_size": size})
 
     def _skipped_loss(self) -> torch.Tensor:
         """A zero loss with zero gradients, for a batch that has nothing to train on.

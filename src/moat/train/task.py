@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import moat.tasks
+from moat.data.preflight import DataReport, dataset_report
 from moat.models.moat import MoatNet
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import load_pretrained
@@ -129,6 +130,12 @@ class Task:
         """The number of training samples, counted before the run is assembled (the recipe
         adapts to the schedule's length, moat.train.recipes); None: unknown."""
         return None
+
+    def check_data(self) -> list[DataReport]:
+        """The pre-flight reports of the config's data (`moat data check`): what it holds,
+        warnings and errors, not raised. Default: open the datasets (`build_datasets` refuses
+        what cannot train) and count their samples."""
+        return [dataset_report(*self.build_datasets())]
 
     def build_eval_dataset(self) -> Dataset:
         """The dataset `moat eval --data DIR` measures (config.data = DIR). Default: the

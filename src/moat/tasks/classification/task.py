@@ -20,9 +20,11 @@ from torch import nn
 
 import moat
 from moat.data.checks import check_classification_splits, check_readable
-from moat.data.classification import SkipBadCollate, classification_datasets, open_split
+from moat.data.classification import SkipBadCollate
+from moat.data.sources import classification_datasets, eval_dataset
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
+from moat.device import to_device
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.classification.demo import run_demo
 from moat.tasks.confusion import ConfusionMatrix, class_recall, plot_confusion, write_report
@@ -65,23 +67,25 @@ class ClassificationTask(Task):
                              "val/<class>/ (or train.csv and val.csv), or a training split")
         train_tf, val_tf = self._transforms()
         train, val = classification_datasets(c.data, c.val_data, train_transform=train_tf,
-                                             val_transform=val_tf, strict=c.strict_data)
+                                             val_transform=val_tf, strict=c.strict_data,
+                                             **self._keys())
         check_classification_splits(train, val)  # refuse data that cannot train, now
         self._set_classes(train.classes)
         return train, val
 
     def train_size(self) -> int:
-        return len(classification_datasets(self.config.data, self.config.val_data)[0])
+        return len(classification_datasets(self.config.data, self.config.val_data,
+                                           **self._keys())[0])
 
     def build_eval_dataset(self):
-        data = Path(self.config.data)
-        for candidate in (data / "val", data / "val.csv", data):
-            if candidate.exists():
-                dataset = open_split(candidate, self.eval_transform(), self.classes,
-                                     strict=self.config.strict_data)
-                check_readable(dataset, "evaluation")
-                return dataset
-        raise FileNotFoundError(f"--data {str(data)!r} does not exist")
+        dataset = eval_dataset(self.config.data, self.eval_transform(), self.classes,
+                               self.config.strict_data, **self._keys())
+        check_readable(dataset, "evaluation")
+        return dataset
+
+    def _keys(self) -> dict[str, str | None]:
+        return {"image_key": getattr(self.config, "image_key", None),
+                "label_key": getattr(self.config, "label_key", None)}
 
     def _set_classes(self, classes: Sequence[str]) -> None:
         c = self.config
@@ -116,8 +120,8 @@ class ClassificationTask(Task):
         return model
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
-        images = batch[0].to(device, non_blocking=True, memory_format=self.memory_format)
-        targets = batch[1].to(device, non_blocking=True)
+        images = to_device(batch[0], device, self.memory_format)
+        targets = to_device(batch[1], device)
         logits = model(images)
         if targets.ndim == 2:  # soft targets from Mixup/CutMix, smoothing already folded in
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -141,8 +145,8 @@ class ClassificationTask(Task):
             images, targets = batch[0], batch[1]
             if len(targets) == 0:
                 continue
-            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(device, non_blocking=True)
+            images = to_device(images, device, self.memory_format)
+            targets = to_device(targets, device)
             for name, model in models.items():
                 logits = model(images).float()
                 sums[name][0] += F.cross_entropy(logits, targets, reduction="sum").double()
