@@ -106,6 +106,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="write an image folder or CSV list as WebDataset shards",
+                       description="Write SRC (a folder with train/<class>/ and val/<class>/, "
+                       "train.csv and val.csv, one class folder, or one CSV list) into WebDataset "
+                       "shards OUT/train-000000.tar, ... (and val-...), with OUT/_info.json "
+                       "(sample counts, class names). Train with --data OUT.")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--shard-size", type=count(1), default=1000,
+                   help="samples per shard (default 1000; aim for 100 MB to 1 GB shards)")
+    p.add_argument("--workers", type=count(1), default=2, help="shards written in parallel")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the samples are shuffled with this seed before sharding")
+    p.set_defaults(func=_cmd_shard)
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from moat.data.classification import classification_datasets
+    from moat.data.shards import write_shards
+
+    train, val = classification_datasets(args.src)
+    splits = {"train": train} if val is None else {"train": train, "val": val}
+    info = write_shards(splits, args.out, args.shard_size, workers=args.workers, seed=args.seed)
+    for name, split in info["splits"].items():
+        print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards")
+    print(f"{info['num_classes']} classes; train with: moat train --data {args.out} ...")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate a small dataset, train on it, evaluate, predict")
     p.add_argument("--output", default="moat-demo", help="folder for everything (default: "
@@ -183,4 +212,4 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_train, _add_eval, _add_predict, _add_demo, _add_plot, _add_data]
+COMMANDS = [_add_train, _add_eval, _add_predict, _add_shard, _add_demo, _add_plot, _add_data]

@@ -238,22 +238,28 @@ class DetectionTask(Task):
         return total, {k: float(v.detach()) for k, v in losses.items()}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        dataset = getattr(loader, "dataset", None)  # the loop passes a generator
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """COCO metrics of each model, all run on each batch (one pass over the images)."""
+        dataset = getattr(loader, "dataset", None)  # the loop passes a tracking iterable
         dataset = coco_dataset(self._eval_dataset if dataset is None else dataset)
-        was_training = model.training
-        model.eval()
-        per_image: dict[int, list[dict]] = {}
+        was_training = {name: model.training for name, model in models.items()}
+        for model in models.values():
+            model.eval()
+        per_image: dict[str, dict[int, list[dict]]] = {name: {} for name in models}
         for batch in loader:
             images, targets = self._to_device(batch, device)
             if not images:
                 continue
-            for output, target in zip(model(images), targets):
-                image_id = int(target["image_id"])
-                per_image[image_id] = detections_to_coco(output, image_id,
-                                                         dataset.label_to_category)
-        model.train(was_training)
-        return coco_metrics(per_image, dataset.coco, self.with_masks)
+            for name, model in models.items():
+                for output, target in zip(model(images), targets):
+                    image_id = int(target["image_id"])
+                    per_image[name][image_id] = detections_to_coco(
+                        output, image_id, dataset.label_to_category)
+        for name, model in models.items():
+            model.train(was_training[name])
+        return {name: coco_metrics(per_image[name], dataset.coco, self.with_masks)
+                for name in models}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,

@@ -4,8 +4,10 @@ inference (`inference.py`), mask PNGs and overlays (`drawing.py`)."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,9 +240,13 @@ class SegmentationTask(Task):
         return options
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        """mIoU, pixel_acc, mAcc and IoU/<class> over the whole loader (all processes)."""
-        cm = ConfusionMatrix(self.num_classes, self.ignore_index, device=device)
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """mIoU, pixel_acc, mAcc and IoU/<class> of each model over the whole loader (all
+        processes), all run on each batch (one pass over the images); `confusion` is the
+        first model's."""
+        cms = {name: ConfusionMatrix(self.num_classes, self.ignore_index, device=device)
+               for name in models}
         options = self._inference_options()
         for batch in loader:
             images, masks = batch[0], batch[1]
@@ -252,10 +258,14 @@ class SegmentationTask(Task):
                 x = torch.stack([images[i] for i in group]).to(device,
                                                                memory_format=self.memory_format)
                 y = torch.stack([masks[i] for i in group]).to(device)
-                logits = segment(model, x, output_size=y.shape[-2:], **options)
-                cm.update(logits.argmax(1), y)
-        self.confusion = cm.all_reduce()
-        return metrics_from_confusion(self.confusion, self.class_names)
+                for name, model in models.items():
+                    logits = segment(model, x, output_size=y.shape[-2:], **options)
+                    cms[name].update(logits.argmax(1), y)
+        results = {}
+        for name in reversed(list(models)):  # the first one's confusion stays
+            self.confusion = cms[name].all_reduce()
+            results[name] = metrics_from_confusion(self.confusion, self.class_names)
+        return {name: results[name] for name in models}
 
     def write_report(self, metrics, output_dir: str) -> list[str]:
         """metrics.json, per_class.csv (IoU, accuracy and labelled pixels per class; empty
