@@ -250,6 +250,10 @@ def test_category_ids_with_gaps_and_a_background_category(tmp_path):
     results = detections_to_coco(output, 1, task.label_to_category)
     assert [r["category_id"] for r in results] == [17, 3]
     assert task.metadata()["label_to_category"] == {"1": 3, "2": 17}
+    written = task.write_report({"AP": 0.5, "AP/cup": 0.25, "AP/cat": 0.75}, str(tmp_path / "r"))
+    assert (tmp_path / "r" / "per_category.csv").read_text().splitlines() == \
+        ["category_id,name,AP,mask_AP", "3,cup,0.2500,", "17,cat,0.7500,"]
+    assert len(written) == 2 and "per-category AP: cat 0.750" in task.format_metrics({"AP/cat": 0.75})
 
 
 def test_xyxy_boxes_are_detected_and_box_format_reads_them(tmp_path):

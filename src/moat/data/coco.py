@@ -86,7 +86,9 @@ def prepare_coco(data: Mapping[str, Any], box_format: str = "xywh",
     """
     if box_format not in BOX_FORMATS:
         raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
-    data = copy.deepcopy(dict(data))
+    data = dict(data)  # copies of what changes; segmentations are shared, not copied
+    data["images"] = [dict(i) for i in data.get("images") or []]
+    data["annotations"] = [dict(a) for a in data.get("annotations") or []]
     notes: list[str] = []
     categories = data.get("categories") or []
     background = {c["id"] for c in categories
@@ -127,15 +129,15 @@ def prepare_coco(data: Mapping[str, Any], box_format: str = "xywh",
     return data, notes
 
 
-def load_coco(ann_file: str | os.PathLike | Mapping[str, Any]):
-    """A pycocotools COCO object from a JSON path or an already-parsed dict, without its
-    progress prints."""
+def load_coco(ann_file: str | os.PathLike | Mapping[str, Any], copy_dict: bool = True):
+    """A pycocotools COCO object from a JSON path or an already-parsed dict (copied unless
+    `copy_dict` is False: then the COCO object owns it), without its progress prints."""
     from pycocotools.coco import COCO
 
     with contextlib.redirect_stdout(io.StringIO()):
         if isinstance(ann_file, Mapping):
             coco = COCO()
-            coco.dataset = copy.deepcopy(dict(ann_file))
+            coco.dataset = copy.deepcopy(dict(ann_file)) if copy_dict else dict(ann_file)
             coco.createIndex()
         else:
             if not os.path.isfile(ann_file):

@@ -39,8 +39,7 @@ from PIL import Image
 
 from moat.data.checks import DataError
 from moat.data.images import BadImageError
-from moat.data.segmentation import (IGNORE_INDEX, SegmentationDataset, colour_codes,
-                                    read_mask_pixels)
+from moat.data.segmentation import SegmentationDataset, colour_codes, read_mask_pixels
 
 log = logging.getLogger("moat")
 
@@ -72,12 +71,6 @@ class DataReport:
         if self.errors:
             raise DataError("the data cannot be used as it is:\n  - " + "\n  - ".join(self.errors)
                             + "\n(`moat data check` prints the whole report)")
-
-    def merge(self, other: DataReport) -> DataReport:
-        self.facts += [other.title, *(f"  {f}" for f in other.facts)]
-        self.warnings += other.warnings
-        self.errors += other.errors
-        return self
 
 
 def files(paths: Sequence[str], n: int = SHOWN) -> str:
@@ -179,7 +172,7 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
                         + (" ..." if len(mask_sizes) > 3 else ""))
     expected = f"0..{num_classes - 1}" if num_classes else "not set"
     report.facts.append(f"classes: {expected}; ignore_index {ignore}"
-                        + (f"; binary" if dataset.binary else "")
+                        + ("; binary" if dataset.binary else "")
                         + ("; reduce_zero_label" if dataset.reduce_zero_label else ""))
     names = list(class_names or [])
     total = max(int(pixels.sum()), 1)
@@ -369,4 +362,5 @@ def check_detection(coco: Any, image_dir: str | os.PathLike, split: str,
     return report
 
 
-__all__ = ["DataReport", "check_segmentation", "check_detection", "image_size", "IGNORE_INDEX"]
+__all__ = ["DataReport", "check_segmentation", "check_detection", "dataset_report",
+           "image_size"]

@@ -22,8 +22,10 @@ from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.data.preflight import DataReport, check_detection
 from moat.data.yolo import SPLIT_NAMES, find_yolo_split, read_yolo_names, yolo_to_coco
+from moat.integrity import atomic_write_text
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
+from moat.tasks.confusion import csv_cell
 from moat.tasks.detection.demo import run_detection_demo
 from moat.tasks.detection.drawing import draw_detections
 from moat.tasks.detection.metrics import coco_dataset, coco_metrics
@@ -159,7 +161,7 @@ class DetectionTask(Task):
         """(image folder, prepared pycocotools COCO, pre-flight report) of a split."""
         found = self._split(split)
         data, notes = prepare_coco(found.annotations, self.options.box_format, found.images)
-        coco = load_coco(data)
+        coco = load_coco(data, copy_dict=False)
         name = {"train": "training", "val": "validation"}[split]
         report = check_detection(coco, found.images, name, [f"from {found.source}", *notes])
         return found.images, coco, report
@@ -330,6 +332,22 @@ class DetectionTask(Task):
         if metadata.get("label_to_category"):
             self.label_to_category = {int(k): int(v)
                                       for k, v in metadata["label_to_category"].items()}
+
+    def write_report(self, metrics: Mapping[str, float], output_dir: str) -> list[str]:
+        """metrics.json and per_category.csv (category id as in the data, name, box AP and
+        mask AP; empty where the category has no ground truth in the evaluated images)."""
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        names = list(self.classes or [])
+        ids = self.label_to_category or {i + 1: i + 1 for i in range(len(names))}
+        rows = ["category_id,name,AP,mask_AP"]
+        for label, name in enumerate(names, start=1):
+            cells = [f"{metrics[k]:.4f}" if k in metrics else ""
+                     for k in (f"AP/{name}", f"mask_AP/{name}")]
+            rows.append(",".join([str(ids.get(label, label)), csv_cell(name), *cells]))
+        atomic_write_text(out / "metrics.json", json.dumps(dict(metrics), indent=1) + "\n")
+        atomic_write_text(out / "per_category.csv", "\n".join(rows) + "\n")
+        return [str(out / "metrics.json"), str(out / "per_category.csv")]
 
     def format_metrics(self, metrics: Mapping[str, float]) -> str:
         keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "mask_AP", "mask_AP50", "mask_AP75"]
