@@ -12,21 +12,21 @@ Exit codes:
     130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; a training run prints the command
          that resumes it (its last checkpoint is complete: checkpoints are atomic)
 
-Expected failures are the library's own messages (`MoatError`, and ValueError raised by
-moat's own code, which always say what was wrong and what to do), OSError, and
-ModuleNotFoundError for the optional packages of `moat[full]`. A ValueError raised inside
-PyTorch or another library is not ours to explain: it keeps its traceback.
+Expected failures are the library's own messages (`MoatError` and its subclasses, which
+always say what was wrong and what to do), OSError, and ModuleNotFoundError for the optional
+packages of `moat[full]`. The boundary decides by the exception's class alone, never by where
+it was raised: every refusal moat makes is a MoatError, so a ValueError (or any other
+exception) that is not one is a bug, in moat or in a library it calls, and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 EXIT_ERROR, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 70, 130, 143
 
@@ -38,11 +38,21 @@ OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "PIL": "pillo
                      "executorch": "executorch", "huggingface_hub": "huggingface_hub",
                      "captum": "captum", "gradio": "gradio"}
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
 class MoatError(Exception):
     """An expected failure whose message tells the user what was wrong and what to do."""
+
+
+class InvalidInputError(MoatError, ValueError):
+    """A value, setting, argument or file content that moat refuses (also a ValueError, so
+    library callers that catch ValueError keep working)."""
+
+
+class NotFoundError(MoatError, KeyError):
+    """A name that is not there (a tensor in a checkpoint, a class, ...); its message is a
+    sentence, printed as is (a plain KeyError would print its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Terminated(KeyboardInterrupt):
@@ -95,10 +105,6 @@ def expected_message(err: BaseException) -> str | None:
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
         return ("out of memory; lower --batch-size (or raise --accum-steps), use "
                 "--grad-checkpointing or --precision bf16")
-    if isinstance(err, ValueError) and _raised_by_moat(err):
-        return str(err)
-    if isinstance(err, KeyError) and _raised_by_moat(err) and " " in str(err.args[0]):
-        return str(err.args[0])  # a sentence raised on purpose, not a bare missing key
     return None
 
 
@@ -113,16 +119,6 @@ def _os_message(err: OSError) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return text + "; choose a folder you can write to, or fix its permissions"
     return text
-
-
-def _raised_by_moat(err: BaseException) -> bool:
-    """Whether the innermost frame of the traceback is moat's own code."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from moat.cli.options import add_train_options, checkpoint_options, count
+from moat.errors import InvalidInputError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _checkpoint(args: argparse.Namespace) -> str:
     if bool(args.checkpoint) == bool(args.model):
-        raise ValueError("give either --checkpoint or --model (with --pretrained for a tag)")
+        raise InvalidInputError("give either --checkpoint or --model (with --pretrained for a tag)")
     if args.checkpoint:
         return args.checkpoint
     from moat.weights.loader import weights_file
@@ -111,7 +112,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="moat-demo", help="folder for everything (default: "
                    "./moat-demo)")
     p.add_argument("--task", default="classification")
-    p.add_argument("--epochs", type=int, help="override the demo's epochs")
+    p.add_argument("--epochs", type=count(1), help="override the demo's epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_demo)

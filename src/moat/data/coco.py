@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from moat.errors import InvalidInputError
+
 __all__ = ["CocoDetection", "train_transforms", "eval_transforms", "collate_detection",
            "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES"]
 
@@ -121,7 +123,7 @@ class CocoDetection(Dataset):
         img = load_rgb(self.image_dir / info["file_name"], exif_transpose=False)
         h, w = info.get("height"), info.get("width")
         if (h, w) != (None, None) and (img.height, img.width) != (h, w):
-            raise ValueError(f"image {info['file_name']!r} is {img.width}x{img.height} but the "
+            raise InvalidInputError(f"image {info['file_name']!r} is {img.width}x{img.height} but the "
                              f"annotations say {w}x{h}; fix the JSON or the file")
         return TF.pil_to_tensor(img)
 
@@ -189,7 +191,7 @@ def train_transforms(min_size: int = 800, max_size: int = 1333, *,
 
     lo, hi = scale_range
     if not 0 < lo <= hi:
-        raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range}")
+        raise InvalidInputError(f"scale_range must be 0 < low <= high, got {scale_range}")
     if jitter == "multiscale":
         sizes = sorted({max(1, round(min_size * s)) for s in np.linspace(lo, hi, 9)})
         ops = [v2.RandomShortestSize(sizes, max_size=round(max_size * hi), antialias=True)]
@@ -197,7 +199,7 @@ def train_transforms(min_size: int = 800, max_size: int = 1333, *,
         ops = [v2.ScaleJitter((min_size, min_size), scale_range=(lo, hi), antialias=True),
                v2.RandomCrop((min_size, min_size), pad_if_needed=True, fill=0)]
     else:
-        raise ValueError(f"jitter must be 'multiscale' or 'lsj', got {jitter!r}")
+        raise InvalidInputError(f"jitter must be 'multiscale' or 'lsj', got {jitter!r}")
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
     ops += [v2.ClampBoundingBoxes(),
@@ -278,7 +280,7 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
     for iou_type in iou_types:
         field = {"bbox": "bbox", "segm": "segmentation"}.get(iou_type)
         if field is None:
-            raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+            raise InvalidInputError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
         typed = [{k: copy.deepcopy(r[k]) for k in ("image_id", "category_id", "score", field)}
                  for r in results if field in r]
         names = _metric_names(iou_type)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from moat.errors import InvalidInputError
+
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -45,7 +47,7 @@ class ResumableSampler(DistributedSampler):
     def skip(self, num_samples: int) -> None:
         """Start this epoch at the `num_samples`-th index of this rank's order."""
         if not 0 <= num_samples <= self.num_samples:
-            raise ValueError(f"cannot skip {num_samples} samples of an epoch of "
+            raise InvalidInputError(f"cannot skip {num_samples} samples of an epoch of "
                              f"{self.num_samples} on this rank")
         self.start = num_samples
 

@@ -41,6 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
+from moat.errors import InvalidInputError
 from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 
 IGNORE_INDEX = 255
@@ -102,7 +103,7 @@ def _files(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
                 and entry.name.lower().endswith(tuple(extensions)):
             stem = os.path.splitext(entry.name)[0]
             if stem in found:
-                raise ValueError(f"two files with stem {stem!r} in {str(folder)!r}: "
+                raise InvalidInputError(f"two files with stem {stem!r} in {str(folder)!r}: "
                                  f"{found[stem].name} and {entry.name}")
             found[stem] = Path(entry.path)
     return found
@@ -120,11 +121,11 @@ def find_pairs(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> lis
             raise FileNotFoundError(f"no such folder: {str(d)!r}")
     images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, MASK_EXTENSIONS)
     if not images:
-        raise ValueError(f"no images in {str(image_dir)!r}")
+        raise InvalidInputError(f"no images in {str(image_dir)!r}")
     orphans = sorted(set(images) - set(masks))
     if orphans:
         shown = ", ".join(images[s].name for s in orphans[:5])
-        raise ValueError(f"{len(orphans)} image(s) in {str(image_dir)!r} have no mask of the same "
+        raise InvalidInputError(f"{len(orphans)} image(s) in {str(image_dir)!r} have no mask of the same "
                          f"name in {str(mask_dir)!r}: {shown}{' ...' if len(orphans) > 5 else ''}")
     return [(str(images[s]), str(masks[s])) for s in sorted(images)]
 
@@ -149,7 +150,7 @@ def find_segmentation_splits(root: str | os.PathLike, layout: str = "auto") -> S
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {str(root)!r}")
     if layout not in ("auto", "ade20k", "folder"):
-        raise ValueError(f"unknown segmentation layout {layout!r}; use auto, ade20k or folder")
+        raise InvalidInputError(f"unknown segmentation layout {layout!r}; use auto, ade20k or folder")
     ade = root / "images" / "training", root / "annotations" / "training"
     if layout == "ade20k" or (layout == "auto" and ade[0].is_dir()):
         if not (ade[0].is_dir() and ade[1].is_dir()):
@@ -188,7 +189,7 @@ class SegmentationDataset(Dataset):
                  *, reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX,
                  strict: bool = False, classes: Sequence[str] | None = None) -> None:
         if not pairs:
-            raise ValueError("segmentation dataset has no samples")
+            raise InvalidInputError("segmentation dataset has no samples")
         self.pairs = [(str(i), str(m)) for i, m in pairs]
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadImageLog
+from moat.errors import InvalidInputError
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager
 from moat.train.config import TrainConfig
@@ -59,7 +60,7 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
                     workers=min(config.workers, 2), pin_memory=pin)
     steps_per_epoch = full_batches(train_batches) // config.accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one "
+        raise InvalidInputError(f"the training set ({len(train_set)} samples) is smaller than one "
                          f"global batch ({config.batch_size}); lower --batch-size")
     schedule = WarmupCosine(config.peak_lr, config.epochs * steps_per_epoch,
                             round(config.warmup_epochs * steps_per_epoch), config.warmup_lr,
@@ -104,7 +105,7 @@ def set_deterministic(enabled: bool) -> None:
 
 def _micro_batch(config: TrainConfig, world_size: int) -> int:
     if config.batch_size % (world_size * config.accum_steps):
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes "
+        raise InvalidInputError(f"batch_size {config.batch_size} must be divisible by processes "
                          f"({world_size}) x accum_steps ({config.accum_steps})")
     return config.batch_size // (world_size * config.accum_steps)
 

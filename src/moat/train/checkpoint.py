@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.integrity import DamagedFileError, atomic_write_text, \
     check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
     seal_json, torch_save_bytes, verify_manifest, write_synced
@@ -292,7 +293,7 @@ def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tenso
     if which == "auto":
         which = meta.get("preferred_weights") or ("ema" if (path / EMA_FILE).is_file() else "model")
     if which not in ("model", "ema"):
-        raise ValueError(f"weights must be model, ema or auto, got {which!r}")
+        raise InvalidInputError(f"weights must be model, ema or auto, got {which!r}")
     file = path / (EMA_FILE if which == "ema" else MODEL_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {which} weights ({file.name})")
@@ -372,12 +373,12 @@ def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source:
                and not k.startswith(_HEADS)
                and not any(s.startswith(k + " ") for s in skipped)]
     if missing:
-        raise ValueError(
+        raise InvalidInputError(
             f"--init-from {source} does not fit the model: {len(missing)} tensors missing, e.g. "
             f"{missing[:5]}; check --model (the variant must match the weights)")
     bad_shape = [s for s in skipped if not s.startswith(_HEADS)]
     if bad_shape:
-        raise ValueError(f"--init-from {source}: tensors of another shape (wrong variant?): "
+        raise InvalidInputError(f"--init-from {source}: tensors of another shape (wrong variant?): "
                          f"{bad_shape[:5]}")
     target.load_state_dict(loaded, strict=False)
     unused = len([k for k in state if k not in own])

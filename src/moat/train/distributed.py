@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moat.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,16 +35,28 @@ class DistInfo:
         return self.rank == 0
 
 
-def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+def pick_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
+    """The device `--device name` means on this machine; a MoatError naming the flag when it
+    is not a device name or CUDA is missing."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidInputError(f"--device {name}: not a device name; use auto, cpu, cuda or "
+                                "cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        available = getattr(torch, device.type, None)
+        if available is None or not getattr(available, "is_available", lambda: False)():
+            raise InvalidInputError(f"--device {name}: {device.type} is not available on this "
+                                    "machine; use --device cpu or --device auto")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {name!r} requested but CUDA is not available; "
-                               "use --set device=cpu")
+            raise InvalidInputError(f"--device {name}: CUDA is not available on this machine "
+                                    "(or this PyTorch build has no CUDA); use --device cpu "
+                                    "or --device auto")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
@@ -150,7 +164,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+            raise InvalidInputError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size, _ = world()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 
 log = logging.getLogger("moat")
 
@@ -104,7 +104,7 @@ def check_new_run_folder(run_dir: str | os.PathLike) -> None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                           else "")
-        raise ValueError(f"--output {run_dir} already holds files that are not a moat "
+        raise InvalidInputError(f"--output {run_dir} already holds files that are not a moat "
                              f"run's ({shown}); a run writes config.yaml, train.log and "
                              "checkpoints/ there: choose a new or empty folder")
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadSample
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 from moat.train import distributed as dist_utils
 from moat.train.assemble import assemble
 from moat.train.config import TrainConfig, load_config, read_config_file
@@ -52,7 +52,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     config.validate()
     if not config.output:
-        raise ValueError("--output RUN_DIR is required: where checkpoints and logs go")
+        raise InvalidInputError("--output RUN_DIR is required: where checkpoints and logs go")
     info = dist_utils.setup(config.device)
     try:
         # one live run per folder: a second run or a --resume of this one is refused
@@ -73,7 +73,7 @@ def run_training(config_path: str | os.PathLike | None = None, overrides=(), res
         output = flags.get("output") or (read_config_file(config_path).get("output")
                                          if config_path else None)
         if not output:
-            raise ValueError("--resume needs --output RUN_DIR (the run to continue)")
+            raise InvalidInputError("--resume needs --output RUN_DIR (the run to continue)")
         base = stored_config(output)
     return train(load_config(config_path, overrides, base=base, **flags), resume=resume)
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moat.errors import InvalidInputError
 from moat.models import MODEL_CONFIGS
 from moat.weights.catalogue import split_name
 from moat.weights.hub import is_hub_name
@@ -160,7 +161,7 @@ def resolve(name: str, facts: RunFacts, explicit: dict[str, str],
             ) -> tuple[dict[str, Any], dict[str, str]]:
     """(values for the fields nobody set, {field: the rule or source of its value})."""
     if name not in RECIPES:
-        raise ValueError(f"recipe {name!r} is unknown; choose auto or one of {sorted(RECIPES)}")
+        raise InvalidInputError(f"recipe {name!r} is unknown; choose auto or one of {sorted(RECIPES)}")
     settings = RECIPES[name](facts)
     values = {k: s.value for k, s in settings.items() if k not in explicit}
     rules = {k: explicit.get(k) or f"recipe {name}: {s.rule}" for k, s in settings.items()}

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from moat.data.bad_images import BadImageLog
+from moat.errors import InvalidInputError
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
     rng_state, set_rng_state
@@ -90,7 +91,7 @@ def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
     checkpoints = CheckpointManager(run_dir)
     latest = checkpoints.latest_intact() if resume else checkpoints.latest()
     if latest is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints ({latest.name}); pass "
+        raise InvalidInputError(f"{run_dir} already holds checkpoints ({latest.name}); pass "
                          "--resume to continue that run, or choose another --output")
     return latest if resume else None
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from moat.errors import InvalidInputError
 from moat.integrity import atomic_write_bytes, file_sha256, read_safetensors, safetensors_bytes
 from moat.weights.metadata import WeightsMetadata
 
@@ -30,11 +31,11 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"no such file: {path}")
     if not Path(path).is_file():
-        raise ValueError(f"sha256 can only be checked for a single file, not {path}; pass the "
+        raise InvalidInputError(f"sha256 can only be checked for a single file, not {path}; pass the "
                          "archive or .safetensors file, or drop sha256")
     actual = file_sha256(path)
     if actual != expected.lower():
-        raise ValueError(f"{path}: sha256 is {actual}, expected {expected}; the file is "
+        raise InvalidInputError(f"{path}: sha256 is {actual}, expected {expected}; the file is "
                          "corrupted or not the expected release: download it again")
 
 
@@ -43,7 +44,7 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     """Write a safetensors file; a crash never leaves a half-written file under ``path``."""
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: weights are saved as .safetensors only")
+        raise InvalidInputError(f"{path}: weights are saved as .safetensors only")
     # the header also gets the tensors' sha256 and size, verified by load_state_dict
     atomic_write_bytes(path, safetensors_bytes(state, (metadata or WeightsMetadata()).to_header()))
     return path
@@ -64,7 +65,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], W
             raise
         except Exception as err:  # the unpickler raises many types; all mean "not weights"
             # Not the unpickler's own text: it suggests weights_only=False, i.e. running code.
-            raise ValueError(f"{path}: not a plain PyTorch weights file ({type(err).__name__}: "
+            raise InvalidInputError(f"{path}: not a plain PyTorch weights file ({type(err).__name__}: "
                              "damaged, or a pickle of more than tensors). Only tensors are "
                              "loaded (weights_only=True); arbitrary pickles are refused. "
                              "Convert the file to .safetensors if you trust it") from None
@@ -73,7 +74,7 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], W
                 obj = obj[key]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor)
                                                 for v in obj.values()):
-            raise ValueError(f"{path}: expected a dict of tensors (a state_dict)")
+            raise InvalidInputError(f"{path}: expected a dict of tensors (a state_dict)")
         return obj, WeightsMetadata()
-    raise ValueError(f"{path}: unknown weights format; use .safetensors, .pt/.pth/.bin, .npz "
+    raise InvalidInputError(f"{path}: unknown weights format; use .safetensors, .pt/.pth/.bin, .npz "
                      "or a TensorFlow checkpoint")

@@ -18,6 +18,7 @@ from moat.data.coco import (CocoDetection, collate_detection, detections_to_coco
                             eval_transforms, train_transforms)
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
+from moat.errors import InvalidInputError
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.detection.demo import run_detection_demo
@@ -88,7 +89,7 @@ class DetectionTask(Task):
         if self.classes:
             return len(self.classes)
         if not self.config.num_classes:
-            raise ValueError("detection needs the class names: build the datasets first, or "
+            raise InvalidInputError("detection needs the class names: build the datasets first, or "
                              "load a checkpoint (its metadata has them)")
         return int(self.config.num_classes)
 
@@ -122,13 +123,13 @@ class DetectionTask(Task):
         if images and anns:
             return Path(images), Path(anns)
         if self.config.data is None:
-            raise ValueError("detection needs a COCO-format dataset folder (data) or "
+            raise InvalidInputError("detection needs a COCO-format dataset folder (data) or "
                              f"{split}_images + {split}_annotations")
         return _find_split(Path(self.config.data), split)
 
     def _set_classes(self, dataset) -> None:
         if self.classes and list(self.classes) != dataset.classes:
-            raise ValueError(f"the dataset's categories {dataset.classes} differ from the "
+            raise InvalidInputError(f"the dataset's categories {dataset.classes} differ from the "
                              f"configured ones {list(self.classes)}")
         self.classes = dataset.classes
         self.label_to_category = dict(dataset.label_to_category)
@@ -144,7 +145,7 @@ class DetectionTask(Task):
         self._set_classes(train)
         val = self.build_eval_dataset()
         if val.classes != train.classes:
-            raise ValueError(f"train and val categories differ: {train.classes} vs {val.classes}")
+            raise InvalidInputError(f"train and val categories differ: {train.classes} vs {val.classes}")
         return train, val
 
     def build_eval_dataset(self):

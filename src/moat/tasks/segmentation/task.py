@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
+from moat.errors import InvalidInputError
 from moat.models.blocks import set_batch_norm_momentum
 from moat.preprocessing import size_pair
 from moat.tasks.backbone import load_pretrained_backbone
@@ -86,7 +87,7 @@ class SegmentationTask(Task):
     def num_classes(self) -> int:
         n = self.config.num_classes or (len(self.class_names) if self.class_names else None)
         if not n or int(n) < 1:
-            raise ValueError("segmentation needs the number of classes: set num_classes (150 for "
+            raise InvalidInputError("segmentation needs the number of classes: set num_classes (150 for "
                              "ADE20K), or put classes.txt (one name per line) in the data folder")
         return int(n)
 
@@ -124,7 +125,7 @@ class SegmentationTask(Task):
     def build_datasets(self):
         root = self.config.data
         if root is None:
-            raise ValueError("segmentation needs a dataset folder: --data DIR (ADE20K layout, "
+            raise InvalidInputError("segmentation needs a dataset folder: --data DIR (ADE20K layout, "
                              "or images/ + masks/ folders)")
         train_tf, val_tf = self._transforms()
         common = dict(layout=self.options.layout, reduce_zero_label=self.options.reduce_zero_label,
@@ -174,12 +175,12 @@ class SegmentationTask(Task):
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
         images, masks = batch[0], batch[1]
         if isinstance(images, list):
-            raise ValueError("training batches must have one size: use a fixed crop size")
+            raise InvalidInputError("training batches must have one size: use a fixed crop size")
         images = images.to(device, non_blocking=True, memory_format=self.memory_format)
         masks = masks.to(device, non_blocking=True)
         logits = model(images)
         if logits.shape[-2:] != masks.shape[-2:]:
-            raise ValueError(f"logits {tuple(logits.shape[-2:])} and masks "
+            raise InvalidInputError(f"logits {tuple(logits.shape[-2:])} and masks "
                              f"{tuple(masks.shape[-2:])} differ in size")
         valid = masks != self.ignore_index
         if not bool(valid.any()):  # every pixel ignored: contribute nothing, keep the graph
