@@ -9,8 +9,9 @@ Exit codes:
          (missing file, permission, read-only folder, full disk), a run folder in use, a
          missing optional package, a diverged run; one or two lines, no traceback
     70   an unexpected exception: a bug; its traceback is printed, marked as such
-    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; a training run prints the command
-         that resumes it (its last checkpoint is complete: checkpoints are atomic)
+    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; a training run says what it left: the
+         command that resumes it when it has a checkpoint (complete: checkpoints are
+         atomic), or that it saved none yet
 
 Expected failures are the library's own messages (`MoatError` and its subclasses, which
 always say what was wrong and what to do), OSError, and ModuleNotFoundError for the optional
@@ -59,8 +60,12 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that `finally` blocks and atomic writes clean up."""
 
 
-def run_command(func: Callable[[], int], command: str, resume_hint: str | None = None) -> int:
-    """Run `func` (one subcommand) inside the boundary; return the exit code."""
+def run_command(func: Callable[[], int], command: str,
+                resume_hint: str | Callable[[], str] | None = None) -> int:
+    """Run `func` (one subcommand) inside the boundary; return the exit code.
+
+    `resume_hint`: what to say after the interruption of a run, or a function that says it
+    from the run's real state when it happens (moat.cli.train.interrupted_hint)."""
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -71,8 +76,8 @@ def run_command(func: Callable[[], int], command: str, resume_hint: str | None =
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         how = "stopped by SIGTERM" if terminated else "interrupted (Ctrl-C)"
-        _say(command, how + (f"; the last complete checkpoint is kept, continue with:\n  "
-                             f"{resume_hint}" if resume_hint else ""))
+        hint = resume_hint() if callable(resume_hint) else resume_hint
+        _say(command, how + (f"; {hint}" if hint else ""))
         return EXIT_SIGTERM if terminated else EXIT_SIGINT
     except Exception as err:  # noqa: BLE001 - this is the boundary: sorted just below
         message = expected_message(err)

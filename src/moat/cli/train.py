@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from moat.cli.options import add_train_options, checkpoint_options, count
 from moat.errors import InvalidInputError
@@ -28,6 +29,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"final: {result['line']}")
     print(f"checkpoint: {result['checkpoint']}")
     return 0
+
+
+def interrupted_hint(args: argparse.Namespace, given: list[str]) -> str:
+    """What an interrupted `moat train` tells the user, from what its run folder holds now:
+    the command that resumes it, or that no checkpoint was saved yet."""
+    from moat.train.checkpoint import CheckpointManager
+    from moat.train.config import read_config_file
+
+    output = args.output
+    if not output and args.config:
+        try:
+            output = read_config_file(args.config).get("output")
+        except (OSError, ValueError):
+            output = None
+    latest = CheckpointManager(output).latest() if output else None
+    if latest is None:
+        return ("no checkpoint was saved yet, so there is nothing to resume: run the same "
+                "command again to start over")
+    command = shlex.join(["moat", *given] + ([] if args.resume else ["--resume"]))
+    return (f"the last complete checkpoint ({latest.name}) is kept, continue with:\n  "
+            f"{command}")
 
 
 def _checkpoint(args: argparse.Namespace) -> str:

@@ -29,6 +29,7 @@ from moat.data.bad_images import BadSample, split_bad
 from moat.data.folders import class_folders, describe_skipped, walk_files
 from moat.data.images import BadImageError, load_rgb
 from moat.errors import InvalidInputError
+from moat.paths import folder, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,7 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None,
                  classes: Sequence[str] | None = None, strict: bool = False) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+        self.root = folder(root, "image folder")
         found, self.skipped = class_folders(self.root)
         if not found:
             raise InvalidInputError(f"no class folders in {str(self.root)!r}; expected the layout "
@@ -177,7 +176,7 @@ class CsvDataset(ImageDataset):
 
     def __init__(self, csv_path: str | os.PathLike, transform: Transform | None = None,
                  classes: Sequence[str] | None = None, strict: bool = False) -> None:
-        self.csv_path = Path(csv_path)
+        self.csv_path = regular_file(csv_path, "CSV file list")
         base = self.csv_path.parent
         paths, labels = [], []
         with open(self.csv_path, newline="", encoding="utf-8-sig") as f:

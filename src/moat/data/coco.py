@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from moat.errors import InvalidInputError
+from moat.paths import regular_file
 
 __all__ = ["CocoDetection", "train_transforms", "eval_transforms", "collate_detection",
            "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES"]
@@ -65,8 +66,7 @@ def load_coco(ann_file: str | os.PathLike | Mapping[str, Any]):
             coco.dataset = copy.deepcopy(dict(ann_file))
             coco.createIndex()
         else:
-            if not os.path.isfile(ann_file):
-                raise FileNotFoundError(f"COCO annotation file not found: {str(ann_file)!r}")
+            regular_file(ann_file, "COCO annotation file")
             coco = COCO(str(ann_file))
     return coco
 

@@ -47,6 +47,7 @@ from moat.errors import InvalidInputError
 from moat.integrity import DamagedFileError, atomic_write_text, \
     check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
     seal_json, torch_save_bytes, verify_manifest, write_synced
+from moat.paths import regular_file
 from moat.weights.files import load_state_dict
 from moat.weights.loader import load_weights
 from moat.weights.metadata import WeightsMetadata
@@ -54,6 +55,7 @@ from moat.weights.metadata import WeightsMetadata
 log = logging.getLogger("moat")
 
 STEP_PREFIX = "step-"
+DAMAGED_DIR = "damaged"  # checkpoints/damaged/: damaged checkpoints set aside by a resume
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
                                                "state.pt", "meta.json")
 
@@ -179,25 +181,50 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def latest_intact(self) -> Path | None:
+    def folders(self) -> list[Path]:
+        """Every checkpoint folder, complete, damaged or not, newest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir()
+                       if p.name.startswith(STEP_PREFIX) and p.is_dir()),
+                      key=lambda p: p.name, reverse=True)
+
+    def latest_intact(self, warn: bool = True) -> Path | None:
         """The checkpoint to resume from or evaluate: the newest one whose files verify.
 
         A damaged newer checkpoint (a flipped byte, a truncated or missing file, a corrupt
         meta.json) is skipped with a warning that names the damaged file."""
-        if not self.dir.is_dir():
-            return None
-        folders = sorted((p for p in self.dir.iterdir()
-                          if p.name.startswith(STEP_PREFIX) and p.is_dir()),
-                         key=lambda p: p.name, reverse=True)
+        intact, _ = self.newest_intact(warn)
+        return intact
+
+    def newest_intact(self, warn: bool = True) -> tuple[Path | None, dict[Path, str]]:
+        """(the newest checkpoint whose files verify, {newer damaged folder: what is wrong})."""
+        damaged: dict[Path, str] = {}
+        folders = self.folders()
         for i, path in enumerate(folders):
             try:
                 verify_checkpoint(path)
-                return path
+                return path, damaged
             except DamagedFileError as err:
-                older = "the previous one" if i + 1 < len(folders) else "none left"
-                log.warning("checkpoint %s is damaged, falling back to %s: %s", path.name,
-                            older, err)
-        return None
+                damaged[path] = str(err)
+                if warn:
+                    older = "the previous one" if i + 1 < len(folders) else "none left"
+                    log.warning("checkpoint %s is damaged, falling back to %s: %s", path.name,
+                                older, err)
+        return None, damaged
+
+    def set_aside(self, path: Path) -> Path:
+        """Move a damaged checkpoint folder to checkpoints/damaged/ (never deleted: a user
+        may recover its weights); a resumed run would otherwise save the same step over it."""
+        target_dir = self.dir / DAMAGED_DIR
+        target_dir.mkdir(exist_ok=True)
+        target, n = target_dir / path.name, 1
+        while target.exists():
+            n += 1
+            target = target_dir / f"{path.name}-{n}"
+        os.replace(path, target)
+        fsync_dir(self.dir)
+        return target
 
     def prune(self) -> None:
         done = self.complete()
@@ -251,6 +278,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_dir():
+        regular_file(path, "checkpoint")  # a FIFO or device: refused, never opened
     if path.is_file():
         if path.name in (META_FILE, STATE_FILE):
             return path.parent

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from moat.errors import InvalidInputError
+from moat.paths import regular_file
 from moat.preprocessing import (CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION,
                                 INTERPOLATIONS)
 from moat.train import recipes
@@ -270,9 +271,7 @@ class TrainConfig:
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON (.json) mapping of TrainConfig fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    path = regular_file(path, "config file")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:

@@ -19,6 +19,7 @@ import torch
 
 from moat.errors import InvalidInputError
 from moat.integrity import atomic_write_bytes, file_sha256, read_safetensors, safetensors_bytes
+from moat.paths import regular_file
 from moat.weights.metadata import WeightsMetadata
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -52,9 +53,7 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
 
 def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], WeightsMetadata]:
     """Tensors and header of a .safetensors file, or of a PyTorch file loaded safely."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such weights file: {path}")
+    path = regular_file(path, "weights file")
     if path.suffix == ".safetensors":
         tensors, header = read_safetensors(path)  # verified against the tensors' sha256
         return tensors, WeightsMetadata.from_header(header)

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from moat.errors import InvalidInputError, NotFoundError
+from moat.paths import regular_file
 from moat.weights.tf_format import (_DTYPES, CheckpointError, TensorInfo, _parse_entry,
                                     _parse_header, _read_table, _varint, masked_crc32c)
 
@@ -178,6 +179,7 @@ class TFCheckpoint(Mapping[str, np.ndarray]):
         source = self.source
         self.archive = source if _is_archive(source) else None
         if self.archive:
+            regular_file(self.archive, "checkpoint archive")  # a FIFO would block tarfile
             source = Path(tempfile.mkdtemp(prefix="moat-ckpt-", dir=tmp_dir))
             self._cleanup = weakref.finalize(self, shutil.rmtree, source, True)
             _extract_archive(self.archive, source)
