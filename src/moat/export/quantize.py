@@ -97,7 +97,7 @@ def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
         yield torch.stack(images).numpy()
     if used == 0:
         raise InvalidInputError(f"none of the {len(files)} image file(s) under {folder} could "
-                                "be read (e.g. " + next(iter(skipped.values())) + ")")
+                                f"be read (e.g. {skipped[files[0]]})")
 
 
 def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,

@@ -252,6 +252,9 @@ def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
                 else "")
         raise InvalidInputError(f"expected {channels} input channels [B, {channels}, H, W], got shape "
                          f"{list(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise InvalidInputError(f"expected a batch of images [B, {channels}, H, W], got an empty "
+                                f"batch (shape {list(x.shape)}): pass at least one image")
     if not x.is_floating_point():
         raise TypeError(f"expected floating-point images, got {x.dtype}: convert with "
                         "x.float() / 255, then normalise (moat.create_transform does both)")

@@ -58,10 +58,10 @@ def need(ok: bool, message: str) -> None:
 
 
 def _hint(key: str, fields: set[str]) -> str:
+    if key in _TRAIN_FIELDS:
+        return f"; {key} is a training setting: set it at the top level (--set {key}=VALUE)"
     close = difflib.get_close_matches(key, fields, n=3)
     if close:
         return f"; did you mean {' or '.join(close)}?"
-    if key in _TRAIN_FIELDS:
-        return f"; {key} is a training setting: set it at the top level (--set {key}=VALUE)"
     return f"; known keys: {', '.join(sorted(fields))}" if fields else \
         "; this task has no task_options"

@@ -122,7 +122,12 @@ def run_settings(run_dir: str | Path) -> dict[str, Any] | None:
     run_dir = Path(run_dir)
     intact, damaged = CheckpointManager(run_dir).newest_intact(warn=False)
     if intact is not None:
-        return read_meta(intact)["config"]
+        meta = read_meta(intact)
+        settings = dict(meta["config"])
+        classes = meta.get("task_metadata", {}).get("classes")
+        if classes and settings.get("num_classes") == len(classes):
+            del settings["num_classes"]  # the data's count: `restore` compares the names
+        return settings
     if damaged:
         raise InvalidInputError(_nothing_intact(run_dir, damaged))
     saved = run_dir / "config.yaml"

@@ -19,6 +19,7 @@ from moat.data.coco import (CocoDetection, collate_detection, detections_to_coco
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.errors import InvalidInputError
+from moat.integrity import atomic_output, atomic_write_text
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.detection.demo import run_detection_demo
@@ -67,6 +68,7 @@ class DetectionTask(Task):
         "img_size": 800, "epochs": 12, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-6,
         "weight_decay": 0.05, "warmup_epochs": 0.1, "clip_grad": None, "ema": False,
         "label_smoothing": 0.0, "randaugment": None, "mixup": 0.0, "cutmix": 0.0,
+        "pool_size": 3,  # the detection preset's (official downstream setting)
     }
 
     def __init__(self, config: Any) -> None:
@@ -106,6 +108,9 @@ class DetectionTask(Task):
     def build_model(self) -> nn.Module:
         c, o = self.config, self.options
         extra = {k: getattr(o, k) for k in DETECTOR_OPTIONS if getattr(o, k) is not None}
+        extra["pool_size"] = int(c.pool_size)  # TrainConfig's: the task has no second copy
+        if c.window_size is not None:
+            extra["window_size"] = c.window_size
         min_size = int(c.eval_img_size or self.min_size)
         max_size = self.max_size if not c.eval_img_size else round(self.max_size * min_size
                                                                    / self.min_size)
@@ -238,8 +243,9 @@ class DetectionTask(Task):
                 png = out_dir / f"{out_name}_detections.png"
                 js = out_dir / f"{out_name}_detections.json"
                 drawn = draw_detections(image, output, names, score_threshold=threshold)
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(png)
-                js.write_text(json.dumps(coco))
+                with atomic_output(png) as tmp:
+                    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                atomic_write_text(js, json.dumps(coco))
                 result |= {"image": str(png), "json": str(js)}
             results.append(result)
         return results

@@ -21,6 +21,7 @@ from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.errors import InvalidInputError
+from moat.integrity import atomic_output
 from moat.models.blocks import set_batch_norm_momentum
 from moat.preprocessing import size_pair
 from moat.tasks.backbone import load_pretrained_backbone
@@ -278,8 +279,10 @@ class SegmentationTask(Task):
                 mask_path = out_dir / f"{out_name}_mask.png"
                 overlay_path = out_dir / f"{out_name}_overlay.png"
                 save_mask_png(mask, mask_path, self.num_classes)
-                Image.fromarray(overlay(np.asarray(rgb), mask, self.num_classes,
-                                        ignore_index=self.ignore_index)).save(overlay_path)
+                drawn = Image.fromarray(overlay(np.asarray(rgb), mask, self.num_classes,
+                                                ignore_index=self.ignore_index))
+                with atomic_output(overlay_path) as tmp:
+                    drawn.save(tmp, format="PNG")
                 result |= {"mask": str(mask_path), "overlay": str(overlay_path)}
             results.append(result)
         return results
