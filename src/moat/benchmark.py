@@ -120,8 +120,8 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
     import timm
 
     if not timm.is_model(name.split(".")[0]):
-        raise InvalidInputError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor a "
-                         "timm model (timm.list_models())")
+        raise InvalidInputError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor "
+                                f"a timm model (timm.list_models())")
     kwargs = {"drop_path_rate": drop_path_rate}
     if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
         kwargs["img_size"] = img_size

@@ -34,7 +34,7 @@ def _build(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
         kwargs.pop(option, None)
     if kwargs.pop("drop_rate", 0.0):
         raise InvalidInputError("MOAT has no dropout (the official model has none); "
-                         "use drop_path_rate for regularisation")
+                                "use drop_path_rate for regularisation")
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
     source = cfg.get("source")

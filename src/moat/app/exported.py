@@ -60,8 +60,9 @@ class ExportedClassifier:
             props = model.session.get_modelmeta().custom_metadata_map
             task = json.loads(props.get(ONNX_CONFIG_KEY, "{}")).get("task", self.task)
             if task != self.task:
-                raise InvalidInputError(f"{self.path.name} is a {task} model: the page shows exported "
-                                 "classifiers only; use --checkpoint RUN_DIR for it")
+                raise InvalidInputError(f"{self.path.name} is a {task} model: the page shows "
+                                        f"exported classifiers only; use --checkpoint RUN_DIR for "
+                                        f"it")
             names = json.loads(props.get(ONNX_TASK_KEY, "{}")).get("classes") or []
             return model, read_preprocessing(self.path, img_size), names
         if self.path.suffix == ".pt2":
@@ -70,7 +71,7 @@ class ExportedClassifier:
             module = torch.jit.load(str(self.path), map_location="cpu").eval()
         else:
             raise InvalidInputError(f"{self.path.name}: not an exported model; use one of "
-                             f"{', '.join(EXPORTED_SUFFIXES)}")
+                                    f"{', '.join(EXPORTED_SUFFIXES)}")
         return module, imagenet_data_config(img_size), []
 
     def explain(self, image: Image.Image, target=None, *, method: str = "hirescam",

@@ -70,8 +70,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             ("--global-attention-at-end", args.global_attention_at_end),
             ("--num-classes", args.num_classes)) if value not in (None, False)]
         if ignored:
-            raise InvalidInputError(f"{args.model} is a training run: its model, weights and classes "
-                             f"come from the run, so {', '.join(ignored)} cannot be used with it")
+            raise InvalidInputError(f"{args.model} is a training run: its model, weights and "
+                                    f"classes come from the run, so {', '.join(ignored)} cannot be "
+                                    f"used with it")
 
         task, model, _ = load_task_and_model(args.model)
         metadata, preprocessing = onnx_metadata(task)
@@ -140,9 +141,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
         if (args.device != "cpu" or args.mode != ["inference"] or args.dtype != ["float32"]
                 or args.pretrained):
-            raise InvalidInputError("--runtime onnxruntime measures CPU float32 inference of randomly "
-                             "initialised models (int8 with --int8-calibration); drop "
-                             "--device/--mode/--dtype/--pretrained")
+            raise InvalidInputError("--runtime onnxruntime measures CPU float32 inference of "
+                                    "randomly initialised models (int8 with --int8-calibration); "
+                                    "drop --device/--mode/--dtype/--pretrained")
         rows = run_onnx_benchmark(
             args.models, peers=args.peers, img_sizes=args.img_size, batch_sizes=args.batch_size,
             threads=args.threads, warmup=args.warmup, repeats=args.repeats,

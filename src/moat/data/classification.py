@@ -132,7 +132,7 @@ class ImageFolderDataset(ImageDataset):
         found, self.skipped = class_folders(self.root)
         if not found:
             raise InvalidInputError(f"no class folders in {str(self.root)!r}; expected the layout "
-                             "root/<class name>/<image files>")
+                                    "root/<class name>/<image files>")
         from_train = classes is not None  # val: may lack classes, must not add any
         if classes is None:
             classes = found
@@ -159,7 +159,7 @@ class ImageFolderDataset(ImageDataset):
                         describe_skipped(self.skipped))
         if not samples:
             raise InvalidInputError(f"no image files under {str(self.root)!r} (extensions: "
-                             f"{', '.join(IMG_EXTENSIONS)})")
+                                    f"{', '.join(IMG_EXTENSIONS)})")
         super().__init__(samples, classes, transform, strict)
 
 
@@ -183,8 +183,8 @@ class CsvDataset(ImageDataset):
             reader = csv.DictReader(f)
             header = [h.strip() for h in reader.fieldnames or []]
             if "path" not in header or "label" not in header:
-                raise InvalidInputError(f"{str(self.csv_path)!r}: the first row must be a header with "
-                                 f"columns 'path' and 'label', got {header}")
+                raise InvalidInputError(f"{str(self.csv_path)!r}: the first row must be a header "
+                                        f"with columns 'path' and 'label', got {header}")
             reader.fieldnames = header
             for row in reader:
                 path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
@@ -192,7 +192,7 @@ class CsvDataset(ImageDataset):
                     continue
                 if not path or not label:
                     raise InvalidInputError(f"{str(self.csv_path)!r} line {reader.line_num}: "
-                                     "empty path or label")
+                                            "empty path or label")
                 paths.append(os.path.join(base, path))
                 labels.append(label)
         if not paths:
@@ -214,16 +214,17 @@ class CsvDataset(ImageDataset):
                 return targets, [str(i) for i in range(max(targets) + 1)]
             bad = sorted({t for t in targets if t >= len(classes)})
             if bad:
-                raise InvalidInputError(f"{str(self.csv_path)!r} has class indices {_short(bad)} but the "
-                                 f"training set has only {len(classes)} classes")
+                raise InvalidInputError(f"{str(self.csv_path)!r} has class indices {_short(bad)} "
+                                        f"but the training set has only {len(classes)} classes")
             return targets, list(classes)
         if classes is None:
             classes = sorted(set(labels))
         index = {c: i for i, c in enumerate(classes)}
         unknown = sorted(set(labels) - index.keys())
         if unknown:
-            raise InvalidInputError(f"{str(self.csv_path)!r} has labels the training set does not have: "
-                             f"{_short(unknown)}; class indices come from the training set")
+            raise InvalidInputError(f"{str(self.csv_path)!r} has labels the training set does not "
+                                    f"have: {_short(unknown)}; class indices come from the "
+                                    f"training set")
         return [index[label] for label in labels], list(classes)
 
 

@@ -123,8 +123,8 @@ class CocoDetection(Dataset):
         img = load_rgb(self.image_dir / info["file_name"], exif_transpose=False)
         h, w = info.get("height"), info.get("width")
         if (h, w) != (None, None) and (img.height, img.width) != (h, w):
-            raise InvalidInputError(f"image {info['file_name']!r} is {img.width}x{img.height} but the "
-                             f"annotations say {w}x{h}; fix the JSON or the file")
+            raise InvalidInputError(f"image {info['file_name']!r} is {img.width}x{img.height} but "
+                                    f"the annotations say {w}x{h}; fix the JSON or the file")
         return TF.pil_to_tensor(img)
 
     def load_target(self, image_id: int, height: int, width: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ class ResumableSampler(DistributedSampler):
         """Start this epoch at the `num_samples`-th index of this rank's order."""
         if not 0 <= num_samples <= self.num_samples:
             raise InvalidInputError(f"cannot skip {num_samples} samples of an epoch of "
-                             f"{self.num_samples} on this rank")
+                                    f"{self.num_samples} on this rank")
         self.start = num_samples
 
     def __iter__(self) -> Iterator[int]:

@@ -104,7 +104,7 @@ def _files(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
             stem = os.path.splitext(entry.name)[0]
             if stem in found:
                 raise InvalidInputError(f"two files with stem {stem!r} in {str(folder)!r}: "
-                                 f"{found[stem].name} and {entry.name}")
+                                        f"{found[stem].name} and {entry.name}")
             found[stem] = Path(entry.path)
     return found
 
@@ -125,8 +125,9 @@ def find_pairs(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> lis
     orphans = sorted(set(images) - set(masks))
     if orphans:
         shown = ", ".join(images[s].name for s in orphans[:5])
-        raise InvalidInputError(f"{len(orphans)} image(s) in {str(image_dir)!r} have no mask of the same "
-                         f"name in {str(mask_dir)!r}: {shown}{' ...' if len(orphans) > 5 else ''}")
+        raise InvalidInputError(f"{len(orphans)} image(s) in {str(image_dir)!r} have no mask of "
+                                f"the same name in {str(mask_dir)!r}: "
+                                f"{shown}{' ...' if len(orphans) > 5 else ''}")
     return [(str(images[s]), str(masks[s])) for s in sorted(images)]
 
 
@@ -150,7 +151,8 @@ def find_segmentation_splits(root: str | os.PathLike, layout: str = "auto") -> S
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {str(root)!r}")
     if layout not in ("auto", "ade20k", "folder"):
-        raise InvalidInputError(f"unknown segmentation layout {layout!r}; use auto, ade20k or folder")
+        raise InvalidInputError(f"unknown segmentation layout {layout!r}; use auto, ade20k or "
+                                f"folder")
     ade = root / "images" / "training", root / "annotations" / "training"
     if layout == "ade20k" or (layout == "auto" and ade[0].is_dir()):
         if not (ade[0].is_dir() and ade[1].is_dir()):

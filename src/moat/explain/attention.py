@@ -69,7 +69,7 @@ class AttentionMap:
         height, width = self.size
         if not (0 <= y < height and 0 <= x < width):
             raise InvalidInputError(f"query ({y}, {x}) is outside the {height}x{width} map of "
-                             f"{self.name}")
+                                    f"{self.name}")
         out = self._empty(height * width)
         query = y * width + x
         for pos, probs in self.chunks:
@@ -114,7 +114,8 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, AttentionMap]]:
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, MoatBlock)}
     if not blocks:
         raise InvalidInputError(f"{type(model).__name__} has no MOAT block: attention maps need a "
-                         "MoatNet (or a model containing one), not an optimized or exported copy")
+                                "MoatNet (or a model containing one), not an optimized or exported "
+                                "copy")
     sizes: dict[str, tuple[int, int]] = {}
     maps: dict[str, AttentionMap] = {}
 

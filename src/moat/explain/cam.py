@@ -36,7 +36,7 @@ def find_moatnet(model: nn.Module) -> MoatNet:
     net = next((m for m in model.modules() if isinstance(m, MoatNet)), None)
     if net is None:
         raise InvalidInputError(f"{type(model).__name__} contains no MoatNet: explanations need a "
-                         "MOAT model (not an optimized or exported copy)")
+                                "MOAT model (not an optimized or exported copy)")
     return net
 
 

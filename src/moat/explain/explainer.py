@@ -57,12 +57,12 @@ def _class_index(target: int | str | None, names: Sequence[str], default: int) -
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if target not in names:
             raise InvalidInputError(f"unknown class {target!r}; the model's classes: "
-                             f"{', '.join(list(names)[:20])}{' ...' if len(names) > 20 else ''}")
+                                    f"{', '.join(list(names)[:20])}{' ...' if len(names) > 20 else ''}")
         return list(names).index(target)
     index = int(target)
     if not 0 <= index < len(names):
         raise InvalidInputError(f"class index {index} is out of range: the model has {len(names)} "
-                         "classes")
+                                "classes")
     return index
 
 

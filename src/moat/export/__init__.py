@@ -54,7 +54,8 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None,
             raise InvalidInputError(f"MODEL is already a weights file ({model}); drop --weights")
         name, classes = _variant_of_file(path)
         if num_classes is not None and num_classes != classes:
-            raise InvalidInputError(f"{model} holds a {classes}-class classifier, not {num_classes}")
+            raise InvalidInputError(f"{model} holds a {classes}-class classifier, not "
+                                    f"{num_classes}")
         return moat.create_model(name, weights=path, num_classes=classes, **options).eval()
     if num_classes is not None:
         options["num_classes"] = num_classes
@@ -70,12 +71,12 @@ def _variant_of_file(path: Path) -> tuple[str, int]:
         meta = WeightsMetadata.read(path)
         if meta.variant is None:
             raise InvalidInputError(f"{path} records no variant; pass the variant as MODEL and the "
-                             "file with --weights")
+                                    "file with --weights")
         return meta.model_name, meta.num_classes or 1000
     if path.suffix in (".pt", ".pth", ".bin", ".npz"):
-        raise InvalidInputError(f"{path} does not record its variant; pass the variant as MODEL and "
-                         "the file with --weights, e.g. `moat export onnx moat_0 out.onnx "
-                         f"--weights {path}`")
+        raise InvalidInputError(f"{path} does not record its variant; pass the variant as MODEL "
+                                f"and the file with --weights, e.g. `moat export onnx moat_0 "
+                                f"out.onnx --weights {path}`")
     from moat.weights.info import checkpoint_info
 
     variant = checkpoint_info(path)["variant"]

@@ -63,15 +63,15 @@ def check_dynamic_size(model: MoatNet, img_size: tuple[int, int],
         dynamic_size = can and traceable
     if dynamic_size and not can:
         raise InvalidInputError("dynamic height/width needs global attention in every MOAT block; "
-                         "with window attention the export has a fixed input size "
-                         "(leave dynamic_size at None or False)")
+                                "with window attention the export has a fixed input size "
+                                "(leave dynamic_size at None or False)")
     if dynamic_size and any(s % SIZE_MULTIPLE for s in img_size):
         raise InvalidInputError(f"a dynamic-size export is traced at a multiple of {SIZE_MULTIPLE} "
-                         f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
+                                f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
     if dynamic_size and not traceable:
-        raise InvalidInputError(f"a dynamic-size export is traced at {2 * SIZE_MULTIPLE} pixels or more "
-                         f"(at {SIZE_MULTIPLE} the last feature map is 1x1 and the graph "
-                         f"specialises to it); got img_size {img_size}: trace at e.g. 224")
+        raise InvalidInputError(f"a dynamic-size export is traced at {2 * SIZE_MULTIPLE} pixels or "
+                                f"more (at {SIZE_MULTIPLE} the last feature map is 1x1 and the "
+                                f"graph specialises to it); got img_size {img_size}: trace at e.g. 224")
     return dynamic_size
 
 
@@ -261,13 +261,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     newest = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= opset <= newest:
         raise InvalidInputError(f"opset {opset} is not supported: use 17 (default) to {newest} "
-                         f"(the newest this onnx {onnx.__version__} knows)")
+                                f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
         program, dynamic = _export(model, size, batch, dynamic_size, layout)
     elif layout != "pytorch":
         raise InvalidInputError("`program` (from export_program) holds the 'pytorch' layout: pass "
-                         "layout='pytorch' with it, or leave program out")
+                                "layout='pytorch' with it, or leave program out")
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
@@ -321,7 +321,7 @@ def downgrade_onnx_to_opset17(path: str | os.PathLike) -> None:
             continue
         if node.op_type in _NEW_IN_18:
             raise InvalidInputError(f"cannot write opset 17: the graph uses {node.op_type}, which "
-                             "changed in opset 18; export with opset 18")
+                                    "changed in opset 18; export with opset 18")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type in _REDUCE_AXES_18:
             if attrs.pop("noop_with_empty_axes", 0):
@@ -334,7 +334,8 @@ def downgrade_onnx_to_opset17(path: str | os.PathLike) -> None:
         elif node.op_type == "Resize":
             defaults = {"antialias": 0, "keep_aspect_ratio_policy": b"stretch"}
             if "axes" in attrs or any(attrs.pop(k, v) != v for k, v in defaults.items()):
-                raise InvalidInputError(f"cannot write opset 17: {node.name} uses Resize-18 options")
+                raise InvalidInputError(f"cannot write opset 17: {node.name} uses Resize-18 "
+                                        f"options")
         else:
             continue
         del node.attribute[:]

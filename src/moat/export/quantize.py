@@ -50,7 +50,8 @@ def read_preprocessing(path: str | os.PathLike,
     if img_size:
         return imagenet_data_config(img_size)
     raise InvalidInputError(f"{path} has no fixed input size and no {PREPROCESSING_KEY} metadata: "
-                     "give the input size, or export it with `moat export onnx` (fixed size)")
+                            "give the input size, or export it with `moat export onnx` (fixed "
+                            "size)")
 
 
 def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
@@ -117,7 +118,8 @@ def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
                                 + ("is not a regular file" if model.exists() else
                                    "does not exist"))
     if model.resolve() == out.resolve():
-        raise InvalidInputError("OUT must differ from MODEL: quantization never overwrites its input")
+        raise InvalidInputError("OUT must differ from MODEL: quantization never overwrites its "
+                                "input")
     preprocessing = read_preprocessing(model, img_size)
     if img_size is not None:
         preprocessing["input_size"] = list(img_size)

@@ -57,7 +57,7 @@ def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
             window = tuple(int(v) for v in window)
             if len(window) != 2 or min(window) < 1:
                 raise InvalidInputError(f"window_size[{stage}] = {window!r}: use None (global "
-                                 "attention), a positive int or an (h, w) pair")
+                                        "attention), a positive int or an (h, w) pair")
         checked.append(window)
     return checked
 
@@ -126,7 +126,7 @@ class MoatNet(nn.Module):
         if features_only:
             if any(not 0 <= i < len(ENDPOINTS) for i in self.out_indices):
                 raise InvalidInputError(f"out_indices must be within 0..4 (stage1..stage5), "
-                                 f"got {list(self.out_indices)}")
+                                        f"got {list(self.out_indices)}")
             self.feature_info = FeatureInfo(feature_info[i] for i in self.out_indices)
             self.final_layer_norm = self.logits_head = None
         else:
@@ -162,7 +162,7 @@ class MoatNet(nn.Module):
         """
         if not -1 <= frozen_stages <= len(self.stages):
             raise InvalidInputError(f"frozen_stages must be -1 (none), 0 (stem) .. "
-                             f"{len(self.stages)} (all), got {frozen_stages}")
+                                    f"{len(self.stages)} (all), got {frozen_stages}")
         self.frozen_stages = frozen_stages
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -243,15 +243,15 @@ def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
                         f"{type(x).__name__}")
     if x.ndim != 4:
         hint = " (add the batch dimension: x.unsqueeze(0))" if x.ndim == 3 else ""
-        raise InvalidInputError(f"expected a batch of images [B, {channels}, H, W], got a tensor of "
-                         f"shape {list(x.shape)}{hint}")
+        raise InvalidInputError(f"expected a batch of images [B, {channels}, H, W], got a tensor "
+                                f"of shape {list(x.shape)}{hint}")
     if x.shape[1] != channels:
         hint = ("; this looks like [B, H, W, C]: use x.permute(0, 3, 1, 2)"
                 if x.shape[-1] == channels else
                 "; replicate a grey image with x.expand(-1, 3, -1, -1)" if x.shape[1] == 1
                 else "")
-        raise InvalidInputError(f"expected {channels} input channels [B, {channels}, H, W], got shape "
-                         f"{list(x.shape)}{hint}")
+        raise InvalidInputError(f"expected {channels} input channels [B, {channels}, H, W], got "
+                                f"shape {list(x.shape)}{hint}")
     if x.shape[0] == 0:
         raise InvalidInputError(f"expected a batch of images [B, {channels}, H, W], got an empty "
                                 f"batch (shape {list(x.shape)}): pass at least one image")
@@ -263,4 +263,4 @@ def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
                         f"use x.to({weight.dtype}) (or model.to({x.dtype}))")
     if x.device != weight.device:
         raise InvalidInputError(f"the input is on {x.device} but the model is on {weight.device}: "
-                         f"use x.to({str(weight.device)!r})")
+                                f"use x.to({str(weight.device)!r})")

@@ -90,7 +90,7 @@ class FrozenBatchNorm2d(nn.Module):
     def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm2d:
         if bn.running_mean is None:
             raise InvalidInputError("cannot freeze a BatchNorm without running statistics "
-                             "(track_running_stats=False)")
+                                    "(track_running_stats=False)")
         frozen = cls(bn.num_features, bn.eps)
         with torch.no_grad():
             if bn.affine:
@@ -162,7 +162,8 @@ class MoatBackbone(MoatNet):
     def __init__(self, cfg, *, out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs) -> None:
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or list(out_indices) != sorted(set(out_indices)):
-            raise InvalidInputError(f"out_indices must be increasing and unique, got {list(out_indices)}")
+            raise InvalidInputError(f"out_indices must be increasing and unique, got "
+                                    f"{list(out_indices)}")
         super().__init__(cfg, num_classes=0, features_only=True, out_indices=out_indices,
                          **kwargs)
         self.output_stride = 32
@@ -293,7 +294,8 @@ def build_backbone(
         raise InvalidInputError(f"unknown model {variant!r}; choose one of {list(MODEL_CONFIGS)}")
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise InvalidInputError(f"unknown backbone preset {preset!r}; choose one of {list(PRESETS)}")
+            raise InvalidInputError(f"unknown backbone preset {preset!r}; choose one of "
+                                    f"{list(PRESETS)}")
         preset = PRESETS[preset]
     unknown = set(overrides) - {"window_size", "global_attention_at_end", "pool_size"}
     if unknown:

@@ -61,7 +61,7 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     steps_per_epoch = full_batches(train_batches) // config.accum_steps
     if steps_per_epoch == 0:
         raise InvalidInputError(f"the training set ({len(train_set)} samples) is smaller than one "
-                         f"global batch ({config.batch_size}); lower --batch-size")
+                                f"global batch ({config.batch_size}); lower --batch-size")
     schedule = WarmupCosine(config.peak_lr, config.epochs * steps_per_epoch,
                             round(config.warmup_epochs * steps_per_epoch), config.warmup_lr,
                             config.min_lr)
@@ -106,7 +106,7 @@ def set_deterministic(enabled: bool) -> None:
 def _micro_batch(config: TrainConfig, world_size: int) -> int:
     if config.batch_size % (world_size * config.accum_steps):
         raise InvalidInputError(f"batch_size {config.batch_size} must be divisible by processes "
-                         f"({world_size}) x accum_steps ({config.accum_steps})")
+                                f"({world_size}) x accum_steps ({config.accum_steps})")
     return config.batch_size // (world_size * config.accum_steps)
 
 

@@ -408,7 +408,7 @@ def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source:
     bad_shape = [s for s in skipped if not s.startswith(_HEADS)]
     if bad_shape:
         raise InvalidInputError(f"--init-from {source}: tensors of another shape (wrong variant?): "
-                         f"{bad_shape[:5]}")
+                                f"{bad_shape[:5]}")
     target.load_state_dict(loaded, strict=False)
     unused = len([k for k in state if k not in own])
     head = f", classifier re-initialised ({skipped[0]})" if skipped else ""

@@ -289,7 +289,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(values, dict):
         raise InvalidInputError(f"{path}: expected a mapping of settings (key: value), "
-                         f"got {type(values).__name__}")
+                                f"got {type(values).__name__}")
     return values
 
 

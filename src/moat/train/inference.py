@@ -61,7 +61,7 @@ def _load_onnx(path: Path, settings: Mapping[str, Any]) -> tuple[Task, nn.Module
              .metadata_props}
     if ONNX_CONFIG_KEY not in props:
         raise InvalidInputError(f"{path} does not record its task and classes: export it from the "
-                         "training run, `moat export onnx RUN_DIR OUT.onnx`")
+                                "training run, `moat export onnx RUN_DIR OUT.onnx`")
     config = config_from_dict(json.loads(props[ONNX_CONFIG_KEY]))
     for key, value in settings.items():
         if value is not None:
@@ -112,8 +112,8 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
             task_meta = {"classes": list(header.label_names)} if header.label_names else {}
         else:
             raise InvalidInputError(f"{path}: no model description in the file (neither a moat "
-                             "training checkpoint nor converted weights with a 'variant'); "
-                             "pass the run directory instead")
+                                    "training checkpoint nor converted weights with a 'variant'); "
+                                    "pass the run directory instead")
         state, which = None, "file"
         info = {"checkpoint": str(path), "weights": which}
     for key, value in (settings or {}).items():

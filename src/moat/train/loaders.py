@@ -96,8 +96,8 @@ def readable_batch(loader: DataLoader, epoch: int) -> Any:
             good.append(sample)
             if len(good) == loader.batch_size:
                 return loader.collate_fn(good)  # type: ignore[misc]
-    raise InvalidInputError(f"the training data has fewer than {loader.batch_size} readable images, "
-                     "the batch size of one process")
+    raise InvalidInputError(f"the training data has fewer than {loader.batch_size} readable "
+                            f"images, the batch size of one process")
 
 
 def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterator[Any]:

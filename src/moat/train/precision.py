@@ -17,8 +17,8 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if precision == "fp16" and device.type != "cuda":
-        raise InvalidInputError("precision fp16 needs a CUDA device (it relies on a gradient scaler); "
-                         "use bf16 or fp32 on CPU")
+        raise InvalidInputError("precision fp16 needs a CUDA device (it relies on a gradient "
+                                "scaler); use bf16 or fp32 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

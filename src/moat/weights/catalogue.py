@@ -159,8 +159,8 @@ def find(model: str, position_embedding: bool = True) -> PretrainedWeights:
         if weights.model == model and weights.position_embedding == position_embedding:
             return weights
     raise InvalidInputError(f"no released checkpoint for {model!r} (position_embedding="
-                     f"{position_embedding}); known models: "
-                     f"{sorted({w.model for w in PRETRAINED.values()})}")
+                            f"{position_embedding}); known models: "
+                            f"{sorted({w.model for w in PRETRAINED.values()})}")
 
 
 def release(name: str) -> PretrainedWeights:

@@ -118,10 +118,10 @@ def official_keys(ckpt: TFCheckpoint, ema: bool = False) -> tuple[dict[str, str]
     found = classify_variables(ckpt.keys())
     if ema and not found.ema:
         raise InvalidInputError(f"{source} has no ExponentialMovingAverage copies; load it without "
-                         "ema=True (--ema)")
+                                "ema=True (--ema)")
     if not found.weights and found.ema and not ema:
-        raise InvalidInputError(f"{source} holds only ExponentialMovingAverage copies; load it with "
-                         "ema=True (--ema)")
+        raise InvalidInputError(f"{source} holds only ExponentialMovingAverage copies; load it "
+                                f"with ema=True (--ema)")
     keys = {n: n for n in found.weights}
     if ema:
         keys.update({n: n + EMA_SUFFIX for n in found.ema})
@@ -146,8 +146,8 @@ def select_weights(ckpt: TFCheckpoint, model: nn.Module, *, ema: bool = False,
             "MOAT release had exactly this defect")
         if not allow_missing_bn_stats:
             raise InvalidInputError(message + ". Download the current release; pass "
-                             "allow_missing_bn_stats=True (--allow-missing-bn-stats) only to "
-                             "re-estimate the statistics yourself")
+                                    "allow_missing_bn_stats=True (--allow-missing-bn-stats) only "
+                                    "to re-estimate the statistics yourself")
         warnings.warn(message + "; loading with statistics 0/1 as requested. Re-estimate them "
                       "(forward passes in train mode) before trusting any prediction",
                       MissingBatchNormStatisticsWarning, stacklevel=3)
@@ -196,8 +196,8 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
             wanted, pe, _ = split_name(model)
             if (wanted, pe) != (variant.name, variant.position_embedding):
                 raise InvalidInputError(f"{src} holds {variant}, not the requested "
-                                 f"{Variant(wanted, pe, 0)}; pass --model "
-                                 f"{variant.model_name} or the matching checkpoint")
+                                        f"{Variant(wanted, pe, 0)}; pass --model "
+                                        f"{variant.model_name} or the matching checkpoint")
         meta_model = variant.meta_model()
         weights = select_weights(ckpt, meta_model, ema=ema,
                                  allow_missing_bn_stats=allow_missing_bn_stats)

@@ -32,12 +32,12 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"no such file: {path}")
     if not Path(path).is_file():
-        raise InvalidInputError(f"sha256 can only be checked for a single file, not {path}; pass the "
-                         "archive or .safetensors file, or drop sha256")
+        raise InvalidInputError(f"sha256 can only be checked for a single file, not {path}; pass "
+                                f"the archive or .safetensors file, or drop sha256")
     actual = file_sha256(path)
     if actual != expected.lower():
         raise InvalidInputError(f"{path}: sha256 is {actual}, expected {expected}; the file is "
-                         "corrupted or not the expected release: download it again")
+                                "corrupted or not the expected release: download it again")
 
 
 def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
@@ -64,10 +64,11 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], W
             raise
         except Exception as err:  # the unpickler raises many types; all mean "not weights"
             # Not the unpickler's own text: it suggests weights_only=False, i.e. running code.
-            raise InvalidInputError(f"{path}: not a plain PyTorch weights file ({type(err).__name__}: "
-                             "damaged, or a pickle of more than tensors). Only tensors are "
-                             "loaded (weights_only=True); arbitrary pickles are refused. "
-                             "Convert the file to .safetensors if you trust it") from None
+            raise InvalidInputError(f"{path}: not a plain PyTorch weights file "
+                                    f"({type(err).__name__}: "
+                                    "damaged, or a pickle of more than tensors). Only tensors are "
+                                    "loaded (weights_only=True); arbitrary pickles are refused. "
+                                    "Convert the file to .safetensors if you trust it") from None
         for key in ("state_dict", "model"):  # common training-checkpoint wrappers
             if isinstance(obj, dict) and isinstance(obj.get(key), dict):
                 obj = obj[key]
@@ -75,5 +76,5 @@ def load_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], W
                                                 for v in obj.values()):
             raise InvalidInputError(f"{path}: expected a dict of tensors (a state_dict)")
         return obj, WeightsMetadata()
-    raise InvalidInputError(f"{path}: unknown weights format; use .safetensors, .pt/.pth/.bin, .npz "
-                     "or a TensorFlow checkpoint")
+    raise InvalidInputError(f"{path}: unknown weights format; use .safetensors, .pt/.pth/.bin, "
+                            f".npz or a TensorFlow checkpoint")

@@ -111,7 +111,8 @@ def _label_names(model: nn.Module, label_names: Sequence[str] | None) -> list[st
     names = label_names or (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     if names is not None and len(names) != model.num_classes:
         if label_names:
-            raise InvalidInputError(f"{len(names)} label names for a {model.num_classes}-class model")
+            raise InvalidInputError(f"{len(names)} label names for a {model.num_classes}-class "
+                                    f"model")
         return None  # the release's names no longer fit a new classifier
     return list(names) if names is not None else None
 
@@ -121,7 +122,7 @@ def hub_config(model: nn.Module, label_names: Sequence[str] | None = None) -> di
     variant = model_variant(model)
     if variant.name == "?":
         raise InvalidInputError("only models built from a named variant can be saved in the hub "
-                         "format (config.json names the architecture)")
+                                "format (config.json names the architecture)")
     args = {k: v for k, v in (getattr(model, "model_args", None) or {}).items()
             if k in ARCHITECTURE_ARGS}
     args["position_embedding"] = variant.position_embedding

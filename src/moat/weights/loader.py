@@ -113,7 +113,8 @@ def create_model(name: str, *, pretrained: bool | None = None,
     classifier made (fine-tuning). Other keywords go to ``moat.models.build_model``.
     """
     if weights is not None and pretrained:
-        raise InvalidInputError("pass either pretrained=True (the release) or weights=FILE, not both")
+        raise InvalidInputError("pass either pretrained=True (the release) or weights=FILE, not "
+                                "both")
     cfg: dict[str, Any] = {}
     if is_hub_name(name):
         folder = resolve(name)
@@ -127,7 +128,7 @@ def create_model(name: str, *, pretrained: bool | None = None,
         if not pe:
             if kwargs.get("position_embedding", False):
                 raise InvalidInputError(f"{name!r} is a model without position embedding; "
-                                 "drop position_embedding=True")
+                                        "drop position_embedding=True")
             kwargs["position_embedding"] = False
         entry = release(name) if pretrained or tag else None
         if entry is not None:
@@ -162,8 +163,9 @@ def weights_file(name: str, pretrained: bool = False, *, progress: bool | None =
     if is_hub_name(name):
         return resolve(name).weights
     if not pretrained:
-        raise InvalidInputError(f"--model {name} names an architecture, not weights: add --pretrained "
-                         "for the released weights, or pass --checkpoint RUN_DIR/FILE")
+        raise InvalidInputError(f"--model {name} names an architecture, not weights: add "
+                                f"--pretrained for the released weights, or pass --checkpoint "
+                                f"RUN_DIR/FILE")
     return pretrained_file(name, progress=progress)
 
 
@@ -179,7 +181,7 @@ def data_config(model_or_name: Any) -> dict[str, Any]:
             variant = model_variant(model_or_name)
             if tag is None and variant.name == "?":
                 raise InvalidInputError("cannot tell which MOAT variant this model is; pass a "
-                                 "pretrained tag")
+                                        "pretrained tag")
             cfg = PRETRAINED[tag].data_config() if tag else \
                 release(variant.model_name).data_config()
     return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]

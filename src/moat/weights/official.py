@@ -120,8 +120,9 @@ def _read_source(source: Mapping[str, np.ndarray] | str | os.PathLike) -> Mappin
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file: {path}")
     if not path.endswith(".npz"):
-        raise InvalidInputError(f"{path}: load_official_weights reads a mapping or an .npz of official "
-                         "names; for TensorFlow checkpoints use moat.weights.load_weights")
+        raise InvalidInputError(f"{path}: load_official_weights reads a mapping or an .npz of "
+                                f"official names; for TensorFlow checkpoints use "
+                                f"moat.weights.load_weights")
     with np.load(path, allow_pickle=False) as data:
         return dict(data)
 

@@ -121,7 +121,7 @@ def _read_block(data: bytes, offset: int, size: int, what: str) -> bytes:
         raise InvalidInputError(f"{what} block at offset {offset} fails its crc32c check")
     if compression != 0:
         raise InvalidInputError(f"{what} block at offset {offset} uses compression type "
-                         f"{compression}; TensorFlow checkpoints are never compressed")
+                                f"{compression}; TensorFlow checkpoints are never compressed")
     return data[offset:end]
 
 
@@ -153,7 +153,7 @@ def _read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     footer = data[-_FOOTER_SIZE:]
     if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
         raise InvalidInputError("no table magic number at the end (not a TensorFlow .index file, "
-                         "or truncated)")
+                                "or truncated)")
     _, pos = _varint(footer, 0)  # metaindex handle: TensorFlow leaves that block empty
     _, pos = _varint(footer, pos)
     index_offset, pos = _varint(footer, pos)
@@ -231,8 +231,9 @@ def _parse_header(value: bytes) -> tuple[int, bool]:
     min_consumer = dict(_proto_fields(version)).get(2, 0)
     bad = [v for f, v in _proto_fields(version) if f == 3]
     if min_consumer > _BUNDLE_VERSION or _BUNDLE_VERSION in bad:
-        raise InvalidInputError(f"written by a newer TensorFlow (bundle min_consumer {min_consumer}); "
-                         "this reader understands version 1")
+        raise InvalidInputError(f"written by a newer TensorFlow (bundle min_consumer "
+                                f"{min_consumer}); "
+                                "this reader understands version 1")
     if num_shards < 1 or endianness not in (0, 1):
         raise InvalidInputError(f"bad header (num_shards={num_shards}, endianness={endianness})")
     return num_shards, endianness == 1

@@ -63,7 +63,7 @@ class ClassificationTask(Task):
         c = self.config
         if not c.data:
             raise InvalidInputError("classification needs --data: a folder with train/<class>/ and "
-                             "val/<class>/ (or train.csv and val.csv), or a training split")
+                                    "val/<class>/ (or train.csv and val.csv), or a training split")
         train_tf, val_tf = self._transforms()
         train, val = classification_datasets(c.data, c.val_data, train_transform=train_tf,
                                              val_transform=val_tf, strict=c.strict_data)
@@ -87,12 +87,12 @@ class ClassificationTask(Task):
     def _set_classes(self, classes: Sequence[str]) -> None:
         c = self.config
         if c.num_classes is not None and c.num_classes != len(classes):
-            raise InvalidInputError(f"num_classes is {c.num_classes} but the data has {len(classes)} "
-                             f"classes ({', '.join(list(classes)[:5])}...); drop num_classes "
-                             "or fix the data")
+            raise InvalidInputError(f"num_classes is {c.num_classes} but the data has "
+                                    f"{len(classes)} classes ({', '.join(list(classes)[:5])}...); "
+                                    f"drop num_classes or fix the data")
         if self.classes is not None and list(self.classes) != list(classes):
             raise InvalidInputError("the data's classes differ from the checkpoint's: "
-                             f"{list(classes)[:5]}... vs {list(self.classes)[:5]}...")
+                                    f"{list(classes)[:5]}... vs {list(self.classes)[:5]}...")
         self.classes = list(classes)
         c.num_classes = len(classes)
 

@@ -118,7 +118,8 @@ class CascadeRoIHeads(RoIHeads):
         mask_predictor: nn.Module | None = None,
     ) -> None:
         if len(stage_loss_weights) != len(stages):
-            raise InvalidInputError(f"{len(stages)} stages but {len(stage_loss_weights)} loss weights")
+            raise InvalidInputError(f"{len(stages)} stages but {len(stage_loss_weights)} loss "
+                                    f"weights")
         last = stages[-1]
         # The base class keeps the sampler, thresholds and mask parts; its matcher and coder
         # are the first and last stage's (the coder decodes the final boxes).
@@ -278,7 +279,7 @@ class CascadeRCNN(FasterRCNN):
     ) -> None:
         if not len(iou_thresholds) == len(box_weights) == len(stage_loss_weights):
             raise InvalidInputError("iou_thresholds, box_weights and stage_loss_weights need one "
-                             "entry per stage")
+                                    "entry per stage")
         if box_roi_pool is None:
             box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
         resolution = box_roi_pool.output_size[0]

@@ -149,7 +149,7 @@ def build_detector(
     levels = len(backbone.featmap_names) + 1  # + the max-pooled level
     if len(anchor_sizes) != levels:
         raise InvalidInputError(f"anchor_sizes needs one size per FPN level ({levels}), "
-                         f"got {list(anchor_sizes)}")
+                                f"got {list(anchor_sizes)}")
     sizes = tuple(tuple(int(v) for v in s) if isinstance(s, Sequence) else (int(s),)
                   for s in anchor_sizes)
     anchors = AnchorGenerator(sizes, (tuple(float(a) for a in aspect_ratios),) * levels)

@@ -92,7 +92,7 @@ class DetectionTask(Task):
             return len(self.classes)
         if not self.config.num_classes:
             raise InvalidInputError("detection needs the class names: build the datasets first, or "
-                             "load a checkpoint (its metadata has them)")
+                                    "load a checkpoint (its metadata has them)")
         return int(self.config.num_classes)
 
     @property
@@ -129,13 +129,13 @@ class DetectionTask(Task):
             return Path(images), Path(anns)
         if self.config.data is None:
             raise InvalidInputError("detection needs a COCO-format dataset folder (data) or "
-                             f"{split}_images + {split}_annotations")
+                                    f"{split}_images + {split}_annotations")
         return _find_split(Path(self.config.data), split)
 
     def _set_classes(self, dataset) -> None:
         if self.classes and list(self.classes) != dataset.classes:
             raise InvalidInputError(f"the dataset's categories {dataset.classes} differ from the "
-                             f"configured ones {list(self.classes)}")
+                                    f"configured ones {list(self.classes)}")
         self.classes = dataset.classes
         self.label_to_category = dict(dataset.label_to_category)
         self.config.num_classes = len(dataset.classes)
@@ -150,7 +150,8 @@ class DetectionTask(Task):
         self._set_classes(train)
         val = self.build_eval_dataset()
         if val.classes != train.classes:
-            raise InvalidInputError(f"train and val categories differ: {train.classes} vs {val.classes}")
+            raise InvalidInputError(f"train and val categories differ: {train.classes} vs "
+                                    f"{val.classes}")
         return train, val
 
     def build_eval_dataset(self):

@@ -95,8 +95,9 @@ class DeepLabV3Plus(nn.Module):
     def __init__(self, backbone: MoatBackbone, num_classes: int, **head_kwargs: Any) -> None:
         super().__init__()
         if len(backbone.out_indices) != 2 or backbone.strides[0] != 4:
-            raise InvalidInputError("DeepLabV3Plus needs a backbone with out_indices (1, deepest): the "
-                             f"stride-4 and the deepest features, got strides {backbone.strides}")
+            raise InvalidInputError("DeepLabV3Plus needs a backbone with out_indices (1, deepest): "
+                                    f"the stride-4 and the deepest features, got strides "
+                                    f"{backbone.strides}")
         self.backbone = backbone
         self.num_classes = num_classes
         head_kwargs.setdefault("rates", default_aspp_rates(backbone.strides[-1]))

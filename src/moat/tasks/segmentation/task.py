@@ -88,8 +88,9 @@ class SegmentationTask(Task):
     def num_classes(self) -> int:
         n = self.config.num_classes or (len(self.class_names) if self.class_names else None)
         if not n or int(n) < 1:
-            raise InvalidInputError("segmentation needs the number of classes: set num_classes (150 for "
-                             "ADE20K), or put classes.txt (one name per line) in the data folder")
+            raise InvalidInputError("segmentation needs the number of classes: set num_classes "
+                                    "(150 for ADE20K), or put classes.txt (one name per line) in "
+                                    "the data folder")
         return int(n)
 
     @property
@@ -126,8 +127,8 @@ class SegmentationTask(Task):
     def build_datasets(self):
         root = self.config.data
         if root is None:
-            raise InvalidInputError("segmentation needs a dataset folder: --data DIR (ADE20K layout, "
-                             "or images/ + masks/ folders)")
+            raise InvalidInputError("segmentation needs a dataset folder: --data DIR (ADE20K "
+                                    "layout, or images/ + masks/ folders)")
         train_tf, val_tf = self._transforms()
         common = dict(layout=self.options.layout, reduce_zero_label=self.options.reduce_zero_label,
                       ignore_index=self.ignore_index, strict=bool(self.config.strict_data))
@@ -182,7 +183,7 @@ class SegmentationTask(Task):
         logits = model(images)
         if logits.shape[-2:] != masks.shape[-2:]:
             raise InvalidInputError(f"logits {tuple(logits.shape[-2:])} and masks "
-                             f"{tuple(masks.shape[-2:])} differ in size")
+                                    f"{tuple(masks.shape[-2:])} differ in size")
         valid = masks != self.ignore_index
         if not bool(valid.any()):  # every pixel ignored: contribute nothing, keep the graph
             return logits.sum() * 0.0, {}
