@@ -38,12 +38,12 @@ def interrupted_hint(args: argparse.Namespace, given: list[str]) -> str:
     from moat.train.config import read_config_file
 
     output = args.output
-    if not output and args.config:
-        try:
+    try:
+        if not output and args.config:
             output = read_config_file(args.config).get("output")
-        except (OSError, ValueError):
-            output = None
-    latest = CheckpointManager(output).latest() if output else None
+        latest = CheckpointManager(output).latest() if output else None
+    except (OSError, ValueError):  # an unreadable config or folder: no checkpoint to offer
+        latest = None
     if latest is None:
         return ("no checkpoint was saved yet, so there is nothing to resume: run the same "
                 "command again to start over")
