@@ -256,6 +256,8 @@ def test_device_cuda_without_cuda_is_a_message(capsys, data, tmp_path, weights):
                     "cuda:1"], "--device cuda:1", "--device cpu")
     _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--device",
                     "gpu"], "--device gpu: not a device name")
+    _fails(capsys, ["benchmark", "tiny_moat_0", "--device", "cuda", "--repeats", "1"],
+           "--device cuda", "CUDA is not available")
 
 
 def test_every_refusal_is_a_moat_error():

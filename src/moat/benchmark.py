@@ -54,6 +54,7 @@ from torch import nn
 
 from moat.errors import InvalidInputError
 from moat.runtime import allocator_setting
+from moat.train.distributed import pick_device
 
 __all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
 
@@ -331,6 +332,10 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
     for dtype in dtypes:
         if dtype not in DTYPES:
             raise InvalidInputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if repeats < 1 or warmup < 0:
+        raise InvalidInputError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if device != "cpu":
+        device = str(pick_device(device))  # --device cuda without CUDA: a message, not a crash
     log = log or (lambda message: None)
     env = environment(device)
     macs_cache: dict[tuple, int] = {}
