@@ -251,13 +251,13 @@ def test_command_numbers_are_checked_by_the_parser(capsys, argv):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_a_message(capsys, data, tmp_path, weights):
     _fails(capsys, ["train", "--data", str(data), "--output", str(tmp_path / "r"), *TINY,
-                    "--device", "cuda"], "--device cuda", "CUDA is not available")
+                    "--device", "cuda"], "--device 'cuda'", "CUDA is not available")
     _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--device",
-                    "cuda:1"], "--device cuda:1", "--device cpu")
+                    "cuda:1"], "--device 'cuda:1'", "--device cpu")
     _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--device",
-                    "gpu"], "--device gpu: not a device name")
+                    "gpu"], "--device 'gpu' is not a device name")
     _fails(capsys, ["benchmark", "tiny_moat_0", "--device", "cuda", "--repeats", "1"],
-           "--device cuda", "CUDA is not available")
+           "--device 'cuda'", "CUDA is not available")
 
 
 def test_every_refusal_is_a_moat_error():

@@ -37,7 +37,8 @@ OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "PIL": "pillo
                      "matplotlib": "matplotlib", "onnx": "onnx", "onnxscript": "onnxscript",
                      "onnxruntime": "onnxruntime", "pycocotools": "pycocotools",
                      "executorch": "executorch", "huggingface_hub": "huggingface_hub",
-                     "captum": "captum", "gradio": "gradio"}
+                     "captum": "captum", "gradio": "gradio", "webdataset": "webdataset",
+                     "wids": "wids", "braceexpand": "webdataset", "datasets": "datasets"}
 
 class MoatError(Exception):
     """An expected failure whose message tells the user what was wrong and what to do."""

@@ -20,7 +20,7 @@ from moat.app.exported import EXPORTED_SUFFIXES, ExportedClassifier
 from moat.errors import InvalidInputError
 from moat.explain.explainer import Explainer, Explanation
 from moat.explain.render import boxes_image, mask_overlay, overlay
-from moat.train.distributed import pick_device
+from moat.device import pick_device
 
 TITLE = "MOAT: see what the model sees"
 NOT_AN_IMAGE = "Not an image"

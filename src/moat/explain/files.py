@@ -16,7 +16,7 @@ from moat.errors import InvalidInputError
 from moat.explain.explainer import Explainer, Explanation, NoDetectionError
 from moat.explain.render import attention_row, boxes_image, cam_row, mask_overlay
 from moat.integrity import atomic_output
-from moat.train.distributed import pick_device
+from moat.device import pick_device
 
 
 def _atomic(path: Path, write) -> str:

@@ -34,7 +34,7 @@ from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
 from moat.preprocessing import size_pair
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx",
+__all__ = ["DEFAULT_OPSET", "GELU_KEY", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx",
            "downgrade_onnx_to_opset17", "export_onnx", "export_program", "export_torchscript",
            "prepare_for_export", "supports_dynamic_size"]
 
@@ -70,8 +70,8 @@ def check_dynamic_size(model: MoatNet, img_size: tuple[int, int],
                                 f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
     if dynamic_size and not traceable:
         raise InvalidInputError(f"a dynamic-size export is traced at {2 * SIZE_MULTIPLE} pixels or "
-                                f"more (at {SIZE_MULTIPLE} the last feature map is 1x1 and the "
-                                f"graph specialises to it); got img_size {img_size}: trace at e.g. 224")
+                                f"more (at {SIZE_MULTIPLE} the last feature map is 1x1 and the graph "
+                                f"specialises to it); got img_size {img_size}: trace at e.g. 224")
     return dynamic_size
 
 
@@ -135,11 +135,11 @@ def _freeze_padding(model: nn.Module, img_size: tuple[int, int], *,
 
 def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
                        dynamic_size: bool | None = None, channels_last: bool = False,
-                       layout: str = "pytorch") -> tuple[MoatNet, bool]:
+                       layout: str = "pytorch", gelu: str = "exact") -> tuple[MoatNet, bool]:
     """The model to hand to an exporter, and whether its height/width may vary.
 
     Returns an eval-mode, fused copy in the module path `layout` (see `LAYOUTS`): `model`
-    itself is not changed.
+    itself is not changed. `gelu`: see `optimize_for_inference`.
     """
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -150,7 +150,7 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
     size = size_pair(img_size)
     dynamic = check_dynamic_size(model, size, dynamic_size)
     fused = optimize_for_inference(model, channels_last=channels_last,
-                                   img_size=None if dynamic else size)
+                                   img_size=None if dynamic else size, gelu=gelu)
     _freeze_padding(fused, size, pad_input=layout == "onnxruntime")
     return (for_graph_runtime(fused) if layout == "onnxruntime" else fused), dynamic
 
@@ -199,8 +199,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, img_size: int | Se
 
 
 def _export(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool | None,
-            layout: str = "pytorch"):
-    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size, layout=layout)
+            layout: str = "pytorch", gelu: str = "exact"):
+    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size, layout=layout,
+                                        gelu=gelu)
     example = _example(fused, size, max(batch, 2))  # batch 1 would be specialised
     with torch.no_grad():
         program = torch.export.export(fused, (example,),
@@ -234,7 +235,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                 opset: int = DEFAULT_OPSET, batch: int = 1, dynamic_size: bool | None = False,
                 check: bool = True, check_batches: Sequence[int] = (1, 8),
                 atol: float = 1e-4, program=None, layout: str = "onnxruntime",
-                metadata: dict[str, str] | None = None) -> dict:
+                metadata: dict[str, str] | None = None, gelu: str = "exact") -> dict:
     """Export to ONNX (dynamic batch; fixed height/width unless `dynamic_size`).
 
     A fixed size (the default) holds every position bias as a constant; `dynamic_size`
@@ -252,8 +253,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
     the model a second time; it holds the "pytorch" layout, so pass that `layout` too).
     `metadata`: string entries for the file's metadata_props
-    (`moat export onnx` records the preprocessing, see `moat.export.quantize`). Returns a
-    report dict.
+    (`moat export onnx` records the preprocessing, see `moat.export.quantize`); the GELU
+    form is always recorded (GELU_KEY). `gelu` "tanh": GELU's tanh approximation (see
+    `optimize_for_inference`), written as ONNX Runtime's FastGelu in the "onnxruntime"
+    layout; the check then compares with the tanh model in PyTorch (`moat.export.gelu`
+    measures what the approximation itself changes). Returns a report dict.
     """
     size = size_pair(img_size)
     import onnx
@@ -264,10 +268,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                                 f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
-        program, dynamic = _export(model, size, batch, dynamic_size, layout)
-    elif layout != "pytorch":
-        raise InvalidInputError("`program` (from export_program) holds the 'pytorch' layout: pass "
-                                "layout='pytorch' with it, or leave program out")
+        program, dynamic = _export(model, size, batch, dynamic_size, layout, gelu)
+    elif layout != "pytorch" or gelu != "exact":
+        raise InvalidInputError("`program` (from export_program) holds the 'pytorch' layout with "
+                                "the exact GELU: pass layout='pytorch' with it, or leave program out")
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
@@ -275,19 +279,50 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
             torch.onnx.export(program, (), os.fspath(tmp), dynamo=True,
                               opset_version=max(opset, 18), input_names=["x"],
                               output_names=_output_names(model), external_data=False,
-                              verbose=False)
+                              verbose=False, custom_translation_table=_fast_gelu_table(layout))
         if opset == 17:
             downgrade_onnx_to_opset17(tmp)
-        if metadata:
-            proto = onnx.load(os.fspath(tmp))
-            onnx.helper.set_model_props(proto, dict(metadata))
-            onnx.save(proto, os.fspath(tmp))
+        proto = onnx.load(os.fspath(tmp))
+        onnx.helper.set_model_props(proto, {**(metadata or {}), GELU_KEY: gelu})
+        onnx.save(proto, os.fspath(tmp))
         report = {"path": str(path), "opset": _onnx_opset(tmp), "dynamic_batch": True,
                   "dynamic_size": dynamic, "img_size": size}
         if check:
             sizes = [size] + ([_other_size(size)] if dynamic else [])
-            report["check"] = check_onnx(tmp, model, sizes, check_batches, atol)
+            reference = model if gelu == "exact" else optimize_for_inference(
+                model, gelu=gelu, channels_last=False)
+            report["check"] = check_onnx(tmp, reference, sizes, check_batches, atol)
     return report
+
+
+GELU_KEY = "moat.gelu"  # metadata_props entry: the GELU form of the file ("exact", "tanh")
+
+
+def _fast_gelu_table(layout: str) -> dict | None:
+    """aten.gelu -> ONNX Runtime's FastGelu for the "onnxruntime" layout, whose only
+    aten.gelu calls are the tanh GELU (the exact one is spelled out, see moat.export.graph)."""
+    if layout != "onnxruntime":
+        return None
+    import onnxscript
+
+    from onnx.defs import OpSchema
+
+    # onnx holds no schemas of ONNX Runtime's contrib operators: FastGelu's (without its
+    # optional bias input) is declared here.
+    schema = OpSchema("FastGelu", "com.microsoft", 1,
+                      inputs=[OpSchema.FormalParameter("X", "T")],
+                      outputs=[OpSchema.FormalParameter("Y", "T")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")])
+    fast_gelu_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1),
+                                        "FastGelu", schema)
+
+    def fast_gelu(x, approximate: str = "none"):
+        if approximate != "tanh":
+            raise InvalidInputError("the onnxruntime layout exports only the tanh GELU as "
+                                    "aten.gelu")
+        return fast_gelu_op(x)
+
+    return {torch.ops.aten.gelu.default: fast_gelu}
 
 
 # Operators whose axes became an input in opset 18 (ReduceSum already in 13).

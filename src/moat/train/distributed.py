@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moat.device import pick_device
 from moat.errors import InvalidInputError
 
 
@@ -33,33 +34,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def pick_device(name: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
-    """The device `--device name` means on this machine; a MoatError naming the flag when it
-    is not a device name or CUDA is missing."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise InvalidInputError(f"--device {name}: not a device name; use auto, cpu, cuda or "
-                                "cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        available = getattr(torch, device.type, None)
-        if available is None or not getattr(available, "is_available", lambda: False)():
-            raise InvalidInputError(f"--device {name}: {device.type} is not available on this "
-                                    "machine; use --device cpu or --device auto")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(f"--device {name}: CUDA is not available on this machine "
-                                    "(or this PyTorch build has no CUDA); use --device cpu "
-                                    "or --device auto")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
 
 
 def setup(device: str = "auto") -> DistInfo:

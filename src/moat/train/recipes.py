@@ -31,9 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moat.errors import InvalidInputError
-from moat.models import MODEL_CONFIGS
-from moat.weights.catalogue import split_name
-from moat.weights.hub import is_hub_name
+from moat.models.config import MODEL_CONFIGS
 
 # Every recipe sets exactly these TrainConfig fields.
 RECIPE_FIELDS = ("lr", "min_lr", "warmup_epochs", "label_smoothing", "mixup", "cutmix",
@@ -115,6 +113,10 @@ def _adaptive(f: RunFacts, lr_base: float, s: float, why: str) -> dict[str, Sett
     strength = f"strength {s:.2f} at {at}{why}"
     lr = lr_base * math.sqrt(f.batch_size / min(max(f.batch_size, 32), f.lr_base_batch))
     magnitude = round(15 * s)
+    # here, not at the top: `moat train --help` reads this module and must not import torch
+    from moat.weights.catalogue import split_name
+    from moat.weights.hub import is_hub_name
+
     variant = None if is_hub_name(f.model) else split_name(f.model)[0]
     survival = MODEL_CONFIGS[variant].survival_prob if variant in MODEL_CONFIGS else 1.0
     if steps is None:
@@ -161,7 +163,8 @@ def resolve(name: str, facts: RunFacts, explicit: dict[str, str],
             ) -> tuple[dict[str, Any], dict[str, str]]:
     """(values for the fields nobody set, {field: the rule or source of its value})."""
     if name not in RECIPES:
-        raise InvalidInputError(f"recipe {name!r} is unknown; choose auto or one of {sorted(RECIPES)}")
+        raise InvalidInputError(f"recipe {name!r} is unknown; choose auto or one of "
+                                f"{sorted(RECIPES)}")
     settings = RECIPES[name](facts)
     values = {k: s.value for k, s in settings.items() if k not in explicit}
     rules = {k: explicit.get(k) or f"recipe {name}: {s.rule}" for k, s in settings.items()}

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from moat.errors import InvalidInputError
-from moat.integrity import atomic_write_bytes, file_sha256, read_safetensors, safetensors_bytes
+from moat.integrity import file_sha256, read_safetensors, save_safetensors
 from moat.paths import regular_file
 from moat.weights.metadata import WeightsMetadata
 
@@ -47,7 +47,7 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     if path.suffix != ".safetensors":
         raise InvalidInputError(f"{path}: weights are saved as .safetensors only")
     # the header also gets the tensors' sha256 and size, verified by load_state_dict
-    atomic_write_bytes(path, safetensors_bytes(state, (metadata or WeightsMetadata()).to_header()))
+    save_safetensors(path, state, (metadata or WeightsMetadata()).to_header())
     return path
 
 
