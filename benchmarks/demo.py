@@ -42,7 +42,8 @@ TARGETS = {"classification": ("top-1", 90.0, 600), "segmentation": ("mIoU", 0.8,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=list(TARGETS), default="classification")
-    parser.add_argument("--output", help="demo folder, emptied first (default: /tmp/moat-demo-TASK)")
+    parser.add_argument("--output", help="demo folder, emptied first (default: "
+                                         "/tmp/moat-demo-TASK)")
     parser.add_argument("--epochs", type=int, help="override the demo's epochs")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -68,7 +69,8 @@ def main() -> None:
     key, target, seconds = TARGETS[args.task]
     value = result["metrics"][key]
     print(result["summary"])
-    print(f"machine: {cpu_info().describe()}, {os.cpu_count()} CPU cores, torch {torch.__version__} with "
+    print(f"machine: {cpu_info().describe()}, {os.cpu_count()} CPU cores, torch "
+          f"{torch.__version__} with "
           f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     print(f"time: {wall:.0f} s wall ({result['train_seconds']:.0f} s training), "

@@ -201,3 +201,153 @@ def test_unwritable_json_names_the_users_path(capsys, data, weights):
     err = _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--json",
                           "/proc/moat-test.json"], "/proc/moat-test.json")
     assert ".tmp-" not in err  # the user's file name, not the temporary one
+
+
+# --- every number checked where it enters (issue 25) -------------------------------------------
+
+def test_train_numbers_are_refused_before_anything_is_derived(capsys, data, tmp_path):
+    """Each one used to reach the recipe (division by zero, "math domain error"), NumPy or
+    a transform; now the setting is named, before the recipe or the data are touched."""
+    run = tmp_path / "r"
+    for flags, needle in ((["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+                          (["--epochs", "-1"], "epochs must be >= 1, got -1"),
+                          (["--seed", "-1"], "seed must be in 0 .. 2**32-1, got -1"),
+                          (["--std", "0", "0", "0"], "std must be three numbers > 0"),
+                          (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number"),
+                          (["--lr-base", "0"], "lr_base must be > 0"),
+                          (["--interpolation", "cubic"], "interpolation 'cubic' is unknown")):
+        _fails(capsys, ["train", "--data", str(data), "--output", str(run), *TINY, *flags],
+               needle)
+        assert not run.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "onnx", "tiny_moat_0", "x.onnx", "--img-size", "0"],
+    ["export", "onnx", "tiny_moat_0", "x.onnx", "--batch", "0"],
+    ["export", "torchscript", "tiny_moat_0", "x.pt", "--pool-size", "0"],
+    ["export", "onnx", "tiny_moat_0", "x.onnx", "--window-size", "0", "none", "none", "none"],
+    ["summary", "tiny_moat_0", "--img-size", "0"],
+    ["summary", "tiny_moat_0", "--pool-size", "-2"],
+    ["benchmark", "tiny_moat_0", "--batch-size", "0"],
+    ["benchmark", "tiny_moat_0", "--repeats", "0"],
+    ["benchmark", "tiny_moat_0", "--img-size", "8"],
+    ["benchmark", "tiny_moat_0", "--drop-path-rate", "nan"],
+    ["quantize", "a.onnx", "b.onnx", "--calibration", "d", "--max-images", "-1"],
+    ["quantize", "a.onnx", "b.onnx", "--calibration", "d", "--max-images", "0"],
+    ["explain", "x.png", "--model", "tiny_moat_0", "--output-dir", "o", "--box", "-1"],
+    ["app", "--model", "tiny_moat_0", "--port", "0"],
+    ["app", "--model", "tiny_moat_0", "--max-upload-mb", "0"],
+    ["demo", "--epochs", "0"],
+])
+def test_command_numbers_are_checked_by_the_parser(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    err = capsys.readouterr().err
+    flag = next(a for a in reversed(argv) if a.startswith("--"))
+    assert exit_info.value.code == 2 and f"argument {flag}" in err, err
+    assert "must be" in err or "expected" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_message(capsys, data, tmp_path, weights):
+    _fails(capsys, ["train", "--data", str(data), "--output", str(tmp_path / "r"), *TINY,
+                    "--device", "cuda"], "--device 'cuda'", "CUDA is not available")
+    _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--device",
+                    "cuda:1"], "--device 'cuda:1'", "--device cpu")
+    _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(weights), "--device",
+                    "gpu"], "--device 'gpu' is not a device name")
+    _fails(capsys, ["benchmark", "tiny_moat_0", "--device", "cuda", "--repeats", "1"],
+           "--device 'cuda'", "CUDA is not available")
+
+
+def test_every_refusal_is_a_moat_error():
+    """The boundary sorts by class alone (no traceback inspection): a ValueError raised
+    anywhere, even by moat's own code, is a bug; moat's refusals are MoatErrors."""
+    import inspect
+    import re
+
+    import moat.errors
+    from moat.data.images import BadImageError
+    from moat.errors import InvalidInputError, MoatError, NotFoundError
+    from moat.explain.explainer import NoDetectionError
+    from moat.weights.tf_format import CheckpointError
+
+    assert "__traceback__" not in inspect.getsource(moat.errors)
+    for cls in (BadImageError, CheckpointError, NoDetectionError, InvalidInputError):
+        assert issubclass(cls, MoatError) and issubclass(cls, ValueError)
+    assert expected_message(InvalidInputError("--batch must be >= 1")) == "--batch must be >= 1"
+    assert expected_message(NotFoundError("'x' is not in checkpoint y")) == \
+        "'x' is not in checkpoint y"
+    assert expected_message(ValueError("raised by anyone")) is None
+    assert expected_message(KeyError("a sentence with spaces")) is None
+    # and no plain ValueError / KeyError is raised by moat's sources any more
+    src = Path(moat.__file__).parent
+    plain = [f"{p.relative_to(src)}:{i}" for p in src.rglob("*.py")
+             for i, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"raise (ValueError|KeyError)\(", line)]
+    assert not plain, plain
+
+
+def test_interrupted_run_without_checkpoint_has_no_resume_hint(capsys, data, tmp_path,
+                                                                monkeypatch):
+    import moat.train.loop as loop
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the run is being assembled
+
+    monkeypatch.setattr(loop, "assemble", stopped)
+    code = cli(["train", "--data", str(data), "--output", str(tmp_path / "r"), *TINY])
+    err = capsys.readouterr().err
+    assert code == EXIT_SIGINT
+    assert "no checkpoint was saved yet" in err and "--resume" not in err, err
+
+
+def test_app_busy_port_suggests_the_flag(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        err = _fails(capsys, ["app", "--model", "tiny_moat_0", "--port", str(port)],
+                     f"port {port} on 127.0.0.1 is already in use", "--port")
+    assert "GRADIO_SERVER_PORT" not in err
+
+
+# --- paths: checked to be a regular file or folder before they are opened -------------------
+
+@pytest.fixture
+def fifo(tmp_path):
+    """A FIFO; opening it for reading would block forever. The alarm turns a hang into a
+    failure instead of a stuck test run."""
+    import os
+    import signal
+
+    def hung(signum, frame):
+        raise AssertionError("a FIFO was opened: the command hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    yield lambda name: (os.mkfifo(tmp_path / name), tmp_path / name)[1]
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_fifos_are_refused_not_opened(capsys, data, tmp_path, fifo):
+    out = ["--output", str(tmp_path / "r"), *TINY]
+    _fails(capsys, ["train", "--data", str(fifo("train.csv")), *out],
+           "CSV file list", "is a FIFO (named pipe), not a regular file")
+    _fails(capsys, ["train", "--data", str(data / "train"), "--val-data",
+                    str(fifo("val.csv")), *out], "val.csv", "FIFO")
+    _fails(capsys, ["train", "--config", str(fifo("c.yaml")), "--data", str(data), *out],
+           "config file", "c.yaml", "is a FIFO (named pipe), not a regular file")
+    _fails(capsys, ["train", "--data", str(fifo("folder")), *out], "image folder", "FIFO")
+    _fails(capsys, ["predict", str(data / "val"), "--checkpoint", str(fifo("w.safetensors"))],
+           "w.safetensors", "FIFO")
+    _fails(capsys, ["info", str(fifo("i.safetensors"))], "i.safetensors", "FIFO")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_given_as_config_says_so(capsys, data, tmp_path):
+    _fails(capsys, ["train", "--config", str(tmp_path), "--data", str(data), "--output",
+                    str(tmp_path / "r"), *TINY], "is a folder, not a regular file")

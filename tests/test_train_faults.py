@@ -167,9 +167,14 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(data, uninterrupted
     child.communicate(timeout=900)
     newest = CheckpointManager(run).latest()  # step 3; step 2 is intact
     (newest / "ema.safetensors").write_bytes(b"")
+    before = {p.name: p.read_bytes() for p in newest.iterdir()}
     err = _train(data, run, "--resume")
     assert "step-000000003 is damaged" in err and "ema.safetensors" in err
     assert "step-000000003 is damaged" in (run / "train.log").read_text()  # kept with the run
+    # moved aside, byte for byte, before the resumed run saved its own step 3
+    kept = run / "checkpoints" / "damaged" / "step-000000003"
+    assert "moved aside to " + str(kept) in err
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before
     _assert_same_as(uninterrupted, run)
 
 

@@ -53,7 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moat.cpu import cpu_info
+from moat.errors import InvalidInputError
 from moat.runtime import allocator_setting
+from moat.device import pick_device
 
 __all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
 
@@ -109,19 +111,19 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
             from moat.tasks.backbone import PRESETS
 
             if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
+                raise InvalidInputError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
             layout = dict(window_size=PRESETS[preset].window_size,
                           global_attention_at_end=PRESETS[preset].global_attention_at_end,
                           pool_size=PRESETS[preset].pool_size)
         return moat.create_model(name, drop_path_rate=drop_path_rate,
                                  pretrained=pretrained or None, **layout)
     if preset:
-        raise ValueError(f"--preset applies to MOAT models only, not {name!r}")
+        raise InvalidInputError(f"--preset applies to MOAT models only, not {name!r}")
     import timm
 
     if not timm.is_model(name.split(".")[0]):
-        raise ValueError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor a "
-                         "timm model (timm.list_models())")
+        raise InvalidInputError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor "
+                                f"a timm model (timm.list_models())")
     kwargs = {"drop_path_rate": drop_path_rate}
     if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
         kwargs["img_size"] = img_size
@@ -318,10 +320,14 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
     names = list(dict.fromkeys([*models, *(PEERS if peers else ())]))
     for mode in modes:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InvalidInputError(f"mode must be one of {MODES}, got {mode!r}")
     for dtype in dtypes:
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+            raise InvalidInputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if repeats < 1 or warmup < 0:
+        raise InvalidInputError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if device != "cpu":
+        device = str(pick_device(device))  # --device cuda without CUDA: a message, not a crash
     log = log or (lambda message: None)
     env = environment(device)
     macs_cache: dict[tuple, int] = {}
@@ -434,7 +440,7 @@ def format_table(rows: Sequence[dict]) -> str:
 def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     """All fields of every row, environment included, one row per model and configuration."""
     if not rows:
-        raise ValueError("no rows to write")
+        raise InvalidInputError("no rows to write")
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)

@@ -9,24 +9,25 @@ Exit codes:
          (missing file, permission, read-only folder, full disk), a run folder in use, a
          missing optional package, a diverged run; one or two lines, no traceback
     70   an unexpected exception: a bug; its traceback is printed, marked as such
-    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; a training run prints the command
-         that resumes it (its last checkpoint is complete: checkpoints are atomic)
+    130  interrupted by Ctrl-C (SIGINT), 143 by SIGTERM; a training run says what it left: the
+         command that resumes it when it has a checkpoint (complete: checkpoints are
+         atomic), or that it saved none yet
 
-Expected failures are the library's own messages (`MoatError`, and ValueError raised by
-moat's own code, which always say what was wrong and what to do), OSError, and
-ModuleNotFoundError for the optional packages of `moat[full]`. A ValueError raised inside
-PyTorch or another library is not ours to explain: it keeps its traceback.
+Expected failures are the library's own messages (`MoatError` and its subclasses, which
+always say what was wrong and what to do), OSError, and ModuleNotFoundError for the optional
+packages of `moat[full]`. The boundary decides by the exception's class alone, never by where
+it was raised: every refusal moat makes is a MoatError, so a ValueError (or any other
+exception) that is not one is a bug, in moat or in a library it calls, and keeps its
+traceback.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 EXIT_ERROR, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 70, 130, 143
 
@@ -39,19 +40,33 @@ OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "PIL": "pillo
                      "captum": "captum", "gradio": "gradio", "webdataset": "webdataset",
                      "wids": "wids", "braceexpand": "webdataset", "datasets": "datasets"}
 
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
 class MoatError(Exception):
     """An expected failure whose message tells the user what was wrong and what to do."""
+
+
+class InvalidInputError(MoatError, ValueError):
+    """A value, setting, argument or file content that moat refuses (also a ValueError, so
+    library callers that catch ValueError keep working)."""
+
+
+class NotFoundError(MoatError, KeyError):
+    """A name that is not there (a tensor in a checkpoint, a class, ...); its message is a
+    sentence, printed as is (a plain KeyError would print its repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that `finally` blocks and atomic writes clean up."""
 
 
-def run_command(func: Callable[[], int], command: str, resume_hint: str | None = None) -> int:
-    """Run `func` (one subcommand) inside the boundary; return the exit code."""
+def run_command(func: Callable[[], int], command: str,
+                resume_hint: str | Callable[[], str] | None = None) -> int:
+    """Run `func` (one subcommand) inside the boundary; return the exit code.
+
+    `resume_hint`: what to say after the interruption of a run, or a function that says it
+    from the run's real state when it happens (moat.cli.train.interrupted_hint)."""
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -62,8 +77,8 @@ def run_command(func: Callable[[], int], command: str, resume_hint: str | None =
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         how = "stopped by SIGTERM" if terminated else "interrupted (Ctrl-C)"
-        _say(command, how + (f"; the last complete checkpoint is kept, continue with:\n  "
-                             f"{resume_hint}" if resume_hint else ""))
+        hint = resume_hint() if callable(resume_hint) else resume_hint
+        _say(command, how + (f"; {hint}" if hint else ""))
         return EXIT_SIGTERM if terminated else EXIT_SIGINT
     except Exception as err:  # noqa: BLE001 - this is the boundary: sorted just below
         message = expected_message(err)
@@ -96,10 +111,6 @@ def expected_message(err: BaseException) -> str | None:
     if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
         return ("out of memory; lower --batch-size (or raise --accum-steps), use "
                 "--grad-checkpointing or --precision bf16")
-    if isinstance(err, ValueError) and _raised_by_moat(err):
-        return str(err)
-    if isinstance(err, KeyError) and _raised_by_moat(err) and " " in str(err.args[0]):
-        return str(err.args[0])  # a sentence raised on purpose, not a bare missing key
     return None
 
 
@@ -114,16 +125,6 @@ def _os_message(err: OSError) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return text + "; choose a folder you can write to, or fix its permissions"
     return text
-
-
-def _raised_by_moat(err: BaseException) -> bool:
-    """Whether the innermost frame of the traceback is moat's own code."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR)
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from moat.errors import InvalidInputError
 from moat.models.layers import Attention
 
 _aten = torch.ops.aten
@@ -71,7 +72,7 @@ def count_flops(model: nn.Module, img_size: tuple[int, int] | int, method: str =
     Runs on the model's device: build large models on the meta device to count for free.
     """
     if method not in ("official", "macs"):
-        raise ValueError(f"method must be 'official' or 'macs', got {method!r}")
+        raise InvalidInputError(f"method must be 'official' or 'macs', got {method!r}")
     if isinstance(img_size, int):
         img_size = (img_size, img_size)
     param = next(model.parameters())

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 
 DIGEST_KEY, BYTES_KEY = "tensors_sha256", "tensors_bytes"
 _CHUNK = 1 << 22
@@ -255,7 +255,7 @@ def write_safetensors(file: Any, tensors: Mapping[str, torch.Tensor],
     for name in names:
         t = plain[name]
         if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be saved")
+            raise InvalidInputError(f"tensor {name!r}: dtype {t.dtype} cannot be saved")
         size = t.numel() * t.element_size()
         entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
                          "data_offsets": [offset, offset + size]}
@@ -291,10 +291,10 @@ def verify_safetensors(path: str | os.PathLike, data: bytes | bytearray | memory
     try:
         n = struct.unpack("<Q", view[:8])[0]
         if 8 + n > len(view):
-            raise ValueError("header longer than the file")
+            raise InvalidInputError("header longer than the file")
         header = json.loads(bytes(view[8:8 + n]))
         if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
+            raise InvalidInputError("header is not a JSON object")
     except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise DamagedFileError(path, f"not a readable safetensors file ({err})") from None
     if header_sha256 is not None and hashlib.sha256(view[:8 + n]).hexdigest() != header_sha256:
@@ -311,7 +311,7 @@ def verify_safetensors(path: str | os.PathLike, data: bytes | bytearray | memory
             entry = header[name]
             start, end = entry["data_offsets"]
             if not 0 <= start <= end <= len(view) - base:
-                raise ValueError(f"tensor {name!r} lies outside the file")
+                raise InvalidInputError(f"tensor {name!r} lies outside the file")
             digest.update(_tensor_prefix(name, str(_TORCH_DTYPES[entry["dtype"]]),
                                          entry["shape"]))
             digest.update(view[base + start:base + end])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -23,6 +24,8 @@ VARIANT_NORMALISATION = {name: "option2" if name in ("moat_2", "moat_3", "moat_4
                          for name in MODEL_CONFIGS}
 CROP_PCT = 0.875
 INTERPOLATION = "bicubic"
+# the names torchvision knows (its InterpolationMode values)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 def imagenet_data_config(size: int | Sequence[int]) -> dict[str, Any]:
@@ -46,5 +49,5 @@ def size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     if len(values) == 1:
         return values[0], values[0]
     if len(values) != 2:
-        raise ValueError(f"an image size is H or (H, W), got {size!r}")
+        raise InvalidInputError(f"an image size is H or (H, W), got {size!r}")
     return values

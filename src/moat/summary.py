@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from moat.errors import InvalidInputError
 from moat.flops import count_flops
 from moat.models import ENDPOINTS, build_model, list_models
 from moat.models.config import MODEL_CONFIGS
@@ -40,11 +41,11 @@ def models_table(with_flops: bool = True) -> str:
 def model_summary(name: str, img_size: list[int] | None = None, **options) -> str:
     """Per-stage output shapes, parameters and FLOPs of one configuration."""
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+        raise InvalidInputError(f"unknown model {name!r}; choose one of {list_models()}")
     if not img_size:
         img_size = [MODEL_CONFIGS[name].native_resolution]
     if len(img_size) > 2:
-        raise ValueError(f"--img-size takes H [W], got {img_size}")
+        raise InvalidInputError(f"--img-size takes H [W], got {img_size}")
     height, width = img_size[0], img_size[-1]
     with torch.device("meta"):
         model = build_model(name, **options).eval()

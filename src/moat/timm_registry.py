@@ -15,6 +15,7 @@ from typing import Any
 from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
+from moat.errors import InvalidInputError
 from moat.models import MoatNet, list_models
 from moat.weights.catalogue import NO_PE_SUFFIX, PRETRAINED
 from moat.weights.loader import create_model
@@ -32,8 +33,8 @@ def _build(name: str, pretrained: bool = False, pretrained_cfg: Any = None,
     for option in _IGNORED:
         kwargs.pop(option, None)
     if kwargs.pop("drop_rate", 0.0):
-        raise ValueError("MOAT has no dropout (the official model has none); "
-                         "use drop_path_rate for regularisation")
+        raise InvalidInputError("MOAT has no dropout (the official model has none); "
+                                "use drop_path_rate for regularisation")
     cfg = resolve_pretrained_cfg(name, pretrained_cfg=pretrained_cfg,
                                  pretrained_cfg_overlay=pretrained_cfg_overlay).to_dict()
     source = cfg.get("source")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from moat.data.transforms import eval_transform
+from moat.errors import InvalidInputError
 from moat.explain.explainer import Explanation
 from moat.export.ort import OnnxRuntimeModel
 from moat.export.quantize import read_preprocessing
@@ -59,8 +60,9 @@ class ExportedClassifier:
             props = model.session.get_modelmeta().custom_metadata_map
             task = json.loads(props.get(ONNX_CONFIG_KEY, "{}")).get("task", self.task)
             if task != self.task:
-                raise ValueError(f"{self.path.name} is a {task} model: the page shows exported "
-                                 "classifiers only; use --checkpoint RUN_DIR for it")
+                raise InvalidInputError(f"{self.path.name} is a {task} model: the page shows "
+                                        f"exported classifiers only; use --checkpoint RUN_DIR for "
+                                        f"it")
             names = json.loads(props.get(ONNX_TASK_KEY, "{}")).get("classes") or []
             return model, read_preprocessing(self.path, img_size), names
         if self.path.suffix == ".pt2":
@@ -68,8 +70,8 @@ class ExportedClassifier:
         elif self.path.suffix == ".pt":
             module = torch.jit.load(str(self.path), map_location="cpu").eval()
         else:
-            raise ValueError(f"{self.path.name}: not an exported model; use one of "
-                             f"{', '.join(EXPORTED_SUFFIXES)}")
+            raise InvalidInputError(f"{self.path.name}: not an exported model; use one of "
+                                    f"{', '.join(EXPORTED_SUFFIXES)}")
         return module, imagenet_data_config(img_size), []
 
     def explain(self, image: Image.Image, target=None, *, method: str = "hirescam",

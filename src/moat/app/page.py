@@ -10,13 +10,17 @@ attention recording is switched on); Gradio's queue lets every open tab wait its
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from moat.app.exported import EXPORTED_SUFFIXES, ExportedClassifier
+from moat.errors import InvalidInputError
 from moat.explain.explainer import Explainer, Explanation
 from moat.explain.render import boxes_image, mask_overlay, overlay
+from moat.device import pick_device
 
 TITLE = "MOAT: see what the model sees"
 NOT_AN_IMAGE = "Not an image"
@@ -101,7 +105,13 @@ def serve(*, model: str | None = None, checkpoint: str | os.PathLike | None = No
     launched page; `page.close()` stops it)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     if (model is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --model NAME or --checkpoint RUN")
+        raise InvalidInputError("give exactly one of --model NAME or --checkpoint RUN")
+    if not 1 <= port <= 65535:
+        raise InvalidInputError(f"--port must be in 1..65535, got {port}")
+    if not max_upload_mb > 0:
+        raise InvalidInputError(f"--max-upload-mb must be > 0, got {max_upload_mb}")
+    check_port_free(host, port)  # before the model loads: a busy port fails in a second
+    device = pick_device(device)
     if model and model.endswith(EXPORTED_SUFFIXES):
         explainer = ExportedClassifier(model, img_size=img_size)
     elif model:
@@ -116,7 +126,29 @@ def launch(page, *, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: fl
            block: bool = True):
     """Serve a built page: one explanation at a time, every tab queued."""
     page.queue(default_concurrency_limit=1)
-    page.launch(server_name=host, server_port=port,
-                max_file_size=int(max_upload_mb * 1024 * 1024),
-                prevent_thread_lock=not block, quiet=not block, footer_links=[])
+    try:
+        page.launch(server_name=host, server_port=port,
+                    max_file_size=int(max_upload_mb * 1024 * 1024),
+                    prevent_thread_lock=not block, quiet=not block, footer_links=[])
+    except OSError as err:
+        if "port" not in str(err).lower():
+            raise
+        raise InvalidInputError(_busy(host, port)) from None
     return page
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A MoatError suggesting --port when `host:port` cannot be listened on."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise InvalidInputError(_busy(host, port)) from None
+            raise InvalidInputError(f"cannot listen on --host {host} --port {port}: "
+                                    f"{err.strerror}; choose another --host or --port") from None
+
+
+def _busy(host: str, port: int) -> str:
+    return (f"port {port} on {host} is already in use (another `moat app` or server?); "
+            f"choose a free one with --port, e.g. --port {port + 1 if port < 65535 else 7861}")

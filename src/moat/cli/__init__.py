@@ -9,7 +9,7 @@ module's COMMANDS. Import heavy modules inside the command function so that
 from __future__ import annotations
 
 import argparse
-import shlex
+import functools
 import sys
 
 from moat.cli import deploy, explain, model, train
@@ -28,8 +28,8 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_freed_memory()  # this process is ours: see moat/runtime.py
     resume = None
-    if args.command == "train":  # the same command with --resume continues the run
+    if args.command == "train":  # what to do after Ctrl-C / SIGTERM, from the run's state
         given = list(sys.argv[1:] if argv is None else argv)
-        resume = shlex.join(["moat", *given] + ([] if args.resume else ["--resume"]))
+        resume = functools.partial(train.interrupted_hint, args, given)
     # Expected failures: one or two lines and exit 2; bugs: a traceback (moat/errors.py).
     return run_command(lambda: args.func(args), args.command, resume_hint=resume)

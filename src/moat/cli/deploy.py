@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from moat.cli.model import window_arg
+from moat.cli.options import count, number
+from moat.errors import InvalidInputError
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +27,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                        "training RUN_DIR / checkpoint folder (its classes and preprocessing go "
                        "into an ONNX file, for `moat eval`)")
         f.add_argument("out", help="output file")
-        f.add_argument("--img-size", nargs="+", type=int, metavar=("H", "W"), default=None,
+        f.add_argument("--img-size", nargs="+", type=count(16), metavar=("H", "W"), default=None,
                        help="input size (default: the variant's native resolution)")
         f.add_argument("--weights", help="weights file for a MODEL given by name")
         f.add_argument("--pretrained", action="store_true",
@@ -33,16 +35,16 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         f.add_argument("--window-size", nargs=4, type=window_arg, default=None, metavar="W",
                        help="one entry per stage: none, N or HxW (default: global attention)")
         f.add_argument("--global-attention-at-end", action="store_true")
-        f.add_argument("--pool-size", type=int, default=None,
+        f.add_argument("--pool-size", type=count(1), default=None,
                        help="shortcut pool size (default: the model's, 2)")
-        f.add_argument("--num-classes", type=int, default=None)
-        f.add_argument("--batch", type=int, default=1, help="batch of the example input "
+        f.add_argument("--num-classes", type=count(1), default=None)
+        f.add_argument("--batch", type=count(1), default=1, help="batch of the example input "
                        "(the exported batch dimension is dynamic)")
         if name in ("onnx", "executorch"):
             f.add_argument("--no-check", dest="check", action="store_false",
                            help="skip the comparison with PyTorch in the target runtime")
         if name == "onnx":
-            f.add_argument("--opset", type=int, help="ONNX opset (default 17)")
+            f.add_argument("--opset", type=count(1), help="ONNX opset (default 17)")
             f.add_argument("--dynamic-size", action="store_true",
                            help="dynamic height/width (global attention only; position "
                            "biases computed in the graph: slower than the default fixed size)")
@@ -76,8 +78,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             ("--global-attention-at-end", args.global_attention_at_end),
             ("--num-classes", args.num_classes)) if value not in (None, False)]
         if ignored:
-            raise ValueError(f"{args.model} is a training run: its model, weights and classes "
-                             f"come from the run, so {', '.join(ignored)} cannot be used with it")
+            raise InvalidInputError(f"{args.model} is a training run: its model, weights and "
+                                    f"classes come from the run, so {', '.join(ignored)} cannot be "
+                                    f"used with it")
 
         task, model, _ = load_task_and_model(args.model)
         metadata, preprocessing = onnx_metadata(task)
@@ -142,19 +145,20 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
                    help="MOAT models with their released weights (tags; downloaded once)")
     p.add_argument("--peers", action="store_true", help="also coatnet_0_rw_224, "
                    "maxvit_tiny_tf_224 and convnext_tiny (timm), in the same run")
-    p.add_argument("--img-size", nargs="+", type=int, default=[224])
-    p.add_argument("--batch-size", nargs="+", type=int, default=[8])
+    p.add_argument("--img-size", nargs="+", type=count(16), default=[224])
+    p.add_argument("--batch-size", nargs="+", type=count(1), default=[8])
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    p.add_argument("--threads", nargs="+", type=int, default=[0], help="0: torch's default")
+    p.add_argument("--threads", nargs="+", type=count(0), default=[0],
+                   help="0: torch's default")
     p.add_argument("--mode", nargs="+", default=["inference"], choices=["inference", "train"])
     p.add_argument("--optimized", action="store_true",
                    help="also MOAT through moat.optimize_for_inference (inference)")
     p.add_argument("--channels-last", action="store_true",
                    help="channels-last weights and inputs for every plain model")
-    p.add_argument("--drop-path-rate", type=float, default=0.0,
+    p.add_argument("--drop-path-rate", type=number(0, 0.999), default=0.0,
                    help="stochastic depth of every model in training (default 0)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=count(0), default=1)
+    p.add_argument("--repeats", type=count(1), default=5)
     p.add_argument("--no-latency", dest="latency", action="store_false")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--device", default="cpu")
@@ -181,9 +185,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
         if (args.device != "cpu" or args.mode != ["inference"] or args.dtype != ["float32"]
                 or args.pretrained):
-            raise ValueError("--runtime onnxruntime measures CPU float32 inference of randomly "
-                             "initialised models (int8 with --int8-calibration); drop "
-                             "--device/--mode/--dtype/--pretrained")
+            raise InvalidInputError("--runtime onnxruntime measures CPU float32 inference of "
+                                    "randomly initialised models (int8 with --int8-calibration); "
+                                    "drop --device/--mode/--dtype/--pretrained")
         rows = run_onnx_benchmark(
             args.models, peers=args.peers, img_sizes=args.img_size, batch_sizes=args.batch_size,
             threads=args.threads, warmup=args.warmup, repeats=args.repeats,
@@ -210,7 +214,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="the int8 .onnx file to write")
     p.add_argument("--calibration", required=True, metavar="DIR",
                    help="folder of images like those the model will see (a few hundred)")
-    p.add_argument("--max-images", type=int, default=256,
+    p.add_argument("--max-images", type=count(1), default=256,
                    help="calibrate on at most this many images (default 256)")
     p.set_defaults(func=_cmd_quantize)
 
@@ -219,6 +223,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from moat.export.quantize import quantize_onnx
 
     result = quantize_onnx(args.model, args.out, args.calibration, max_images=args.max_images)
+    for path, reason in sorted(result["skipped"].items()):
+        print(f"skipped {path}: {reason}", file=sys.stderr)
     print(f"wrote {result['path']}: int8 QDQ, per-channel weights, calibrated on "
           f"{result['calibration_images']} images")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moat.cli.options import count, number
+
 
 def _add_model_source(p: argparse.ArgumentParser, exported: bool = False) -> None:
     source = p.add_mutually_exclusive_group(required=True)
@@ -12,7 +14,7 @@ def _add_model_source(p: argparse.ArgumentParser, exported: bool = False) -> Non
                         "moat_0.in1k_224" + (exported_help if exported else ""))
     source.add_argument("--checkpoint", help="training checkpoint: RUN_DIR, checkpoint folder "
                         "or weights file (classification, segmentation or detection)")
-    p.add_argument("--img-size", type=int, help="input size (default: the model's)")
+    p.add_argument("--img-size", type=count(16), help="input size (default: the model's)")
     p.add_argument("--device", default="cpu")
 
 
@@ -23,7 +25,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     _add_model_source(p)
     p.add_argument("--class", dest="target", help="class to explain, name or index (default: "
                    "the predicted one; segmentation: the largest predicted class)")
-    p.add_argument("--box", type=int, help="detection: explain the K-th detection, best first "
+    p.add_argument("--box", type=count(0), help="detection: explain the K-th detection, best first "
                    "(default 0; with --class, among that class's)")
     p.add_argument("--method", choices=["hirescam", "gradcam"], default="hirescam",
                    help="class-activation method (default hirescam, see the README)")
@@ -50,8 +52,9 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     _add_model_source(p, exported=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                    "127.0.0.1: this machine only; 0.0.0.0 exposes the page to the network)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload")
+    p.add_argument("--port", type=count(1, 65535), default=7860)
+    p.add_argument("--max-upload-mb", type=number(0, above=True), default=10.0,
+                   help="largest accepted upload")
     p.set_defaults(func=_cmd_app)
 
 

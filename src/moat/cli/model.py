@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moat.cli.options import count
+
 
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list every variant with parameters and FLOPs")
@@ -23,19 +25,25 @@ def window_arg(text: str):
     if text.lower() in ("none", "global", "-"):
         return None
     h, _, w = text.lower().partition("x")
-    return (int(h), int(w or h))
+    try:
+        size = (int(h), int(w or h))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, N or HxW, got {text!r}") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"window sizes must be >= 1, got {text!r}")
+    return size
 
 
 def _add_summary(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("summary", help="per-stage shapes, parameters and FLOPs of one variant")
     p.add_argument("name")
-    p.add_argument("--img-size", nargs="+", type=int, metavar=("H", "W"), default=None)
+    p.add_argument("--img-size", nargs="+", type=count(16), metavar=("H", "W"), default=None)
     p.add_argument(
         "--window-size", nargs=4, type=window_arg, default=None, metavar="W",
         help="one entry per stage: none, N or HxW, e.g. --window-size none none 14 none",
     )
     p.add_argument("--no-position-embedding", action="store_true")
-    p.add_argument("--pool-size", type=int, default=2)
+    p.add_argument("--pool-size", type=count(1), default=2)
     p.set_defaults(func=_cmd_summary)
 
 

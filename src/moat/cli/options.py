@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 
@@ -88,8 +89,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(train_flags=names)
 
 
-def count(minimum: int):
-    """argparse type: an integer >= `minimum`."""
+def count(minimum: int, maximum: int | None = None):
+    """argparse type: an integer in [minimum, maximum]; argparse names the flag in the error."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -97,6 +98,26 @@ def count(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
+        return value
+    return parse
+
+
+def number(minimum: float, maximum: float | None = None, *, above: bool = False):
+    """argparse type: a finite number >= `minimum` (> with `above`) and <= `maximum`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if value < minimum or (above and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {minimum:g}, "
+                                             f"got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text}")
         return value
     return parse
 

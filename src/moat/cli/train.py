@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from moat.cli.options import add_train_options, checkpoint_options, count
+from moat.errors import InvalidInputError
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +31,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def interrupted_hint(args: argparse.Namespace, given: list[str]) -> str:
+    """What an interrupted `moat train` tells the user, from what its run folder holds now:
+    the command that resumes it, or that no checkpoint was saved yet."""
+    from moat.train.checkpoint import CheckpointManager
+    from moat.train.config import read_config_file
+
+    output = args.output
+    try:
+        if not output and args.config:
+            output = read_config_file(args.config).get("output")
+        latest = CheckpointManager(output).latest() if output else None
+    except (OSError, ValueError):  # an unreadable config or folder: no checkpoint to offer
+        latest = None
+    if latest is None:
+        return ("no checkpoint was saved yet, so there is nothing to resume: run the same "
+                "command again to start over")
+    command = shlex.join(["moat", *given] + ([] if args.resume else ["--resume"]))
+    return (f"the last complete checkpoint ({latest.name}) is kept, continue with:\n  "
+            f"{command}")
+
+
 def _checkpoint(args: argparse.Namespace) -> str:
     if bool(args.checkpoint) == bool(args.model):
-        raise ValueError("give either --checkpoint or --model (with --pretrained for a tag)")
+        raise InvalidInputError("give either --checkpoint or --model (with --pretrained for a tag)")
     if args.checkpoint:
         return args.checkpoint
     from moat.weights.loader import weights_file
@@ -140,7 +163,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default="moat-demo", help="folder for everything (default: "
                    "./moat-demo)")
     p.add_argument("--task", default="classification")
-    p.add_argument("--epochs", type=int, help="override the demo's epochs")
+    p.add_argument("--epochs", type=count(1), help="override the demo's epochs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_demo)

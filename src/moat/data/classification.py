@@ -28,6 +28,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extensi
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.folders import class_folders, describe_skipped, walk_files
 from moat.data.images import BadImageError, load_rgb
+from moat.errors import InvalidInputError
+from moat.paths import folder, regular_file
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class ImageDataset(Dataset):
     def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
                  transform: Transform | None = None, strict: bool = False) -> None:
         if not samples:
-            raise ValueError("dataset has no samples")
+            raise InvalidInputError("dataset has no samples")
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self._paths = _PathTable(p for p, _ in samples)
@@ -130,20 +132,18 @@ class ImageFolderDataset(ImageDataset):
 
     def __init__(self, root: str | os.PathLike, transform: Transform | None = None,
                  classes: Sequence[str] | None = None, strict: bool = False) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+        self.root = folder(root, "image folder")
         found, self.skipped = class_folders(self.root)
         if not found:
-            raise ValueError(f"no class folders in {str(self.root)!r}; expected the layout "
-                             "root/<class name>/<image files>")
+            raise InvalidInputError(f"no class folders in {str(self.root)!r}; expected the layout "
+                                    "root/<class name>/<image files>")
         from_train = classes is not None  # val: may lack classes, must not add any
         if classes is None:
             classes = found
         else:
             unknown = sorted(set(found) - set(classes))
             if unknown:
-                raise ValueError(
+                raise InvalidInputError(
                     f"{str(self.root)!r} has class folders the training set does not have: "
                     f"{_short(unknown)}. Class indices come from the training set, so add these "
                     "classes to it or remove the folders.")
@@ -162,8 +162,8 @@ class ImageFolderDataset(ImageDataset):
                         "y" if len(self.skipped) == 1 else "ies", self.root,
                         describe_skipped(self.skipped))
         if not samples:
-            raise ValueError(f"no image files under {str(self.root)!r} (extensions: "
-                             f"{', '.join(IMG_EXTENSIONS)})")
+            raise InvalidInputError(f"no image files under {str(self.root)!r} (extensions: "
+                                    f"{', '.join(IMG_EXTENSIONS)})")
         super().__init__(samples, classes, transform, strict)
 
 
@@ -180,27 +180,27 @@ class CsvDataset(ImageDataset):
 
     def __init__(self, csv_path: str | os.PathLike, transform: Transform | None = None,
                  classes: Sequence[str] | None = None, strict: bool = False) -> None:
-        self.csv_path = Path(csv_path)
+        self.csv_path = regular_file(csv_path, "CSV file list")
         base = self.csv_path.parent
         paths, labels = [], []
         with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in reader.fieldnames or []]
             if "path" not in header or "label" not in header:
-                raise ValueError(f"{str(self.csv_path)!r}: the first row must be a header with "
-                                 f"columns 'path' and 'label', got {header}")
+                raise InvalidInputError(f"{str(self.csv_path)!r}: the first row must be a header "
+                                        f"with columns 'path' and 'label', got {header}")
             reader.fieldnames = header
             for row in reader:
                 path, label = (row["path"] or "").strip(), (row["label"] or "").strip()
                 if not path and not label:
                     continue
                 if not path or not label:
-                    raise ValueError(f"{str(self.csv_path)!r} line {reader.line_num}: "
-                                     "empty path or label")
+                    raise InvalidInputError(f"{str(self.csv_path)!r} line {reader.line_num}: "
+                                            "empty path or label")
                 paths.append(os.path.join(base, path))
                 labels.append(label)
         if not paths:
-            raise ValueError(f"{str(self.csv_path)!r} lists no files")
+            raise InvalidInputError(f"{str(self.csv_path)!r} lists no files")
         targets, classes = targets_from_labels(labels, classes, repr(str(self.csv_path)))
         missing = [p for p in paths if not os.path.isfile(p)]  # FIFOs, devices: not files
         if missing:
@@ -224,16 +224,16 @@ def targets_from_labels(labels: Sequence[str], classes: Sequence[str] | None, wh
             return targets, [str(i) for i in range(max(targets) + 1)]
         bad = sorted({t for t in targets if t >= len(classes)})
         if bad:
-            raise ValueError(f"{where} has class indices {_short(bad)} but the training set "
-                             f"has only {len(classes)} classes")
+            raise InvalidInputError(f"{where} has class indices {_short(bad)} but the training set "
+                                    f"has only {len(classes)} classes")
         return targets, list(classes)
     if classes is None:
         classes = sorted(set(labels))
     index = {c: i for i, c in enumerate(classes)}
     unknown = sorted(set(labels) - index.keys())
     if unknown:
-        raise ValueError(f"{where} has labels the training set does not have: "
-                         f"{_short(unknown)}; class indices come from the training set")
+        raise InvalidInputError(f"{where} has labels the training set does not have: "
+                                f"{_short(unknown)}; class indices come from the training set")
     return [index[label] for label in labels], list(classes)
 
 

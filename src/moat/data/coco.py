@@ -45,6 +45,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from moat.errors import InvalidInputError
+from moat.paths import regular_file
+
 __all__ = ["CocoDetection", "prepare_coco", "read_json", "BOX_FORMATS", "train_transforms", "eval_transforms", "collate_detection",
            "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES"]
 
@@ -66,10 +69,10 @@ def read_json(path: str | os.PathLike) -> dict:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+        raise InvalidInputError(f"{str(path)!r} is not valid JSON: {err}") from err
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{str(path)!r} is not a COCO instances file: it needs \"images\", "
-                         "\"annotations\" and \"categories\"")
+        raise InvalidInputError(f"{str(path)!r} is not a COCO instances file: it needs \"images\", "
+                                "\"annotations\" and \"categories\"")
     return data
 
 
@@ -85,7 +88,7 @@ def prepare_coco(data: Mapping[str, Any], box_format: str = "xywh",
     Category ids stay as they are (any ids, gaps allowed; `CocoDetection` maps them).
     """
     if box_format not in BOX_FORMATS:
-        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+        raise InvalidInputError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
     data = dict(data)  # copies of what changes; segmentations are shared, not copied
     data["images"] = [dict(i) for i in data.get("images") or []]
     data["annotations"] = [dict(a) for a in data.get("annotations") or []]
@@ -140,8 +143,7 @@ def load_coco(ann_file: str | os.PathLike | Mapping[str, Any], copy_dict: bool =
             coco.dataset = copy.deepcopy(dict(ann_file)) if copy_dict else dict(ann_file)
             coco.createIndex()
         else:
-            if not os.path.isfile(ann_file):
-                raise FileNotFoundError(f"COCO annotation file not found: {str(ann_file)!r}")
+            regular_file(ann_file, "COCO annotation file")
             coco = COCO(str(ann_file))
     return coco
 
@@ -198,8 +200,8 @@ class CocoDetection(Dataset):
         img = load_rgb(self.image_dir / info["file_name"], exif_transpose=False)
         h, w = info.get("height"), info.get("width")
         if (h, w) != (None, None) and (img.height, img.width) != (h, w):
-            raise ValueError(f"image {info['file_name']!r} is {img.width}x{img.height} but the "
-                             f"annotations say {w}x{h}; fix the JSON or the file")
+            raise InvalidInputError(f"image {info['file_name']!r} is {img.width}x{img.height} but "
+                                    f"the annotations say {w}x{h}; fix the JSON or the file")
         return TF.pil_to_tensor(img)
 
     def load_target(self, image_id: int, height: int, width: int) -> dict[str, Any]:
@@ -270,7 +272,7 @@ def train_transforms(min_size: int = 800, max_size: int = 1333, *,
 
     lo, hi = scale_range
     if not 0 < lo <= hi:
-        raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range}")
+        raise InvalidInputError(f"scale_range must be 0 < low <= high, got {scale_range}")
     if jitter == "multiscale":
         sizes = sorted({max(1, round(min_size * s)) for s in np.linspace(lo, hi, 9)})
         ops = [v2.RandomShortestSize(sizes, max_size=round(max_size * hi), antialias=True)]
@@ -278,7 +280,7 @@ def train_transforms(min_size: int = 800, max_size: int = 1333, *,
         ops = [v2.ScaleJitter((min_size, min_size), scale_range=(lo, hi), antialias=True),
                v2.RandomCrop((min_size, min_size), pad_if_needed=True, fill=0)]
     else:
-        raise ValueError(f"jitter must be 'multiscale' or 'lsj', got {jitter!r}")
+        raise InvalidInputError(f"jitter must be 'multiscale' or 'lsj', got {jitter!r}")
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
     ops += [v2.ClampBoundingBoxes(),
@@ -360,7 +362,7 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
     for iou_type in iou_types:
         field = {"bbox": "bbox", "segm": "segmentation"}.get(iou_type)
         if field is None:
-            raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+            raise InvalidInputError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
         typed = [{k: copy.deepcopy(r[k]) for k in ("image_id", "category_id", "score", field)}
                  for r in results if field in r]
         names = _metric_names(iou_type)

@@ -17,6 +17,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from moat.errors import MoatError
+
 # File suffixes taken for images where a folder is searched for them (prediction inputs,
 # calibration images, segmentation images); torchvision's list for classification folders.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -29,7 +31,7 @@ BLACK = (0, 0, 0)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
-class BadImageError(ValueError):
+class BadImageError(MoatError, ValueError):
     """A file that cannot be used as an image: corrupt, truncated, empty, missing or not an image.
 
     The message always names the file. `path` is None only when the error was re-created from its

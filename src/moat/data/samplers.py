@@ -26,6 +26,8 @@ import numpy as np
 import torch.distributed as dist
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from moat.errors import InvalidInputError
+
 
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -57,8 +59,8 @@ class ResumableSampler(DistributedSampler):
     def skip(self, num_samples: int) -> None:
         """Start this epoch at the `num_samples`-th index of this rank's order."""
         if not 0 <= num_samples <= self.num_samples:
-            raise ValueError(f"cannot skip {num_samples} samples of an epoch of "
-                             f"{self.num_samples} on this rank")
+            raise InvalidInputError(f"cannot skip {num_samples} samples of an epoch of "
+                                    f"{self.num_samples} on this rank")
         self.start = num_samples
 
     def __iter__(self) -> Iterator[int]:
@@ -93,7 +95,7 @@ class ExactSampler(ResumableSampler):
         self.size = len(dataset)  # type: ignore[arg-type]
         self.shard_sizes = list(shard_sizes) if shard_sizes else [self.size]
         if sum(self.shard_sizes) != self.size:
-            raise ValueError(f"shard sizes sum to {sum(self.shard_sizes)}, not {self.size}")
+            raise InvalidInputError(f"shard sizes sum to {sum(self.shard_sizes)}, not {self.size}")
         self.window = window
         self.batch_size = batch_size
         per_step = self.num_replicas * batch_size * accum_steps

@@ -46,6 +46,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
+from moat.errors import InvalidInputError
 from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 
 IGNORE_INDEX = 255
@@ -156,7 +157,8 @@ def _colour(value: Any, where: str) -> Colour:
     if isinstance(value, (list, tuple)) and len(value) == 3 \
             and all(isinstance(v, int) and 0 <= v <= 255 for v in value):
         return tuple(value)  # type: ignore[return-value]
-    raise ValueError(f"{where}: a colour must be [R, G, B] (0..255) or '#rrggbb', got {value!r}")
+    raise InvalidInputError(f"{where}: a colour must be [R, G, B] (0..255) or '#rrggbb', got "
+                            f"{value!r}")
 
 
 def parse_class_table(data: Any, source: str) -> ClassTable:
@@ -167,24 +169,24 @@ def parse_class_table(data: Any, source: str) -> ClassTable:
     if isinstance(data, dict):
         data = [{"name": k, "color": v} for k, v in data.items()]
     if not isinstance(data, list) or not data:
-        raise ValueError(f"{source}: expected a list of classes, e.g. "
-                         '{"classes": [{"name": "background", "color": [0, 0, 0]}, ...]}')
+        raise InvalidInputError(f"{source}: expected a list of classes, e.g. "
+                                '{"classes": [{"name": "background", "color": [0, 0, 0]}, ...]}')
     names, colours = [], []
     for i, item in enumerate(data):
         if isinstance(item, str):
             names.append(item)
             continue
         if not isinstance(item, dict) or "name" not in item:
-            raise ValueError(f"{source}: class {i} must be a name or "
-                             f'{{"name": ..., "color": [R, G, B]}}, got {item!r}')
+            raise InvalidInputError(f"{source}: class {i} must be a name or "
+                                    f'{{"name": ..., "color": [R, G, B]}}, got {item!r}')
         names.append(str(item["name"]))
         colour = item.get("color", item.get("colour"))
         if colour is not None:
             colours.append(_colour(colour, f"{source}: class {item['name']!r}"))
     if colours and len(colours) != len(names):
-        raise ValueError(f"{source}: give a colour to every class or to none")
+        raise InvalidInputError(f"{source}: give a colour to every class or to none")
     if len(set(colours)) != len(colours):
-        raise ValueError(f"{source}: two classes have the same colour")
+        raise InvalidInputError(f"{source}: two classes have the same colour")
     return ClassTable(names, colours or None, source)
 
 
@@ -198,7 +200,7 @@ def read_class_table(root: str | os.PathLike) -> ClassTable | None:
         try:
             return parse_class_table(json.loads(path.read_text()), str(path))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+            raise InvalidInputError(f"{str(path)!r} is not valid JSON: {err}") from err
     if (root / "classes.txt").is_file():
         names = [line.strip() for line in (root / "classes.txt").read_text().splitlines()]
         return ClassTable([n for n in names if n], None, str(root / "classes.txt"))
@@ -217,8 +219,8 @@ def _files(folder: Path, extensions: Sequence[str]) -> dict[str, Path]:
                 and entry.name.lower().endswith(tuple(extensions)):
             stem = os.path.splitext(entry.name)[0]
             if stem in found:
-                raise ValueError(f"two files with stem {stem!r} in {str(folder)!r}: "
-                                 f"{found[stem].name} and {entry.name}")
+                raise InvalidInputError(f"two files with stem {stem!r} in {str(folder)!r}: "
+                                        f"{found[stem].name} and {entry.name}")
             found[stem] = Path(entry.path)
     return found
 
@@ -235,12 +237,13 @@ def find_pairs(image_dir: str | os.PathLike, mask_dir: str | os.PathLike) -> lis
             raise FileNotFoundError(f"no such folder: {str(d)!r}")
     images, masks = _files(image_dir, IMAGE_SUFFIXES), _files(mask_dir, MASK_EXTENSIONS)
     if not images:
-        raise ValueError(f"no images in {str(image_dir)!r}")
+        raise InvalidInputError(f"no images in {str(image_dir)!r}")
     orphans = sorted(set(images) - set(masks))
     if orphans:
         shown = ", ".join(images[s].name for s in orphans[:5])
-        raise ValueError(f"{len(orphans)} image(s) in {str(image_dir)!r} have no mask of the same "
-                         f"name in {str(mask_dir)!r}: {shown}{' ...' if len(orphans) > 5 else ''}")
+        raise InvalidInputError(f"{len(orphans)} image(s) in {str(image_dir)!r} have no mask of "
+                                f"the same name in {str(mask_dir)!r}: "
+                                f"{shown}{' ...' if len(orphans) > 5 else ''}")
     return [(str(images[s]), str(masks[s])) for s in sorted(images)]
 
 
@@ -264,7 +267,8 @@ def find_segmentation_splits(root: str | os.PathLike, layout: str = "auto") -> S
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {str(root)!r}")
     if layout not in ("auto", "ade20k", "folder"):
-        raise ValueError(f"unknown segmentation layout {layout!r}; use auto, ade20k or folder")
+        raise InvalidInputError(f"unknown segmentation layout {layout!r}; use auto, ade20k or "
+                                f"folder")
     ade = root / "images" / "training", root / "annotations" / "training"
     if layout == "ade20k" or (layout == "auto" and ade[0].is_dir()):
         if not (ade[0].is_dir() and ade[1].is_dir()):
@@ -304,7 +308,7 @@ class SegmentationDataset(Dataset):
                  strict: bool = False, classes: Sequence[str] | None = None,
                  colours: Sequence[Colour] | None = None, binary: bool = False) -> None:
         if not pairs:
-            raise ValueError("segmentation dataset has no samples")
+            raise InvalidInputError("segmentation dataset has no samples")
         self.pairs = [(str(i), str(m)) for i, m in pairs]
         self.transform = transform
         self.reduce_zero_label = reduce_zero_label

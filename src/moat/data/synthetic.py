@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from moat.errors import InvalidInputError
+
 Mask = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray | None]]
 _FORMAT_VERSION = 1  # bump when rendering changes, so cached datasets are regenerated
 
@@ -177,9 +179,9 @@ def write_shapes_dataset(
     folders are refused rather than overwritten. `image_format` is "png" (lossless) or "jpeg".
     """
     if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes must be between 1 and {len(SHAPES)}, got {num_classes}")
+        raise InvalidInputError(f"num_classes must be between 1 and {len(SHAPES)}, got {num_classes}")
     if image_format not in ("png", "jpeg"):
-        raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
+        raise InvalidInputError(f"image_format must be 'png' or 'jpeg', got {image_format!r}")
     root = Path(root)
     classes = list(SHAPES)[:num_classes]
     per_class = {"train": train_per_class, "val": val_per_class}

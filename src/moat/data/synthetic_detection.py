@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from moat.data.synthetic import SHAPES, _colour_far_from, reuse_or_clear
+from moat.errors import InvalidInputError
 
 _FORMAT_VERSION = 1  # bump when rendering changes, so cached datasets are regenerated
 DEFAULT_CLASSES = ("circle", "square", "triangle")
@@ -145,7 +146,7 @@ def write_synthetic_detection(
     classes = list(classes)
     unknown = [c for c in classes if c not in SHAPES]
     if unknown or not classes:
-        raise ValueError(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+        raise InvalidInputError(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
     root = Path(root)
     counts = {"train": int(num_train), "val": int(num_val)}
     params = dict(version=_FORMAT_VERSION, classes=classes, counts=counts, img_size=img_size,

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from moat.data.synthetic import reuse_or_clear
+from moat.errors import InvalidInputError
 
 _FORMAT_VERSION = 1  # bump when rendering changes, so cached datasets are regenerated
 
@@ -148,7 +149,7 @@ def write_segmentation_dataset(
     The first `num_shapes` shapes of `SHAPES` are the classes 1..num_shapes (0: background).
     """
     if not 1 <= num_shapes <= len(SHAPES):
-        raise ValueError(f"num_shapes must be between 1 and {len(SHAPES)}, got {num_shapes}")
+        raise InvalidInputError(f"num_shapes must be between 1 and {len(SHAPES)}, got {num_shapes}")
     root = Path(root)
     classes = ["background", *list(SHAPES)[:num_shapes]]
     sizes = {"train": train_size, "val": val_size}

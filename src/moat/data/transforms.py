@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from moat.errors import InvalidInputError
 from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
 from moat.weights.loader import data_config
 
@@ -29,7 +30,7 @@ def _interpolation(name: str | v2.InterpolationMode) -> v2.InterpolationMode:
         return v2.InterpolationMode(name.lower())
     except ValueError:
         choices = ", ".join(m.value for m in v2.InterpolationMode)
-        raise ValueError(f"unknown interpolation {name!r}; use one of: {choices}") from None
+        raise InvalidInputError(f"unknown interpolation {name!r}; use one of: {choices}") from None
 
 
 def _to_normalized_tensor(mean: Sequence[float], std: Sequence[float]) -> list[nn.Module]:
@@ -75,7 +76,7 @@ def train_transform(
 def eval_resize_size(img_size: Size, crop_pct: float) -> Size:
     """Resize target before the center crop: floor(img_size / crop_pct), as in timm."""
     if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise InvalidInputError(f"crop_pct must be in (0, 1], got {crop_pct}")
     h, w = size_pair(img_size)
     # The epsilon keeps e.g. 224 / 0.875 at 256 whatever the float rounding.
     sh, sw = (math.floor(s / crop_pct + 1e-6) for s in (h, w))
@@ -118,7 +119,7 @@ class MixUpCutMix:
         if cutmix_alpha > 0:
             ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
         if not ops:
-            raise ValueError("MixUpCutMix needs mixup_alpha > 0 or cutmix_alpha > 0")
+            raise InvalidInputError("MixUpCutMix needs mixup_alpha > 0 or cutmix_alpha > 0")
         self.mix = ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing

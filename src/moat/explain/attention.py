@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.models.blocks import MoatBlock
 from moat.models.layers import _window_regions
 
@@ -67,8 +68,8 @@ class AttentionMap:
         (zero outside its window)."""
         height, width = self.size
         if not (0 <= y < height and 0 <= x < width):
-            raise ValueError(f"query ({y}, {x}) is outside the {height}x{width} map of "
-                             f"{self.name}")
+            raise InvalidInputError(f"query ({y}, {x}) is outside the {height}x{width} map of "
+                                    f"{self.name}")
         out = self._empty(height * width)
         query = y * width + x
         for pos, probs in self.chunks:
@@ -112,8 +113,9 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, AttentionMap]]:
     the same result."""
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, MoatBlock)}
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no MOAT block: attention maps need a "
-                         "MoatNet (or a model containing one), not an optimized or exported copy")
+        raise InvalidInputError(f"{type(model).__name__} has no MOAT block: attention maps need a "
+                                "MoatNet (or a model containing one), not an optimized or exported "
+                                "copy")
     sizes: dict[str, tuple[int, int]] = {}
     maps: dict[str, AttentionMap] = {}
 

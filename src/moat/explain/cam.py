@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.models.moat import ENDPOINTS, MoatNet
 
 METHODS = ("hirescam", "gradcam")
@@ -34,8 +35,8 @@ def find_moatnet(model: nn.Module) -> MoatNet:
     """The MoatNet inside `model` (the model itself, a segmentation or detection backbone)."""
     net = next((m for m in model.modules() if isinstance(m, MoatNet)), None)
     if net is None:
-        raise ValueError(f"{type(model).__name__} contains no MoatNet: explanations need a "
-                         "MOAT model (not an optimized or exported copy)")
+        raise InvalidInputError(f"{type(model).__name__} contains no MoatNet: explanations need a "
+                                "MOAT model (not an optimized or exported copy)")
     return net
 
 
@@ -95,7 +96,7 @@ def class_activation_maps(model: nn.Module, x: Tensor | list[Tensor], score: Sco
     from captum.attr import LayerGradCam, LayerGradientXActivation
 
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+        raise InvalidInputError(f"unknown method {method!r}: use one of {METHODS}")
     layers = dict(layers or stage_layers(model))
     is_list = isinstance(x, (list, tuple))
     inputs = torch.stack(list(x)) if is_list else x

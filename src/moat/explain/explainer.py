@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError, MoatError
 from moat.explain.attention import AttentionMap, record_attention
 from moat.explain.cam import (box_score, class_activation_maps, class_score, mask_score,
                               stage_layers, to_input_size)
@@ -29,7 +30,7 @@ from moat.explain.cam import (box_score, class_activation_maps, class_score, mas
 TASKS = ("classification", "segmentation", "detection")
 
 
-class NoDetectionError(ValueError):
+class NoDetectionError(MoatError, ValueError):
     """The detector found nothing (of the asked class, at the asked box) in this image: a
     fact about the image, not an error of the model or the options."""
 
@@ -55,13 +56,13 @@ def _class_index(target: int | str | None, names: Sequence[str], default: int) -
         return default
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if target not in names:
-            raise ValueError(f"unknown class {target!r}; the model's classes: "
-                             f"{', '.join(list(names)[:20])}{' ...' if len(names) > 20 else ''}")
+            raise InvalidInputError(f"unknown class {target!r}; the model's classes: "
+                                    f"{', '.join(list(names)[:20])}{' ...' if len(names) > 20 else ''}")
         return list(names).index(target)
     index = int(target)
     if not 0 <= index < len(names):
-        raise ValueError(f"class index {index} is out of range: the model has {len(names)} "
-                         "classes")
+        raise InvalidInputError(f"class index {index} is out of range: the model has {len(names)} "
+                                "classes")
     return index
 
 
@@ -76,7 +77,7 @@ class Explainer:
                  class_names: Sequence[str] | None = None,
                  device: torch.device | str = "cpu") -> None:
         if task not in TASKS:
-            raise ValueError(f"cannot explain a {task!r} model: one of {TASKS}")
+            raise InvalidInputError(f"cannot explain a {task!r} model: one of {TASKS}")
         self.model, self.task, self.transform = model.eval(), task, transform
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)

@@ -12,9 +12,11 @@ import numpy as np
 from PIL import Image
 
 from moat.data.folders import output_names
+from moat.errors import InvalidInputError
 from moat.explain.explainer import Explainer, Explanation, NoDetectionError
 from moat.explain.render import attention_row, boxes_image, cam_row, mask_overlay
 from moat.integrity import atomic_output
+from moat.device import pick_device
 
 
 def _atomic(path: Path, write) -> str:
@@ -73,7 +75,8 @@ def explain_files(images: Sequence[str | os.PathLike], output_dir: str | os.Path
     from moat.train.inference import expand_images
 
     if (model is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --model NAME or --checkpoint RUN")
+        raise InvalidInputError("give exactly one of --model NAME or --checkpoint RUN")
+    device = pick_device(device)  # checked before any model is built
     explainer = (Explainer.from_name(model, device=device, img_size=img_size) if model
                  else Explainer.from_checkpoint(checkpoint, device=device, img_size=img_size))
     results = []

@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from moat.errors import InvalidInputError
 from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_size, check_onnx,
                                  export_onnx, export_program, export_torchscript,
                                  prepare_for_export, supports_dynamic_size)
@@ -50,10 +51,11 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None,
     path = Path(model)
     if path.exists() and not is_hub_name(model):
         if weights is not None:
-            raise ValueError(f"MODEL is already a weights file ({model}); drop --weights")
+            raise InvalidInputError(f"MODEL is already a weights file ({model}); drop --weights")
         name, classes = _variant_of_file(path)
         if num_classes is not None and num_classes != classes:
-            raise ValueError(f"{model} holds a {classes}-class classifier, not {num_classes}")
+            raise InvalidInputError(f"{model} holds a {classes}-class classifier, not "
+                                    f"{num_classes}")
         return moat.create_model(name, weights=path, num_classes=classes, **options).eval()
     if num_classes is not None:
         options["num_classes"] = num_classes
@@ -68,18 +70,18 @@ def _variant_of_file(path: Path) -> tuple[str, int]:
     if path.suffix == ".safetensors":
         meta = WeightsMetadata.read(path)
         if meta.variant is None:
-            raise ValueError(f"{path} records no variant; pass the variant as MODEL and the "
-                             "file with --weights")
+            raise InvalidInputError(f"{path} records no variant; pass the variant as MODEL and the "
+                                    "file with --weights")
         return meta.model_name, meta.num_classes or 1000
     if path.suffix in (".pt", ".pth", ".bin", ".npz"):
-        raise ValueError(f"{path} does not record its variant; pass the variant as MODEL and "
-                         "the file with --weights, e.g. `moat export onnx moat_0 out.onnx "
-                         f"--weights {path}`")
+        raise InvalidInputError(f"{path} does not record its variant; pass the variant as MODEL "
+                                f"and the file with --weights, e.g. `moat export onnx moat_0 "
+                                f"out.onnx --weights {path}`")
     from moat.weights.info import checkpoint_info
 
     variant = checkpoint_info(path)["variant"]
     if isinstance(variant, str):
-        raise ValueError(f"{path}: {variant}")
+        raise InvalidInputError(f"{path}: {variant}")
     return variant.model_name, variant.num_classes
 
 
@@ -113,9 +115,9 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     (ONNX only): GELU's tanh approximation; measure its cost first (`moat.export.gelu`).
     """
     if gelu != "exact" and fmt != "onnx":
-        raise ValueError(f"--gelu {gelu} is offered for ONNX exports only, not {fmt}")
+        raise InvalidInputError(f"--gelu {gelu} is offered for ONNX exports only, not {fmt}")
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise InvalidInputError(f"format must be one of {FORMATS}, got {fmt!r}")
     size = size_pair(img_size or model.cfg.native_resolution)
     with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
         return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,

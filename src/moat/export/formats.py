@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.export.graph import for_graph_runtime
 from moat.export.inference import (SamePaddingConv2d, is_optimized,
                                    optimize_for_inference, portable_ops)
@@ -61,16 +62,16 @@ def check_dynamic_size(model: MoatNet, img_size: tuple[int, int],
     if dynamic_size is None:
         dynamic_size = can and traceable
     if dynamic_size and not can:
-        raise ValueError("dynamic height/width needs global attention in every MOAT block; "
-                         "with window attention the export has a fixed input size "
-                         "(leave dynamic_size at None or False)")
+        raise InvalidInputError("dynamic height/width needs global attention in every MOAT block; "
+                                "with window attention the export has a fixed input size "
+                                "(leave dynamic_size at None or False)")
     if dynamic_size and any(s % SIZE_MULTIPLE for s in img_size):
-        raise ValueError(f"a dynamic-size export is traced at a multiple of {SIZE_MULTIPLE} "
-                         f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
+        raise InvalidInputError(f"a dynamic-size export is traced at a multiple of {SIZE_MULTIPLE} "
+                                f"and serves multiples of {SIZE_MULTIPLE}; got img_size {img_size}")
     if dynamic_size and not traceable:
-        raise ValueError(f"a dynamic-size export is traced at {2 * SIZE_MULTIPLE} pixels or more "
-                         f"(at {SIZE_MULTIPLE} the last feature map is 1x1 and the graph "
-                         f"specialises to it); got img_size {img_size}: trace at e.g. 224")
+        raise InvalidInputError(f"a dynamic-size export is traced at {2 * SIZE_MULTIPLE} pixels or "
+                                f"more (at {SIZE_MULTIPLE} the last feature map is 1x1 and the graph "
+                                f"specialises to it); got img_size {img_size}: trace at e.g. 224")
     return dynamic_size
 
 
@@ -141,11 +142,11 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
     itself is not changed. `gelu`: see `optimize_for_inference`.
     """
     if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not isinstance(model, MoatNet):
         raise TypeError(f"expected a MoatNet, got {type(model).__name__}")
     if is_optimized(model):
-        raise ValueError("pass the plain model: the exporter optimises a copy itself")
+        raise InvalidInputError("pass the plain model: the exporter optimises a copy itself")
     size = size_pair(img_size)
     dynamic = check_dynamic_size(model, size, dynamic_size)
     fused = optimize_for_inference(model, channels_last=channels_last,
@@ -263,14 +264,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
 
     newest = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= opset <= newest:
-        raise ValueError(f"opset {opset} is not supported: use 17 (default) to {newest} "
-                         f"(the newest this onnx {onnx.__version__} knows)")
+        raise InvalidInputError(f"opset {opset} is not supported: use 17 (default) to {newest} "
+                                f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
         program, dynamic = _export(model, size, batch, dynamic_size, layout, gelu)
     elif layout != "pytorch" or gelu != "exact":
-        raise ValueError("`program` (from export_program) holds the 'pytorch' layout with the "
-                         "exact GELU: pass layout='pytorch' with it, or leave program out")
+        raise InvalidInputError("`program` (from export_program) holds the 'pytorch' layout with "
+                                "the exact GELU: pass layout='pytorch' with it, or leave program out")
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
@@ -317,7 +318,8 @@ def _fast_gelu_table(layout: str) -> dict | None:
 
     def fast_gelu(x, approximate: str = "none"):
         if approximate != "tanh":
-            raise ValueError("the onnxruntime layout exports only the tanh GELU as aten.gelu")
+            raise InvalidInputError("the onnxruntime layout exports only the tanh GELU as "
+                                    "aten.gelu")
         return fast_gelu_op(x)
 
     return {torch.ops.aten.gelu.default: fast_gelu}
@@ -353,21 +355,22 @@ def downgrade_onnx_to_opset17(path: str | os.PathLike) -> None:
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in _NEW_IN_18:
-            raise ValueError(f"cannot write opset 17: the graph uses {node.op_type}, which "
-                             "changed in opset 18; export with opset 18")
+            raise InvalidInputError(f"cannot write opset 17: the graph uses {node.op_type}, which "
+                                    "changed in opset 18; export with opset 18")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type in _REDUCE_AXES_18:
             if attrs.pop("noop_with_empty_axes", 0):
-                raise ValueError(f"cannot write opset 17: {node.name} reduces nothing")
+                raise InvalidInputError(f"cannot write opset 17: {node.name} reduces nothing")
             if len(node.input) > 1 and node.input[1]:
                 if node.input[1] not in constants:
-                    raise ValueError(f"cannot write opset 17: {node.name} has computed axes")
+                    raise InvalidInputError(f"cannot write opset 17: {node.name} has computed axes")
                 attrs["axes"] = [int(a) for a in constants[node.input[1]].reshape(-1)]
             del node.input[1:]
         elif node.op_type == "Resize":
             defaults = {"antialias": 0, "keep_aspect_ratio_policy": b"stretch"}
             if "axes" in attrs or any(attrs.pop(k, v) != v for k, v in defaults.items()):
-                raise ValueError(f"cannot write opset 17: {node.name} uses Resize-18 options")
+                raise InvalidInputError(f"cannot write opset 17: {node.name} uses Resize-18 "
+                                        f"options")
         else:
             continue
         del node.attribute[:]

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 from moat.export.inference import optimize_for_inference
 
 __all__ = ["TOP1_LIMIT", "GeluApproximationRefused", "check_gelu_cost", "format_gelu_cost",
@@ -60,7 +60,7 @@ def gelu_cost(model: nn.Module,
                 hits_exact += int((top_a == labels).sum())
                 hits_tanh += int((top_b == labels).sum())
     if count == 0:
-        raise ValueError("no images to measure the tanh GELU on")
+        raise InvalidInputError("no images to measure the tanh GELU on")
     cost = {"images": count, "max_logit_deviation": deviation,
             "changed_top1": 100.0 * changed / count, "top1_exact": None, "top1_tanh": None}
     if labelled:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.export.inference import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
                                    is_optimized)
 from moat.models.layers import avg_pool_same_exclude_pad, window_attention
@@ -131,7 +132,7 @@ class GraphMoatBlock(GraphMBConv):
 def for_graph_runtime(fused: MoatNet) -> MoatNet:
     """A copy of an `optimize_for_inference` model in the module path above."""
     if not is_optimized(fused):
-        raise ValueError("for_graph_runtime takes a model from optimize_for_inference")
+        raise InvalidInputError("for_graph_runtime takes a model from optimize_for_inference")
     graph = copy.deepcopy(fused).to(memory_format=torch.contiguous_format)
     stem = graph.stem
     if isinstance(stem.conv_0, ConvGelu):

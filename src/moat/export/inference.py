@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.cpu import cpu_info
+from moat.errors import InvalidInputError
 from moat.models.blocks import MBConvBlock, MoatBlock, SqueezeExcite
 from moat.models.layers import (Attention, Conv2dSame, _window_regions,
                                 avg_pool_same_exclude_pad, relative_position_bias, same_padding,
@@ -72,7 +73,8 @@ def fold_bn_around_1x1(before: nn.BatchNorm2d, conv: nn.Conv2d,
                        after: nn.BatchNorm2d) -> nn.Conv2d:
     """after(conv(before(x))) for a 1x1, ungrouped, bias-free convolution."""
     if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.bias is not None:
-        raise ValueError("fold_bn_around_1x1 needs a 1x1, ungrouped convolution without bias")
+        raise InvalidInputError("fold_bn_around_1x1 needs a 1x1, ungrouped convolution without "
+                                "bias")
     a1, b1 = _bn_affine(before)
     a2, b2 = _bn_affine(after)
     w = conv.weight.double()[:, :, 0, 0]                       # [out, in]
@@ -501,9 +503,9 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = Non
         raise TypeError(f"optimize_for_inference takes a MoatNet (moat.create_model), got "
                         f"{type(model).__name__}")
     if is_optimized(model):
-        raise ValueError("this model is already optimised for inference")
+        raise InvalidInputError("this model is already optimised for inference")
     if gelu not in GELU_FORMS:
-        raise ValueError(f"gelu must be one of {list(GELU_FORMS)}, got {gelu!r}")
+        raise InvalidInputError(f"gelu must be one of {list(GELU_FORMS)}, got {gelu!r}")
     approximate = GELU_FORMS[gelu]
     param = next(model.parameters())
     fused = copy.deepcopy(model).eval()

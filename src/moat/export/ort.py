@@ -8,6 +8,8 @@ import os
 import torch
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
+
 __all__ = ["OnnxRuntimeModel", "onnx_session"]
 
 
@@ -42,7 +44,7 @@ class OnnxRuntimeModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fixed = [d if isinstance(d, int) else None for d in self.input_shape]
         if any(f is not None and f != s for f, s in zip(fixed[1:], x.shape[1:])):
-            raise ValueError(f"{self.path} takes inputs of shape {self.input_shape}, got "
-                             f"{list(x.shape)}: evaluate at the size it was exported for")
+            raise InvalidInputError(f"{self.path} takes inputs of shape {self.input_shape}, got "
+                                    f"{list(x.shape)}: evaluate at the size it was exported for")
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from moat.data.images import IMAGE_SUFFIXES
+from moat.data.folders import walk_files
+from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
+from moat.errors import InvalidInputError
 
 __all__ = ["PREPROCESSING_KEY", "calibration_batches", "quantize_onnx", "read_preprocessing"]
 
@@ -47,54 +49,83 @@ def read_preprocessing(path: str | os.PathLike,
         return imagenet_data_config(dims[2:])
     if img_size:
         return imagenet_data_config(img_size)
-    raise ValueError(f"{path} has no fixed input size and no {PREPROCESSING_KEY} metadata: "
-                     "give the input size, or export it with `moat export onnx` (fixed size)")
+    raise InvalidInputError(f"{path} has no fixed input size and no {PREPROCESSING_KEY} metadata: "
+                            "give the input size, or export it with `moat export onnx` (fixed "
+                            "size)")
 
 
 def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
-                        max_images: int = 256, batch: int = 8) -> Iterator[np.ndarray]:
+                        max_images: int = 256, batch: int = 8,
+                        skipped: dict[str, str] | None = None) -> Iterator[np.ndarray]:
     """Preprocessed float32 NCHW batches of the images under `folder` (sorted, at most
-    `max_images`)."""
+    `max_images` readable ones). Files that are not readable images are skipped as training
+    skips them (`moat.data.images.load_rgb`): each is added to `skipped` {path: reason}."""
     import torch
-    from PIL import Image
 
     from moat.data.transforms import eval_transform
 
+    if max_images < 1:
+        raise InvalidInputError(f"--max-images must be >= 1, got {max_images}")
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"calibration folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))[:max_images]
+        raise FileNotFoundError(f"calibration folder {str(folder)!r} does not exist"
+                                + (" (it is a file, not a folder)" if folder.exists() else ""))
+    files, unreadable = walk_files(folder, lambda p: p.lower().endswith(IMAGE_SUFFIXES))
+    skipped = {} if skipped is None else skipped
+    skipped.update({s.path: s.reason for s in unreadable})
     if not files:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}: calibration "
-                         "needs a few hundred images like those the model will see")
+        raise InvalidInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}: "
+                                "calibration needs a few hundred images like those the model "
+                                "will see")
     transform = eval_transform(tuple(preprocessing["input_size"]),
                                mean=preprocessing["mean"], std=preprocessing["std"],
                                interpolation=preprocessing["interpolation"],
                                crop_pct=preprocessing["crop_pct"])
-    for start in range(0, len(files), batch):
-        images = []
-        for file in files[start:start + batch]:
-            with Image.open(file) as image:
-                images.append(transform(image.convert("RGB")))
+    images, used = [], 0
+    for file in files:
+        if used == max_images:
+            break
+        try:
+            images.append(transform(load_rgb(file)))
+        except BadImageError as err:
+            skipped[file] = str(err)
+            continue
+        used += 1
+        if len(images) == batch:
+            yield torch.stack(images).numpy()
+            images = []
+    if images:
         yield torch.stack(images).numpy()
+    if used == 0:
+        raise InvalidInputError(f"none of the {len(files)} image file(s) under {folder} could "
+                                f"be read (e.g. {skipped[files[0]]})")
 
 
 def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
                   calibration: str | os.PathLike, *, max_images: int = 256,
                   img_size: tuple[int, int] | None = None) -> dict:
     """Static int8 (QDQ, per-channel weights) copy of `model`, calibrated on the images in
-    the folder `calibration`; written atomically to `out`. Returns a summary dict."""
+    the folder `calibration`; written atomically to `out`. Returns a summary dict (with
+    `skipped`: {path: reason} of the files that are not readable images)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
                                           QuantFormat, QuantType, quantize_static)
 
     model, out = Path(model), Path(out)
+    if max_images < 1:
+        raise InvalidInputError(f"--max-images must be >= 1, got {max_images}")
+    if not model.is_file():
+        raise FileNotFoundError(f"ONNX file {str(model)!r} "
+                                + ("is not a regular file" if model.exists() else
+                                   "does not exist"))
     if model.resolve() == out.resolve():
-        raise ValueError("OUT must differ from MODEL: quantization never overwrites its input")
+        raise InvalidInputError("OUT must differ from MODEL: quantization never overwrites its "
+                                "input")
     preprocessing = read_preprocessing(model, img_size)
     if img_size is not None:
         preprocessing["input_size"] = list(img_size)
-    batches = calibration_batches(calibration, preprocessing, max_images=max_images)
+    skipped: dict[str, str] = {}
+    batches = calibration_batches(calibration, preprocessing, max_images=max_images,
+                                  skipped=skipped)
     import onnx
 
     input_name = onnx.load(os.fspath(model), load_external_data=False).graph.input[0].name
@@ -122,7 +153,7 @@ def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
                         calibrate_method=CalibrationMethod.MinMax)
         _copy_metadata(model, written)
         os.replace(written, out)
-    return {"path": str(out), "calibration_images": reader.count}
+    return {"path": str(out), "calibration_images": reader.count, "skipped": skipped}
 
 
 def _fuse_for_quantization(model: Path, out: Path) -> None:

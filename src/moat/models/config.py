@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moat.errors import InvalidInputError
+
 BLOCK_TYPES = ("mbconv", "mbconv", "moat", "moat")
 
 
@@ -50,7 +52,7 @@ class MoatConfig:
         """
         last = self.survival_prob if drop_path_rate is None else 1.0 - drop_path_rate
         if not 0.0 < last <= 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {1.0 - last:g}")
+            raise InvalidInputError(f"drop_path_rate must be in [0, 1), got {1.0 - last:g}")
         total = sum(self.num_blocks)
         return [1.0 - (1.0 - last) * i / total for i in range(total)]
 

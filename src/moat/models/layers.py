@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import flex_attention
 
+from moat.errors import InvalidInputError
+
 # The attention kernel, the one speed switch of `Attention` (`set_attention_kernel`):
 #   "sdpa": scaled_dot_product_attention with the position bias as an additive mask (default;
 #           on the CPU with a bias that needs a gradient: three plain ops, see `forward`);
@@ -208,7 +210,8 @@ def pointwise(linear: nn.Linear, x: Tensor) -> Tensor:
 def set_attention_kernel(kernel: str) -> str:
     """Make every `Attention` use `kernel` ("sdpa" or "flex"); returns the previous one."""
     if kernel not in ATTENTION_KERNELS:
-        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+        raise InvalidInputError(f"attention kernel must be one of {ATTENTION_KERNELS}, got "
+                                f"{kernel!r}")
     previous, _attention["kernel"] = _attention["kernel"], kernel
     return previous
 

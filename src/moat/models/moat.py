@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from moat.errors import InvalidInputError
 from moat.models.blocks import MBConvBlock, MoatBlock, batch_norm
 from moat.models.config import MoatConfig
 from moat.models.layers import Attention, Conv2dSame
@@ -40,13 +41,13 @@ def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
         return [None] * len(cfg.block_type)
     window_size = list(window_size)
     if len(window_size) != len(cfg.block_type):
-        raise ValueError(
+        raise InvalidInputError(
             f"window_size needs one entry per stage ({len(cfg.block_type)}), got "
             f"{len(window_size)}: use e.g. [None, None, (14, 14), None]")
     checked: list[Window | None] = []
     for stage, (kind, window) in enumerate(zip(cfg.block_type, window_size)):
         if window is not None and kind != "moat":
-            raise ValueError(
+            raise InvalidInputError(
                 f"window_size[{stage}] = {window!r}, but stage {stage} is an MBConv stage "
                 "without attention: window attention applies only to the MOAT stages "
                 f"(indices {list(cfg.moat_stages)}); set window_size[{stage}] to None")
@@ -55,8 +56,8 @@ def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
         if window is not None:
             window = tuple(int(v) for v in window)
             if len(window) != 2 or min(window) < 1:
-                raise ValueError(f"window_size[{stage}] = {window!r}: use None (global "
-                                 "attention), a positive int or an (h, w) pair")
+                raise InvalidInputError(f"window_size[{stage}] = {window!r}: use None (global "
+                                        "attention), a positive int or an (h, w) pair")
         checked.append(window)
     return checked
 
@@ -79,7 +80,7 @@ class MoatNet(nn.Module):
     ) -> None:
         super().__init__()
         if pool_size < 1:
-            raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
+            raise InvalidInputError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -124,8 +125,8 @@ class MoatNet(nn.Module):
         self.out_indices = tuple(range(len(ENDPOINTS)) if out_indices is None else out_indices)
         if features_only:
             if any(not 0 <= i < len(ENDPOINTS) for i in self.out_indices):
-                raise ValueError(f"out_indices must be within 0..4 (stage1..stage5), "
-                                 f"got {list(self.out_indices)}")
+                raise InvalidInputError(f"out_indices must be within 0..4 (stage1..stage5), "
+                                        f"got {list(self.out_indices)}")
             self.feature_info = FeatureInfo(feature_info[i] for i in self.out_indices)
             self.final_layer_norm = self.logits_head = None
         else:
@@ -160,8 +161,8 @@ class MoatNet(nn.Module):
         (BatchNorm statistics fixed, no drop path) even when the model is put in train mode.
         """
         if not -1 <= frozen_stages <= len(self.stages):
-            raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. "
-                             f"{len(self.stages)} (all), got {frozen_stages}")
+            raise InvalidInputError(f"frozen_stages must be -1 (none), 0 (stem) .. "
+                                    f"{len(self.stages)} (all), got {frozen_stages}")
         self.frozen_stages = frozen_stages
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -191,7 +192,7 @@ class MoatNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the classifier (0 removes it: forward then returns pooled features)."""
         if self.features_only:
-            raise ValueError("a features_only model has no classifier")
+            raise InvalidInputError("a features_only model has no classifier")
         self.num_classes = num_classes
         self.logits_head = self._make_classifier(num_classes)
         if num_classes > 0:
@@ -255,7 +256,7 @@ class MoatNet(nn.Module):
         signature and changes nothing: MOAT's final LayerNorm acts on pooled features.
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+            raise InvalidInputError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take, max_index = take_indices(len(self.stages) + 1, indices)
         last = max_index if stop_early else len(self.stages)
         endpoints = self.forward_endpoints(x, last=last)
@@ -292,14 +293,14 @@ def take_indices(count: int, indices: int | Sequence[int] | None) -> tuple[list[
         indices = count
     if isinstance(indices, int):
         if not 0 < indices <= count:
-            raise ValueError(f"last-n ({indices}) is out of range (1 to {count})")
+            raise InvalidInputError(f"last-n ({indices}) is out of range (1 to {count})")
         taken = list(range(count - indices, count))
     else:
         taken = []
         for i in indices:
             index = count + i if i < 0 else i
             if not 0 <= index < count:
-                raise ValueError(f"feature index {index} is out of range (0 to {count - 1})")
+                raise InvalidInputError(f"feature index {index} is out of range (0 to {count - 1})")
             taken.append(index)
     return taken, max(taken)
 
@@ -312,15 +313,18 @@ def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
                         f"{type(x).__name__}")
     if x.ndim != 4:
         hint = " (add the batch dimension: x.unsqueeze(0))" if x.ndim == 3 else ""
-        raise ValueError(f"expected a batch of images [B, {channels}, H, W], got a tensor of "
-                         f"shape {list(x.shape)}{hint}")
+        raise InvalidInputError(f"expected a batch of images [B, {channels}, H, W], got a tensor "
+                                f"of shape {list(x.shape)}{hint}")
     if x.shape[1] != channels:
         hint = ("; this looks like [B, H, W, C]: use x.permute(0, 3, 1, 2)"
                 if x.shape[-1] == channels else
                 "; replicate a grey image with x.expand(-1, 3, -1, -1)" if x.shape[1] == 1
                 else "")
-        raise ValueError(f"expected {channels} input channels [B, {channels}, H, W], got shape "
-                         f"{list(x.shape)}{hint}")
+        raise InvalidInputError(f"expected {channels} input channels [B, {channels}, H, W], got "
+                                f"shape {list(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise InvalidInputError(f"expected a batch of images [B, {channels}, H, W], got an empty "
+                                f"batch (shape {list(x.shape)}): pass at least one image")
     if not x.is_floating_point():
         raise TypeError(f"expected floating-point images, got {x.dtype}: convert with "
                         "x.float() / 255, then normalise (moat.create_transform does both)")
@@ -328,5 +332,5 @@ def check_input(x: Tensor, channels: int, weight: Tensor) -> None:
         raise TypeError(f"the input is {x.dtype} but the model's weights are {weight.dtype}: "
                         f"use x.to({weight.dtype}) (or model.to({x.dtype}))")
     if x.device != weight.device:
-        raise ValueError(f"the input is on {x.device} but the model is on {weight.device}: "
-                         f"use x.to({str(weight.device)!r})")
+        raise InvalidInputError(f"the input is on {x.device} but the model is on {weight.device}: "
+                                f"use x.to({str(weight.device)!r})")

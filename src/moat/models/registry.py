@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 
+from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 from moat.models.moat import MoatNet, Window
 
@@ -48,7 +49,7 @@ def build_model(
         out_indices: with features_only, which of stage1..stage5 (0..4) to return.
     """
     if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of {list_models()}")
+        raise InvalidInputError(f"unknown model {name!r}; choose one of {list_models()}")
     return MoatNet(
         MODEL_CONFIGS[name], num_classes=num_classes, in_chans=in_chans,
         position_embedding=position_embedding, window_size=window_size,

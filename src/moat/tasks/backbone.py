@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 from moat.models.blocks import set_batch_norm_momentum
 from moat.models.layers import Conv2dSame
@@ -88,8 +89,8 @@ class FrozenBatchNorm2d(nn.Module):
     @classmethod
     def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm) -> FrozenBatchNorm2d:
         if bn.running_mean is None:
-            raise ValueError("cannot freeze a BatchNorm without running statistics "
-                             "(track_running_stats=False)")
+            raise InvalidInputError("cannot freeze a BatchNorm without running statistics "
+                                    "(track_running_stats=False)")
         frozen = cls(bn.num_features, bn.eps)
         with torch.no_grad():
             if bn.affine:
@@ -161,7 +162,8 @@ class MoatBackbone(MoatNet):
     def __init__(self, cfg, *, out_indices: Sequence[int] = (1, 2, 3, 4), **kwargs) -> None:
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or list(out_indices) != sorted(set(out_indices)):
-            raise ValueError(f"out_indices must be increasing and unique, got {list(out_indices)}")
+            raise InvalidInputError(f"out_indices must be increasing and unique, got "
+                                    f"{list(out_indices)}")
         super().__init__(cfg, num_classes=0, features_only=True, out_indices=out_indices,
                          **kwargs)
         self.output_stride = 32
@@ -196,7 +198,7 @@ class MoatBackbone(MoatNet):
         if output_stride == self.output_stride:
             return self
         if output_stride != 16 or self.output_stride != 32:
-            raise ValueError(f"output_stride must be 32 or 16, got {output_stride}")
+            raise InvalidInputError(f"output_stride must be 32 or 16, got {output_stride}")
         last = self.stages[-1]
         first = last[0]
         first.stride = 1  # the shortcut pool is skipped at stride 1
@@ -289,10 +291,11 @@ def build_backbone(
         overrides: replace preset fields: window_size, global_attention_at_end, pool_size.
     """
     if variant not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {variant!r}; choose one of {list(MODEL_CONFIGS)}")
+        raise InvalidInputError(f"unknown model {variant!r}; choose one of {list(MODEL_CONFIGS)}")
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ValueError(f"unknown backbone preset {preset!r}; choose one of {list(PRESETS)}")
+            raise InvalidInputError(f"unknown backbone preset {preset!r}; choose one of "
+                                    f"{list(PRESETS)}")
         preset = PRESETS[preset]
     unknown = set(overrides) - {"window_size", "global_attention_at_end", "pool_size"}
     if unknown:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moat.data.segmentation import IGNORE_INDEX
+from moat.errors import InvalidInputError
 from moat.integrity import atomic_output, atomic_write_text
 from moat.train.distributed import all_reduce_sum
 
@@ -32,19 +33,19 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
     """
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     if pred.shape != target.shape:
-        raise ValueError(f"prediction and target sizes differ: {pred.numel()} vs {target.numel()}")
+        raise InvalidInputError(f"prediction and target sizes differ: {pred.numel()} vs {target.numel()}")
     if ignore_index is not None:
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
     if target.numel():
         low, high = int(target.min()), int(target.max())
         if low < 0 or high >= num_classes:
-            raise ValueError(
+            raise InvalidInputError(
                 f"label {high if high >= num_classes else low} is outside 0..{num_classes - 1} "
                 f"(ignore index {ignore_index}): check num_classes and the dataset's label "
                 "convention (ADE20K masks need reduce_zero_label)")
         if int(pred.min()) < 0 or int(pred.max()) >= num_classes:
-            raise ValueError(f"prediction outside 0..{num_classes - 1}")
+            raise InvalidInputError(f"prediction outside 0..{num_classes - 1}")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
 

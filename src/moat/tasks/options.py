@@ -15,6 +15,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from moat.errors import InvalidInputError
 from moat.train.config import TrainConfig, coerce
 
 O = TypeVar("O", bound="TaskOptions")
@@ -35,11 +36,11 @@ class TaskOptions:
         where = f"task_options of task {task!r}" if task else "task_options"
         for key, value in (values or {}).items():
             if key not in fields:
-                raise ValueError(f"config: {where}: unknown key {key!r}{_hint(key, fields)}")
+                raise InvalidInputError(f"config: {where}: unknown key {key!r}{_hint(key, fields)}")
             try:
                 setattr(options, key, coerce(value, hints[key]))
             except (TypeError, ValueError) as err:
-                raise ValueError(f"config: {where}: {key}={value!r}: {err}") from None
+                raise InvalidInputError(f"config: {where}: {key}={value!r}: {err}") from None
         options.validate()
         return options
 
@@ -53,14 +54,14 @@ class TaskOptions:
 def need(ok: bool, message: str) -> None:
     """`TrainConfig.validate`'s error style for the options' checks."""
     if not ok:
-        raise ValueError(f"config: task_options: {message}")
+        raise InvalidInputError(f"config: task_options: {message}")
 
 
 def _hint(key: str, fields: set[str]) -> str:
+    if key in _TRAIN_FIELDS:
+        return f"; {key} is a training setting: set it at the top level (--set {key}=VALUE)"
     close = difflib.get_close_matches(key, fields, n=3)
     if close:
         return f"; did you mean {' or '.join(close)}?"
-    if key in _TRAIN_FIELDS:
-        return f"; {key} is a training setting: set it at the top level (--set {key}=VALUE)"
     return f"; known keys: {', '.join(sorted(fields))}" if fields else \
         "; this task has no task_options"

@@ -16,6 +16,7 @@ from torch import nn
 
 from moat.data.bad_images import BadImageLog
 from moat.device import configure_device, pins_memory
+from moat.errors import InvalidInputError
 from moat.train import distributed as dist_utils
 from moat.train.auto import AUTO_FIELDS
 from moat.train.checkpoint import CheckpointManager
@@ -65,8 +66,8 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
                     workers=min(config.workers, 2), pin_memory=pin)
     steps_per_epoch = full_batches(train_batches) // config.accum_steps
     if steps_per_epoch == 0:
-        raise ValueError(f"the training set ({len(train_set)} samples) is smaller than one "
-                         f"global batch ({config.batch_size}); lower --batch-size")
+        raise InvalidInputError(f"the training set ({len(train_set)} samples) is smaller than one "
+                                f"global batch ({config.batch_size}); lower --batch-size")
     schedule = WarmupCosine(config.peak_lr, config.epochs * steps_per_epoch,
                             round(config.warmup_epochs * steps_per_epoch), config.warmup_lr,
                             config.min_lr)
@@ -100,8 +101,8 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
 
 def _micro_batch(config: TrainConfig, world_size: int) -> int:
     if config.batch_size % (world_size * config.accum_steps):
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes "
-                         f"({world_size}) x accum_steps ({config.accum_steps})")
+        raise InvalidInputError(f"batch_size {config.batch_size} must be divisible by processes "
+                                f"({world_size}) x accum_steps ({config.accum_steps})")
     return config.batch_size // (world_size * config.accum_steps)
 
 

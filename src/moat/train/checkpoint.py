@@ -47,9 +47,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.integrity import DamagedFileError, HashingWriter, atomic_write_text, \
     check_sealed_json, fsync_dir, load_safetensors, read_verified, seal_json, \
     verify_manifest, verify_safetensors, write_safetensors, write_synced
+from moat.paths import regular_file
 from moat.weights.files import load_state_dict
 from moat.weights.loader import load_weights
 from moat.weights.metadata import WeightsMetadata
@@ -57,6 +59,7 @@ from moat.weights.metadata import WeightsMetadata
 log = logging.getLogger("moat")
 
 STEP_PREFIX = "step-"
+DAMAGED_DIR = "damaged"  # checkpoints/damaged/: damaged checkpoints set aside by a resume
 MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
                                                "state.pt", "meta.json")
 
@@ -202,25 +205,50 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def latest_intact(self) -> Path | None:
+    def folders(self) -> list[Path]:
+        """Every checkpoint folder, complete, damaged or not, newest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir()
+                       if p.name.startswith(STEP_PREFIX) and p.is_dir()),
+                      key=lambda p: p.name, reverse=True)
+
+    def latest_intact(self, warn: bool = True) -> Path | None:
         """The checkpoint to resume from or evaluate: the newest one whose files verify.
 
         A damaged newer checkpoint (a flipped byte, a truncated or missing file, a corrupt
         meta.json) is skipped with a warning that names the damaged file."""
-        if not self.dir.is_dir():
-            return None
-        folders = sorted((p for p in self.dir.iterdir()
-                          if p.name.startswith(STEP_PREFIX) and p.is_dir()),
-                         key=lambda p: p.name, reverse=True)
+        intact, _ = self.newest_intact(warn)
+        return intact
+
+    def newest_intact(self, warn: bool = True) -> tuple[Path | None, dict[Path, str]]:
+        """(the newest checkpoint whose files verify, {newer damaged folder: what is wrong})."""
+        damaged: dict[Path, str] = {}
+        folders = self.folders()
         for i, path in enumerate(folders):
             try:
                 verify_checkpoint(path)
-                return path
+                return path, damaged
             except DamagedFileError as err:
-                older = "the previous one" if i + 1 < len(folders) else "none left"
-                log.warning("checkpoint %s is damaged, falling back to %s: %s", path.name,
-                            older, err)
-        return None
+                damaged[path] = str(err)
+                if warn:
+                    older = "the previous one" if i + 1 < len(folders) else "none left"
+                    log.warning("checkpoint %s is damaged, falling back to %s: %s", path.name,
+                                older, err)
+        return None, damaged
+
+    def set_aside(self, path: Path) -> Path:
+        """Move a damaged checkpoint folder to checkpoints/damaged/ (never deleted: a user
+        may recover its weights); a resumed run would otherwise save the same step over it."""
+        target_dir = self.dir / DAMAGED_DIR
+        target_dir.mkdir(exist_ok=True)
+        target, n = target_dir / path.name, 1
+        while target.exists():
+            n += 1
+            target = target_dir / f"{path.name}-{n}"
+        os.replace(path, target)
+        fsync_dir(self.dir)
+        return target
 
     def prune(self) -> None:
         done = self.complete()
@@ -279,6 +307,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if not path.is_dir():
+        regular_file(path, "checkpoint")  # a FIFO or device: refused, never opened
     if path.is_file():
         if path.name in (META_FILE, STATE_FILE):
             return path.parent
@@ -324,7 +354,7 @@ def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tenso
     if which == "auto":
         which = meta.get("preferred_weights") or ("ema" if (path / EMA_FILE).is_file() else "model")
     if which not in ("model", "ema"):
-        raise ValueError(f"weights must be model, ema or auto, got {which!r}")
+        raise InvalidInputError(f"weights must be model, ema or auto, got {which!r}")
     file = path / (EMA_FILE if which == "ema" else MODEL_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {which} weights ({file.name})")
@@ -414,13 +444,13 @@ def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source:
                and not k.startswith(_HEADS)
                and not any(s.startswith(k + " ") for s in skipped)]
     if missing:
-        raise ValueError(
+        raise InvalidInputError(
             f"--init-from {source} does not fit the model: {len(missing)} tensors missing, e.g. "
             f"{missing[:5]}; check --model (the variant must match the weights)")
     bad_shape = [s for s in skipped if not s.startswith(_HEADS)]
     if bad_shape:
-        raise ValueError(f"--init-from {source}: tensors of another shape (wrong variant?): "
-                         f"{bad_shape[:5]}")
+        raise InvalidInputError(f"--init-from {source}: tensors of another shape (wrong variant?): "
+                                f"{bad_shape[:5]}")
     target.load_state_dict(loaded, strict=False)
     unused = len([k for k in state if k not in own])
     head = f", classifier re-initialised ({skipped[0]})" if skipped else ""

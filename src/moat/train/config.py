@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -33,7 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
+from moat.errors import InvalidInputError
+from moat.paths import regular_file
+from moat.preprocessing import (CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION,
+                                INTERPOLATIONS)
 from moat.train import auto, recipes
 from moat.train.recipes import RECIPES
 
@@ -151,16 +155,23 @@ class TrainConfig:
         from moat.weights.hub import is_hub_name
         return is_hub_name(self.model) or split_name(self.model)[1]
 
-    def validate(self) -> TrainConfig:
-        """Raise ValueError naming the first wrong setting and a valid alternative."""
+    def validate(self, recipe_fields: bool = True) -> TrainConfig:
+        """Raise InvalidInputError naming the first wrong setting and a valid alternative.
+
+        `recipe_fields=False` checks only what the recipes are derived from (every other
+        field), so a wrong value is refused before anything is computed from it."""
         def need(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(f"config: {message}")
+                raise InvalidInputError(f"config: {message}")
 
         from moat.models import list_models
         from moat.weights.catalogue import split_name
         from moat.weights.hub import is_hub_name
 
+        for name, value in self.to_dict().items():  # nan or inf anywhere is never meant
+            numbers = value if isinstance(value, list) else [value]
+            need(all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+                 f"{name} must be a finite number, got {value}")
         need(self.recipe == "auto" or self.recipe in RECIPES,
              f"recipe {self.recipe!r} is unknown; choose auto or one of {sorted(RECIPES)}")
         if not is_hub_name(self.model):  # hub folders name their architecture themselves
@@ -173,6 +184,9 @@ class TrainConfig:
         need(self.eval_img_size is None or self.eval_img_size >= 16,
              f"eval_img_size must be >= 16, got {self.eval_img_size}")
         need(0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        need(self.interpolation.lower() in INTERPOLATIONS,
+             f"interpolation {self.interpolation!r} is unknown; choose one of {INTERPOLATIONS}")
+        need(all(s > 0 for s in self.std), f"std must be three numbers > 0, got {self.std}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
@@ -180,19 +194,45 @@ class TrainConfig:
              f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         need(self.optimizer in OPTIMIZERS,
              f"optimizer {self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
+        need(self.lr_base > 0, f"lr_base must be > 0, got {self.lr_base}")
+        need(self.lr_base_batch >= 1, f"lr_base_batch must be >= 1, got {self.lr_base_batch}")
+        need(self.warmup_lr >= 0, f"warmup_lr must be >= 0, got {self.warmup_lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(self.clip_grad is None or self.clip_grad >= 0,
+             f"clip_grad must be >= 0 or null, got {self.clip_grad}")
+        need(-1 <= self.frozen_stages <= 4,
+             f"frozen_stages must be -1 (none), 0 (stem) .. 4 (whole backbone), "
+             f"got {self.frozen_stages}")
+        need(0 <= self.random_erasing <= 1 and 0 <= self.hflip <= 1,
+             "random_erasing and hflip are probabilities in [0, 1]")
+        need(self.precision in PRECISIONS,
+             f"precision {self.precision!r} is unknown; choose one of {PRECISIONS}")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
+             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(0 <= self.seed < 2**32, f"seed must be in 0 .. 2**32-1, got {self.seed}")
+        need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        need(self.save_every_steps >= 0, "save_every_steps must be >= 0 (0: only at epoch ends)")
+        need(self.eval_every_epochs >= 0, "eval_every_epochs must be >= 0 (0: never)")
+        need(self.ema_eval_from_epoch is None or self.ema_eval_from_epoch >= 1,
+             f"ema_eval_from_epoch must be >= 1 or null, got {self.ema_eval_from_epoch}")
+        need(self.log_every_steps >= 1, "log_every_steps must be >= 1")
+        need(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        need(self.num_classes is None or self.num_classes >= 1,
+             f"num_classes must be >= 1 or null (from the data), got {self.num_classes}")
+        need(self.debug_nan_step is None or self.debug_nan_step >= 1,
+             f"debug_nan_step must be >= 1 or null, got {self.debug_nan_step}")
+        if not recipe_fields:
+            return self
+        # the fields a recipe fills (moat.train.recipes.RECIPE_FIELDS)
         need(self.peak_lr > 0, f"lr must be > 0, got {self.peak_lr}")
         need(0 <= self.min_lr <= self.peak_lr,
              f"min_lr must be in [0, lr={self.peak_lr:g}], got {self.min_lr}")
         need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
-        need(self.clip_grad is None or self.clip_grad >= 0,
-             f"clip_grad must be >= 0 or null, got {self.clip_grad}")
         need(self.layer_decay is None or 0 < self.layer_decay <= 1,
              f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
-        need(-1 <= self.frozen_stages <= 4,
-             f"frozen_stages must be -1 (none), 0 (stem) .. 4 (whole backbone), "
-             f"got {self.frozen_stages}")
         need(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1,
              f"drop_path_rate must be in [0, 1) or null, got {self.drop_path_rate}")
         need(0 <= self.label_smoothing < 1,
@@ -201,27 +241,11 @@ class TrainConfig:
         need(self.randaugment is None or (len(self.randaugment) == 2 and self.randaugment[0] >= 0
                                           and 0 <= self.randaugment[1] <= 30),
              f"randaugment must be [ops, magnitude 0..30] or null, got {self.randaugment}")
-        need(0 <= self.random_erasing <= 1 and 0 <= self.hflip <= 1,
-             "random_erasing and hflip are probabilities in [0, 1]")
         need(0 < self.scale[0] <= self.scale[1] <= 1,
              f"scale must be [min, max] area fractions with 0 < min <= max <= 1, got {self.scale}")
         need(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        need(self.precision in PRECISIONS,
-             f"precision {self.precision!r} is unknown; choose one of {PRECISIONS}")
-        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps", "xpu"),
-             f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-        need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
-        need(self.save_every_steps >= 0, "save_every_steps must be >= 0 (0: only at epoch ends)")
-        need(self.eval_every_epochs >= 0, "eval_every_epochs must be >= 0 (0: never)")
-        need(self.ema_eval_from_epoch is None or self.ema_eval_from_epoch >= 1,
-             f"ema_eval_from_epoch must be >= 1 or null, got {self.ema_eval_from_epoch}")
-        need(self.log_every_steps >= 1, "log_every_steps must be >= 1")
-        need(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
         need(self.bn_momentum is None or 0 < self.bn_momentum <= 1,
              f"bn_momentum must be in (0, 1] or null, got {self.bn_momentum}")
-        need(self.num_classes is None or self.num_classes >= 1,
-             f"num_classes must be >= 1 or null (from the data), got {self.num_classes}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -255,27 +279,25 @@ class TrainConfig:
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON (.json) mapping of TrainConfig fields."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    path = regular_file(path, "config file")
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
             values = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: invalid JSON: {err}") from None
+            raise InvalidInputError(f"{path}: invalid JSON: {err}") from None
     else:
         import yaml
 
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: invalid YAML: {err}") from None
+            raise InvalidInputError(f"{path}: invalid YAML: {err}") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of settings (key: value), "
-                         f"got {type(values).__name__}")
+        raise InvalidInputError(f"{path}: expected a mapping of settings (key: value), "
+                                f"got {type(values).__name__}")
     return values
 
 
@@ -288,7 +310,7 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+            raise InvalidInputError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip()] = value.strip()
     return out
 
@@ -319,6 +341,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         config = TrainConfig.from_dict(values, config, source)
         for key in values:
             explicit[key] = base_sources.get(key, source) if source == "checkpoint" else source
+    config.validate(recipe_fields=False)  # before a recipe is derived from any of it
     return apply_recipe(config, explicit, task_cls).validate()
 
 
@@ -359,18 +382,18 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         close = difflib.get_close_matches(key, _FIELDS, n=3)
         hint = f"; did you mean {' or '.join(close)}?" if close else \
             "; task-specific settings go under task_options (task_options.KEY=VALUE)"
-        raise ValueError(f"{source}: unknown setting {key!r}{hint}")
+        raise InvalidInputError(f"{source}: unknown setting {key!r}{hint}")
     if key == "task_options":
         if isinstance(value, str):
             value = _parse_scalar(value)
         if not isinstance(value, dict):
-            raise ValueError(f"{source}: task_options must be a mapping, got {value!r}")
+            raise InvalidInputError(f"{source}: task_options must be a mapping, got {value!r}")
         config.task_options.update(value)
         return
     try:
         setattr(config, key, coerce(value, _HINTS[key]))
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{source}: {key}={value!r}: {err}") from None
+        raise InvalidInputError(f"{source}: {key}={value!r}: {err}") from None
 
 
 def _parse_scalar(text: str) -> Any:
@@ -406,7 +429,7 @@ def coerce(value: Any, hint: Any) -> Any:
                 return coerce(value, a)
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
-        raise ValueError("; ".join(errors))
+        raise InvalidInputError("; ".join(errors))
     if isinstance(value, str) and (origin in (tuple, list) or hint in (list, dict)):
         value = _parse_scalar(value)
         if isinstance(value, str):  # "2,15" -> [2, 15]
@@ -420,42 +443,42 @@ def coerce(value: Any, hint: Any) -> Any:
             return False
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ValueError(f"expected true or false, got {value!r}")
+        raise InvalidInputError(f"expected true or false, got {value!r}")
     if hint is int:
         if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise InvalidInputError(f"expected an integer, got {value!r}")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
             value = value.strip()
             f = float(value)  # accepts "1e3"
             if not f.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}")
+                raise InvalidInputError(f"expected an integer, got {value!r}")
             return int(f)
         if isinstance(value, int):
             return value
-        raise ValueError(f"expected an integer, got {value!r}")
+        raise InvalidInputError(f"expected an integer, got {value!r}")
     if hint is float:
         if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
+            raise InvalidInputError(f"expected a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"expected a string, got {value!r}")
+            raise InvalidInputError(f"expected a string, got {value!r}")
         return str(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
+            raise InvalidInputError(f"expected a list of {len(args)} values, got {value!r}")
         if len(value) != len(args):
-            raise ValueError(f"expected {len(args)} values, got {len(value)}")
+            raise InvalidInputError(f"expected {len(args)} values, got {len(value)}")
         return tuple(coerce(v, a) for v, a in zip(value, args))
     if hint is list or origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list, got {value!r}")
+            raise InvalidInputError(f"expected a list, got {value!r}")
         return list(value)
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping, got {value!r}")
+            raise InvalidInputError(f"expected a mapping, got {value!r}")
         return dict(value)
     return value
 

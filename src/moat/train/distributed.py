@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moat.device import pick_device
+from moat.errors import InvalidInputError
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+            raise InvalidInputError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size, _ = world()

@@ -19,6 +19,7 @@ from torch import nn
 from moat.data.folders import describe_skipped, walk_files
 from moat.data.images import IMAGE_SUFFIXES
 from moat.device import configure_device, pick_device, pins_memory
+from moat.errors import InvalidInputError
 from moat.integrity import atomic_write_text, read_safetensors
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
@@ -60,8 +61,8 @@ def _load_onnx(path: Path, settings: Mapping[str, Any]) -> tuple[Task, nn.Module
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
              .metadata_props}
     if ONNX_CONFIG_KEY not in props:
-        raise ValueError(f"{path} does not record its task and classes: export it from the "
-                         "training run, `moat export onnx RUN_DIR OUT.onnx`")
+        raise InvalidInputError(f"{path} does not record its task and classes: export it from the "
+                                "training run, `moat export onnx RUN_DIR OUT.onnx`")
     config = config_from_dict(json.loads(props[ONNX_CONFIG_KEY]))
     for key, value in settings.items():
         if value is not None:
@@ -111,9 +112,9 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
                     setattr(config, key, value)
             task_meta = {"classes": list(header.label_names)} if header.label_names else {}
         else:
-            raise ValueError(f"{path}: no model description in the file (neither a moat "
-                             "training checkpoint nor converted weights with a 'variant'); "
-                             "pass the run directory instead")
+            raise InvalidInputError(f"{path}: no model description in the file (neither a moat "
+                                    "training checkpoint nor converted weights with a 'variant'); "
+                                    "pass the run directory instead")
         state, which = None, "file"
         info = {"checkpoint": str(path), "weights": which}
     for key, value in (settings or {}).items():
@@ -181,7 +182,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         task, model, ckpt = load_task_and_model(checkpoint, weights=weights, device=info.device,
                                                 settings=settings)
         if expected and expected != task.name:
-            raise ValueError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
+            raise InvalidInputError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
         dataset = task.build_eval_dataset()
         loader = eval_loader(dataset, batch_size, collate_fn=task.collate_fn(False),
                              workers=workers, pin_memory=pins_memory(info.device))
@@ -210,7 +211,7 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
         else:
             out.append(str(p))
     if not out:
-        raise ValueError("no images to predict")
+        raise InvalidInputError("no images to predict")
     return out
 
 
@@ -224,7 +225,7 @@ def predict_checkpoint(images: Sequence[str | os.PathLike], checkpoint: str | os
     expected = task
     task, model, _ = load_task_and_model(checkpoint, weights=weights, device=dev)
     if expected and expected != task.name:
-        raise ValueError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
+        raise InvalidInputError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
     results = task.predict(model, expand_images(images), dev,
                            output_dir=str(output_dir) if output_dir else None,
                            top_k=top_k, img_size=img_size)

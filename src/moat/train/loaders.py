@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from moat.data.bad_images import BadImageLog, BadSample
 from moat.data.samplers import (PAD, EpochSampler, ExactEpochSampler, ResumableSampler,
                                 ShardSampler)
+from moat.errors import InvalidInputError
 
 
 class SeededDataset(Dataset):
@@ -107,8 +108,8 @@ def readable_batch(loader: DataLoader, epoch: int) -> Any:
             good.append(sample)
             if len(good) == loader.batch_size:
                 return loader.collate_fn(good)  # type: ignore[misc]
-    raise ValueError(f"the training data has fewer than {loader.batch_size} readable images, "
-                     "the batch size of one process")
+    raise InvalidInputError(f"the training data has fewer than {loader.batch_size} readable "
+                            f"images, the batch size of one process")
 
 
 def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterable[Any]:

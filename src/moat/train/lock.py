@@ -8,7 +8,10 @@ dead process is simply taken over, with a note naming the process that left it. 
 with `RunLockedError` naming the live process.
 
 On file systems without flock (some network mounts) the lock falls back to the recorded
-process id: a lock whose process no longer exists on this host is stale.
+process id: a lock whose process no longer exists on this host is stale; a lock recorded by
+another host is never taken over (its process cannot be looked up from here): the refusal
+says to delete the lock file once that run is known to be gone. A run that ends, however it
+ends short of a kill, empties the file, which frees it for every host.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 
 log = logging.getLogger("moat")
 
@@ -57,8 +60,12 @@ class RunLock:
                 os.close(fd)
                 raise
             holder = _read(self.path)  # no flock here: trust a recorded live process
-            if holder and holder.get("host") == socket.gethostname() and \
-                    holder.get("pid") != os.getpid() and _alive(holder.get("pid")):
+            if holder and holder.get("host") != socket.gethostname():
+                # its process cannot be looked up from here: never taken over
+                os.close(fd)
+                raise RunLockedError(_refusal(self.run_dir, holder) + _NO_FLOCK.format(
+                    host=holder.get("host"), lock=self.path)) from None
+            if holder and holder.get("pid") != os.getpid() and _alive(holder.get("pid")):
                 os.close(fd)
                 raise RunLockedError(_refusal(self.run_dir, holder)) from None
         previous = _read(self.path)
@@ -104,7 +111,7 @@ def check_new_run_folder(run_dir: str | os.PathLike) -> None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
                                           else "")
-        raise ValueError(f"--output {run_dir} already holds files that are not a moat "
+        raise InvalidInputError(f"--output {run_dir} already holds files that are not a moat "
                              f"run's ({shown}); a run writes config.yaml, train.log and "
                              "checkpoints/ there: choose a new or empty folder")
 
@@ -115,6 +122,10 @@ def _read(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+_NO_FLOCK = (". This file system has no flock, so whether that run on {host} is still alive "
+             "cannot be checked from here: if it is not, delete {lock} and run again")
 
 
 def _alive(pid: Any) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moat.integrity import atomic_output
+from moat.paths import regular_file
 
 LOGGER_NAME = "moat"
 
@@ -109,8 +110,9 @@ class MetricsWriter:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a moat training run?")
+    regular_file(path, "metrics file")
     records = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()

@@ -28,14 +28,14 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadSample
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 from moat.train import distributed as dist_utils
 from moat.train.assemble import assemble
 from moat.train.config import TrainConfig, load_config, read_config_file
 from moat.train.loaders import readable_batch, set_epoch, track_bad
 from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.precision import autocast
-from moat.train.run import Progress, Run, save_checkpoint, stored_config
+from moat.train.run import Progress, Run, check_resumable, run_settings, save_checkpoint
 
 log = logging.getLogger("moat")
 
@@ -53,7 +53,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     config.validate()
     if not config.output:
-        raise ValueError("--output RUN_DIR is required: where checkpoints and logs go")
+        raise InvalidInputError("--output RUN_DIR is required: where checkpoints and logs go")
     info = dist_utils.setup(config.device)
     try:
         # one live run per folder: a second run or a --resume of this one is refused
@@ -68,15 +68,20 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
 def run_training(config_path: str | os.PathLike | None = None, overrides=(), resume: bool = False,
                  **flags: Any) -> dict[str, Any]:
     """`moat train`: build the config (file < flags < --set) and train. With `resume`, the
-    stored config of RUN_DIR's latest checkpoint is the base the file and flags override."""
+    run's own settings (its newest intact checkpoint's, else RUN_DIR/config.yaml) are the
+    base the file and flags override; flags that change its model, task or classes are
+    refused."""
     base = None
     if resume:
         output = flags.get("output") or (read_config_file(config_path).get("output")
                                          if config_path else None)
         if not output:
-            raise ValueError("--resume needs --output RUN_DIR (the run to continue)")
-        base = stored_config(output)
-    return train(load_config(config_path, overrides, base=base, **flags), resume=resume)
+            raise InvalidInputError("--resume needs --output RUN_DIR (the run to continue)")
+        base = run_settings(output)
+    config = load_config(config_path, overrides, base=base, **flags)
+    if base is not None:
+        check_resumable(base, config, config.output)
+    return train(config, resume=resume)
 
 
 class Trainer:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
+
 
 # --- parameter groups --------------------------------------------------------------------------
 
@@ -69,7 +71,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
                            "name": f"layer{layer}_{'decay' if decay else 'no_decay'}"}
         groups[key]["params"].append(p)
     if not groups:
-        raise ValueError("no trainable parameters: frozen_stages froze everything")
+        raise InvalidInputError("no trainable parameters: frozen_stages froze everything")
     return [groups[k] for k in sorted(groups)]
 
 
@@ -83,7 +85,7 @@ def build_optimizer(model: nn.Module, config, backbone: nn.Module | None = None,
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=config.momentum, nesterov=True,
                                weight_decay=config.weight_decay)
-    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+    raise InvalidInputError(f"unknown optimizer {config.optimizer!r}")
 
 
 # --- learning-rate schedule --------------------------------------------------------------------

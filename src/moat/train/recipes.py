@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 
 # Every recipe sets exactly these TrainConfig fields.
@@ -162,7 +163,8 @@ def resolve(name: str, facts: RunFacts, explicit: dict[str, str],
             ) -> tuple[dict[str, Any], dict[str, str]]:
     """(values for the fields nobody set, {field: the rule or source of its value})."""
     if name not in RECIPES:
-        raise ValueError(f"recipe {name!r} is unknown; choose auto or one of {sorted(RECIPES)}")
+        raise InvalidInputError(f"recipe {name!r} is unknown; choose auto or one of "
+                                f"{sorted(RECIPES)}")
     settings = RECIPES[name](facts)
     values = {k: s.value for k, s in settings.items() if k not in explicit}
     rules = {k: explicit.get(k) or f"recipe {name}: {s.rule}" for k, s in settings.items()}

@@ -21,10 +21,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from moat.data.bad_images import BadImageLog
+from moat.errors import InvalidInputError
 from moat.train import distributed as dist_utils
-from moat.train.checkpoint import CheckpointManager, read_meta, read_state, read_weights, \
-    rng_state, set_rng_state
-from moat.train.config import TrainConfig
+from moat.train.checkpoint import MODEL_FILE, CheckpointManager, read_meta, read_state, \
+    read_weights, rng_state, set_rng_state
+from moat.train.config import TrainConfig, read_config_file
 from moat.train.logger import MetricsWriter
 from moat.train.optim import ModelEma, WarmupCosine
 from moat.train.task import Task
@@ -85,30 +86,110 @@ def seed_everything(seed: int) -> None:
 
 # --- resuming ----------------------------------------------------------------------------------
 
+# Settings a resumed run cannot change: the checkpoint's weights and optimiser state are
+# shaped by them (classes are compared separately, in `restore`).
+RUN_IDENTITY = ("task", "model", "num_classes", "position_embedding", "window_size",
+                "pool_size", "optimizer")
+
+
 def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
-    """The checkpoint a run starts from: RUN_DIR's latest intact one with `resume` (a damaged
-    latest falls back to the one before), else None. A run folder that already holds
-    checkpoints is never trained over without `resume`."""
+    """The checkpoint a run starts from: RUN_DIR's newest intact one with `resume`, else None.
+
+    Damaged newer checkpoints are moved aside to checkpoints/damaged/ (named in the log), so
+    that the resumed run never saves over them; a run folder whose checkpoints are all damaged
+    is refused (see `check_resumable`). A folder that already holds checkpoints, intact or
+    not, is never trained over without `resume`."""
     checkpoints = CheckpointManager(run_dir)
-    latest = checkpoints.latest_intact() if resume else checkpoints.latest()
-    if latest is not None and not resume:
-        raise ValueError(f"{run_dir} already holds checkpoints ({latest.name}); pass "
-                         "--resume to continue that run, or choose another --output")
-    return latest if resume else None
+    if not resume:
+        existing = checkpoints.folders()
+        if existing:
+            raise InvalidInputError(f"{run_dir} already holds checkpoints ({existing[0].name}); "
+                                    "pass --resume to continue that run, or choose another "
+                                    "--output")
+        return None
+    intact, damaged = checkpoints.newest_intact(warn=False)
+    if intact is None and damaged:
+        raise InvalidInputError(_nothing_intact(run_dir, damaged))
+    for path, reason in damaged.items():
+        kept = checkpoints.set_aside(path)
+        log.warning("checkpoint %s is damaged (%s): moved aside to %s (kept, never deleted); "
+                    "resuming from %s", path.name, reason, kept, intact.name)
+    return intact
 
 
-def stored_config(run_dir: str | Path) -> dict[str, Any] | None:
-    """The config of RUN_DIR's latest checkpoint (what a resumed run continues), or None."""
-    latest = CheckpointManager(run_dir).latest_intact()
-    return None if latest is None else read_meta(latest)["config"]
+def run_settings(run_dir: str | Path) -> dict[str, Any] | None:
+    """The settings of the run in RUN_DIR, which `--resume` continues: those of its newest
+    intact checkpoint, else its config.yaml (a run stopped before its first checkpoint), else
+    None (nothing there yet). A run whose checkpoints are all damaged is refused."""
+    run_dir = Path(run_dir)
+    intact, damaged = CheckpointManager(run_dir).newest_intact(warn=False)
+    if intact is not None:
+        meta = read_meta(intact)
+        settings = dict(meta["config"])
+        classes = meta.get("task_metadata", {}).get("classes")
+        if classes and settings.get("num_classes") == len(classes):
+            del settings["num_classes"]  # the data's count: `restore` compares the names
+        return settings
+    if damaged:
+        raise InvalidInputError(_nothing_intact(run_dir, damaged))
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        return read_config_file(saved)
+    return None
+
+
+def check_resumable(stored: dict[str, Any], config: TrainConfig, run_dir: str | Path) -> None:
+    """Refuse a --resume that changes what the run's checkpoint is shaped by."""
+    wanted = config.to_dict()
+    changed = [f"{key}: the run has {stored.get(key)!r}, this command asks {wanted[key]!r}"
+               for key in RUN_IDENTITY if key in stored
+               and _normal(stored.get(key)) != _normal(wanted[key])]
+    if changed:
+        raise InvalidInputError(
+            f"--resume of {run_dir}: " + "; ".join(changed) + ". A resumed run keeps its "
+            "model, task and classes: drop the flags that change them to continue it, or "
+            f"start a new run with another --output (add --init-from {run_dir} to start "
+            "from its weights)")
+
+
+def _normal(value: Any) -> Any:
+    return [_normal(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _nothing_intact(run_dir: str | Path, damaged: dict[Path, str]) -> str:
+    listed = "; ".join(f"{path.name}: {reason}" for path, reason in damaged.items())
+    return (f"--resume of {run_dir}: no intact checkpoint to continue from ({listed}). "
+            "Nothing was changed. To start over, run without --resume and with another "
+            f"--output; to recover, restore the damaged file from a backup, or fine-tune from "
+            f"the weights that are still readable with --init-from "
+            f"{next(iter(damaged))}/{MODEL_FILE}")
 
 
 def restore(run: Run, checkpoint: Path) -> Progress:
     """Load `checkpoint` into the run's model, EMA, optimiser, scaler, task and random
     generators; return the progress it recorded."""
     meta = read_meta(checkpoint)
+    stored = meta.get("task_metadata", {}).get("classes")
+    classes = run.task.metadata().get("classes")
+    if stored and classes and list(stored) != list(classes):
+        added, gone = sorted(set(classes) - set(stored)), sorted(set(stored) - set(classes))
+        raise InvalidInputError(
+            f"--resume of {run.run_dir}: the data's classes differ from the run's ("
+            + (f"new: {', '.join(added[:5])}; " if added else "")
+            + (f"missing: {', '.join(gone[:5])}; " if gone else "")
+            + ("same names in another order; " if not added and not gone else "")
+            + f"the run has {len(stored)}, the data {len(classes)}). Resume with the run's "
+            f"data, or start a new run with another --output (--init-from {run.run_dir} to "
+            "start from its weights)")
     state = read_state(checkpoint, map_location=run.device)
-    run.model.load_state_dict(read_weights(checkpoint, "model")[0])
+    try:
+        run.model.load_state_dict(read_weights(checkpoint, "model")[0])
+    except RuntimeError as err:  # a model built from other settings than the run's
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
+        raise InvalidInputError(
+            f"--resume of {run.run_dir}: {checkpoint.name} holds another model than the one "
+            f"this command builds ({first}); resume with the run's own settings, or start a "
+            "new run with another --output") from None
     if run.ema is not None:
         try:
             run.ema.load_state_dict(read_weights(checkpoint, "ema")[0])

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from moat.errors import InvalidInputError
 import moat.tasks
 from moat.data.preflight import DataReport, dataset_report
 from moat.models.moat import MoatNet
@@ -142,7 +143,8 @@ class Task:
         validation set of `build_datasets()`."""
         val = self.build_datasets()[1]
         if val is None:
-            raise ValueError(f"no validation data found in {getattr(self.config, 'data', None)!r}")
+            raise InvalidInputError(f"no validation data found in "
+                                    f"{getattr(self.config, 'data', None)!r}")
         return val
 
     def batch_size(self, batch: Any) -> int:
@@ -201,7 +203,7 @@ def get_task(name: str) -> type[Task]:
         errors = _import_task_modules()
         if name not in TASKS:
             hint = "".join(f"\n  (importing {m} failed: {e})" for m, e in errors.items())
-            raise ValueError(f"unknown task {name!r}; available: {sorted(TASKS)}{hint}")
+            raise InvalidInputError(f"unknown task {name!r}; available: {sorted(TASKS)}{hint}")
     return TASKS[name]
 
 

@@ -37,7 +37,7 @@ from filelock import FileLock
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from moat.errors import MoatError
+from moat.errors import InvalidInputError, MoatError
 from moat.weights.catalogue import BASE_URL, PretrainedWeights, release
 from moat.weights.convert import convert_checkpoint
 from moat.weights.files import verify_sha256
@@ -58,8 +58,20 @@ class DownloadError(MoatError, RuntimeError):
 
 
 def moat_home() -> Path:
-    """The cache root: $MOAT_HOME, else a `moat` folder in PyTorch's hub directory."""
-    return Path(os.environ.get(HOME_ENV) or Path(torch.hub.get_dir()) / "moat").expanduser()
+    """The cache root: $MOAT_HOME, else a `moat` folder in PyTorch's hub directory. A path
+    that exists as something else than a folder (or under a file) is refused, naming it."""
+    default = Path(torch.hub.get_dir()) / "moat"
+    home = Path(os.environ.get(HOME_ENV) or default).expanduser()
+    for path in (home, *home.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is" if path == home else f"lies under {str(path)!r}, which is"
+                named = f"${HOME_ENV}" if os.environ.get(HOME_ENV) else "the default"
+                raise InvalidInputError(
+                    f"the weights cache {str(home)!r} ({named}) {where} a file, not a folder: set {HOME_ENV} to a folder (created if "
+                    f"missing), e.g. export {HOME_ENV}=~/.cache/moat, or move that file away")
+            break
+    return home
 
 
 def offline() -> bool:

@@ -37,6 +37,7 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 from moat.preprocessing import CROP_PCT, INTERPOLATION, NORMALISATION, VARIANT_NORMALISATION
 
@@ -147,7 +148,7 @@ def split_name(name: str) -> tuple[str, bool, str | None]:
     arch, dot, _ = name.partition(".")
     if dot and name not in PRETRAINED:
         near = list_pretrained(arch + ".*") or list(PRETRAINED)
-        raise ValueError(f"unknown pretrained tag {name!r}; available: {', '.join(near)}")
+        raise InvalidInputError(f"unknown pretrained tag {name!r}; available: {', '.join(near)}")
     pe = not arch.endswith(NO_PE_SUFFIX)
     return (arch if pe else arch[:-len(NO_PE_SUFFIX)]), pe, (name if dot else None)
 
@@ -157,9 +158,9 @@ def find(model: str, position_embedding: bool = True) -> PretrainedWeights:
     for weights in PRETRAINED.values():
         if weights.model == model and weights.position_embedding == position_embedding:
             return weights
-    raise ValueError(f"no released checkpoint for {model!r} (position_embedding="
-                     f"{position_embedding}); known models: "
-                     f"{sorted({w.model for w in PRETRAINED.values()})}")
+    raise InvalidInputError(f"no released checkpoint for {model!r} (position_embedding="
+                            f"{position_embedding}); known models: "
+                            f"{sorted({w.model for w in PRETRAINED.values()})}")
 
 
 def release(name: str) -> PretrainedWeights:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.weights.catalogue import find, split_name
 from moat.integrity import file_sha256
 from moat.weights.files import save_weights
@@ -116,11 +117,11 @@ def official_keys(ckpt: TFCheckpoint, ema: bool = False) -> tuple[dict[str, str]
     source = str(ckpt.source)
     found = classify_variables(ckpt.keys())
     if ema and not found.ema:
-        raise ValueError(f"{source} has no ExponentialMovingAverage copies; load it without "
-                         "ema=True (--ema)")
+        raise InvalidInputError(f"{source} has no ExponentialMovingAverage copies; load it without "
+                                "ema=True (--ema)")
     if not found.weights and found.ema and not ema:
-        raise ValueError(f"{source} holds only ExponentialMovingAverage copies; load it with "
-                         "ema=True (--ema)")
+        raise InvalidInputError(f"{source} holds only ExponentialMovingAverage copies; load it "
+                                f"with ema=True (--ema)")
     keys = {n: n for n in found.weights}
     if ema:
         keys.update({n: n + EMA_SUFFIX for n in found.ema})
@@ -144,9 +145,9 @@ def select_weights(ckpt: TFCheckpoint, model: nn.Module, *, ema: bool = False,
             "variance 1 and the model predicts nearly every class wrong: the first official "
             "MOAT release had exactly this defect")
         if not allow_missing_bn_stats:
-            raise ValueError(message + ". Download the current release; pass "
-                             "allow_missing_bn_stats=True (--allow-missing-bn-stats) only to "
-                             "re-estimate the statistics yourself")
+            raise InvalidInputError(message + ". Download the current release; pass "
+                                    "allow_missing_bn_stats=True (--allow-missing-bn-stats) only "
+                                    "to re-estimate the statistics yourself")
         warnings.warn(message + "; loading with statistics 0/1 as requested. Re-estimate them "
                       "(forward passes in train mode) before trusting any prediction",
                       MissingBatchNormStatisticsWarning, stacklevel=3)
@@ -194,9 +195,9 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
         if model is not None:
             wanted, pe, _ = split_name(model)
             if (wanted, pe) != (variant.name, variant.position_embedding):
-                raise ValueError(f"{src} holds {variant}, not the requested "
-                                 f"{Variant(wanted, pe, 0)}; pass --model "
-                                 f"{variant.model_name} or the matching checkpoint")
+                raise InvalidInputError(f"{src} holds {variant}, not the requested "
+                                        f"{Variant(wanted, pe, 0)}; pass --model "
+                                        f"{variant.model_name} or the matching checkpoint")
         meta_model = variant.meta_model()
         weights = select_weights(ckpt, meta_model, ema=ema,
                                  allow_missing_bn_stats=allow_missing_bn_stats)

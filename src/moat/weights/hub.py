@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.integrity import atomic_write_text
 from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights
@@ -72,14 +73,14 @@ def resolve(name: str) -> HubFolder:
     """The folder a ``local-dir:`` or ``hf-hub:`` name refers to (fetched if needed)."""
     source, _, where = name.partition(":")
     if not where:
-        raise ValueError(f"{name!r} names no folder or repository after {source}:")
+        raise InvalidInputError(f"{name!r} names no folder or repository after {source}:")
     if name.startswith(LOCAL_PREFIX):
         folder = Path(where).expanduser()
         config, weights = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     elif name.startswith(HUB_PREFIX):
         config, weights = _hub_files(where)
     else:
-        raise ValueError(f"{name!r} is not a hub name (local-dir:PATH or hf-hub:ORG/NAME)")
+        raise InvalidInputError(f"{name!r} is not a hub name (local-dir:PATH or hf-hub:ORG/NAME)")
     for path in (config, weights):
         if not path.is_file():
             raise FileNotFoundError(f"{name}: {path.name} is missing ({path}); a saved model "
@@ -110,7 +111,8 @@ def _label_names(model: nn.Module, label_names: Sequence[str] | None) -> list[st
     names = label_names or (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     if names is not None and len(names) != model.num_classes:
         if label_names:
-            raise ValueError(f"{len(names)} label names for a {model.num_classes}-class model")
+            raise InvalidInputError(f"{len(names)} label names for a {model.num_classes}-class "
+                                    f"model")
         return None  # the release's names no longer fit a new classifier
     return list(names) if names is not None else None
 
@@ -119,13 +121,13 @@ def hub_config(model: nn.Module, label_names: Sequence[str] | None = None) -> di
     """config.json of a model, in timm's layout."""
     variant = model_variant(model)
     if variant.name == "?":
-        raise ValueError("only models built from a named variant can be saved in the hub "
-                         "format (config.json names the architecture)")
+        raise InvalidInputError("only models built from a named variant can be saved in the hub "
+                                "format (config.json names the architecture)")
     args = {k: v for k, v in (getattr(model, "model_args", None) or {}).items()
             if k in ARCHITECTURE_ARGS}
     args["position_embedding"] = variant.position_embedding
     if getattr(model, "features_only", False):
-        raise ValueError("save the classification model, not a features_only backbone")
+        raise InvalidInputError("save the classification model, not a features_only backbone")
     own = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg = release(variant.model_name).data_config()  # the variant's, unless the model has its own
     cfg.update({k: own[k] for k in ("tag", "input_size", "interpolation", "crop_pct", "mean",

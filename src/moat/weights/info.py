@@ -11,6 +11,7 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from moat.integrity import DamagedFileError
+from moat.paths import regular_file
 from moat.weights.catalogue import find
 from moat.weights.convert import BN_STATISTICS, EMA_SUFFIX, classify_variables
 from moat.weights.metadata import WeightsMetadata
@@ -91,6 +92,7 @@ def describe(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.suffix != ".safetensors":
         return format_info(checkpoint_info(path))
+    regular_file(path, "weights file")
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             meta = f.metadata() or {}

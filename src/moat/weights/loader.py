@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.models import MoatNet, build_model
 from moat.weights.cache import pretrained_file
 from moat.weights.catalogue import PRETRAINED, release, split_name
@@ -57,7 +58,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str 
                 lines += [f"    ... and {len(names) - 20} more"] if len(names) > 20 else []
         lines.append("Create the model with the variant, position_embedding and num_classes "
                      "the weights were saved with (see `moat info FILE`).")
-        raise ValueError("\n".join(lines))
+        raise InvalidInputError("\n".join(lines))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
@@ -112,7 +113,8 @@ def create_model(name: str, *, pretrained: bool | None = None,
     classifier made (fine-tuning). Other keywords go to ``moat.models.build_model``.
     """
     if weights is not None and pretrained:
-        raise ValueError("pass either pretrained=True (the release) or weights=FILE, not both")
+        raise InvalidInputError("pass either pretrained=True (the release) or weights=FILE, not "
+                                "both")
     cfg: dict[str, Any] = {}
     if is_hub_name(name):
         folder = resolve(name)
@@ -125,8 +127,8 @@ def create_model(name: str, *, pretrained: bool | None = None,
         model_name, pe, tag = split_name(name)
         if not pe:
             if kwargs.get("position_embedding", False):
-                raise ValueError(f"{name!r} is a model without position embedding; "
-                                 "drop position_embedding=True")
+                raise InvalidInputError(f"{name!r} is a model without position embedding; "
+                                        "drop position_embedding=True")
             kwargs["position_embedding"] = False
         entry = release(name) if pretrained or tag else None
         if entry is not None:
@@ -161,8 +163,9 @@ def weights_file(name: str, pretrained: bool = False, *, progress: bool | None =
     if is_hub_name(name):
         return resolve(name).weights
     if not pretrained:
-        raise ValueError(f"--model {name} names an architecture, not weights: add --pretrained "
-                         "for the released weights, or pass --checkpoint RUN_DIR/FILE")
+        raise InvalidInputError(f"--model {name} names an architecture, not weights: add "
+                                f"--pretrained for the released weights, or pass --checkpoint "
+                                f"RUN_DIR/FILE")
     return pretrained_file(name, progress=progress)
 
 
@@ -177,8 +180,8 @@ def data_config(model_or_name: Any) -> dict[str, Any]:
             tag = getattr(model_or_name, "pretrained_tag", None)
             variant = model_variant(model_or_name)
             if tag is None and variant.name == "?":
-                raise ValueError("cannot tell which MOAT variant this model is; pass a "
-                                 "pretrained tag")
+                raise InvalidInputError("cannot tell which MOAT variant this model is; pass a "
+                                        "pretrained tag")
             cfg = PRETRAINED[tag].data_config() if tag else \
                 release(variant.model_name).data_config()
     return {k: tuple(cfg[k]) if isinstance(cfg[k], list) else cfg[k]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.models.layers import Attention
 
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
@@ -119,8 +120,9 @@ def _read_source(source: Mapping[str, np.ndarray] | str | os.PathLike) -> Mappin
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file: {path}")
     if not path.endswith(".npz"):
-        raise ValueError(f"{path}: load_official_weights reads a mapping or an .npz of official "
-                         "names; for TensorFlow checkpoints use moat.weights.load_weights")
+        raise InvalidInputError(f"{path}: load_official_weights reads a mapping or an .npz of "
+                                f"official names; for TensorFlow checkpoints use "
+                                f"moat.weights.load_weights")
     with np.load(path, allow_pickle=False) as data:
         return dict(data)
 
@@ -159,7 +161,7 @@ def official_state_dict(model: nn.Module, source: Mapping[str, np.ndarray] | str
                 lines += [f"    {n}" for n in sorted(names)]
         lines.append("Check the variant name, position_embedding and num_classes "
                      "(create the model with the checkpoint's head, then reset_classifier).")
-        raise ValueError("\n".join(lines))
+        raise InvalidInputError("\n".join(lines))
     return state
 
 

@@ -38,6 +38,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from moat.errors import InvalidInputError, NotFoundError
+from moat.paths import regular_file
 from moat.weights.tf_format import (_DTYPES, CheckpointError, TensorInfo, _parse_entry,
                                     _parse_header, _read_table, _varint, masked_crc32c)
 
@@ -177,6 +179,7 @@ class TFCheckpoint(Mapping[str, np.ndarray]):
         source = self.source
         self.archive = source if _is_archive(source) else None
         if self.archive:
+            regular_file(self.archive, "checkpoint archive")  # a FIFO would block tarfile
             source = Path(tempfile.mkdtemp(prefix="moat-ckpt-", dir=tmp_dir))
             self._cleanup = weakref.finalize(self, shutil.rmtree, source, True)
             _extract_archive(self.archive, source)
@@ -212,7 +215,7 @@ class TFCheckpoint(Mapping[str, np.ndarray]):
                     try:
                         self._entries[name] = _parse_entry(name, value)
                     except ValueError as err:
-                        raise ValueError(f"entry of tensor {name!r} is corrupted ({err})") from err
+                        raise InvalidInputError(f"entry of tensor {name!r} is corrupted ({err})") from err
         except ValueError as err:
             raise CheckpointError(f"{index}: {err}. The file is truncated or corrupted: "
                                   "download or copy the checkpoint again") from err
@@ -258,7 +261,7 @@ class TFCheckpoint(Mapping[str, np.ndarray]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not in checkpoint {self.path}") from None
+            raise NotFoundError(f"{name!r} is not in checkpoint {self.path}") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.info(name).shape
@@ -291,7 +294,7 @@ class TFCheckpoint(Mapping[str, np.ndarray]):
         """The tensor as a new NumPy array (bfloat16 widened to float32)."""
         info = self.info(name)
         if info.skip_reason:
-            raise KeyError(f"{name!r} in {self.path} cannot be read: {info.skip_reason}")
+            raise NotFoundError(f"{name!r} in {self.path} cannot be read: {info.skip_reason}")
         if info.size:
             raw = self._map(info.shard)[info.offset:info.offset + info.size]
         else:  # np.memmap cannot map an empty file, and there is nothing to map

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moat.errors import InvalidInputError, MoatError
+
 try:
     import google_crc32c
 except ImportError as err:  # pragma: no cover - it is a base dependency
@@ -26,7 +28,7 @@ except ImportError as err:  # pragma: no cover - it is a base dependency
 __all__ = ["CheckpointError", "TensorInfo", "masked_crc32c"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoatError, ValueError):
     """A checkpoint file is truncated, corrupted or not in the TensorBundle format."""
 
 
@@ -65,7 +67,7 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated or overlong varint")
+            raise InvalidInputError("truncated or overlong varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -94,9 +96,9 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
         elif wire == 5:
             value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
         else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
+            raise InvalidInputError(f"unsupported protobuf wire type {wire}")
         if pos > len(buf):
-            raise ValueError("truncated protobuf message")
+            raise InvalidInputError("truncated protobuf message")
         yield field, value
 
 
@@ -112,32 +114,32 @@ def _read_block(data: bytes, offset: int, size: int, what: str) -> bytes:
     """Return one table block after checking its trailer (compression byte and crc32c)."""
     end = offset + size
     if end + _TRAILER_SIZE > len(data) - _FOOTER_SIZE:
-        raise ValueError(f"{what} block at offset {offset} runs past the end of the file")
+        raise InvalidInputError(f"{what} block at offset {offset} runs past the end of the file")
     compression = data[end]
     stored = int.from_bytes(data[end + 1:end + 5], "little")
     if masked_crc32c(data[offset:end + 1]) != stored:
-        raise ValueError(f"{what} block at offset {offset} fails its crc32c check")
+        raise InvalidInputError(f"{what} block at offset {offset} fails its crc32c check")
     if compression != 0:
-        raise ValueError(f"{what} block at offset {offset} uses compression type "
-                         f"{compression}; TensorFlow checkpoints are never compressed")
+        raise InvalidInputError(f"{what} block at offset {offset} uses compression type "
+                                f"{compression}; TensorFlow checkpoints are never compressed")
     return data[offset:end]
 
 
 def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
     """Yield (key, value) of one block. Keys share a prefix with the key before them."""
     if len(block) < 4:
-        raise ValueError("block too small")
+        raise InvalidInputError("block too small")
     num_restarts = int.from_bytes(block[-4:], "little")
     limit = len(block) - 4 * (num_restarts + 1)
     if num_restarts < 1 or limit < 0:
-        raise ValueError("bad restart array")
+        raise InvalidInputError("bad restart array")
     pos, key = 0, b""
     while pos < limit:
         shared, pos = _varint(block, pos)
         unshared, pos = _varint(block, pos)
         value_len, pos = _varint(block, pos)
         if shared > len(key) or pos + unshared + value_len > limit:
-            raise ValueError(f"bad entry after key {key!r}")
+            raise InvalidInputError(f"bad entry after key {key!r}")
         key = key[:shared] + block[pos:pos + unshared]
         pos += unshared
         yield key, block[pos:pos + value_len]
@@ -147,11 +149,11 @@ def _block_entries(block: bytes) -> Iterator[tuple[bytes, bytes]]:
 def _read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
     """Yield every (key, value) of an SSTable held in ``data``, in key order."""
     if len(data) < _FOOTER_SIZE:
-        raise ValueError(f"file is {len(data)} bytes, too small for a table footer")
+        raise InvalidInputError(f"file is {len(data)} bytes, too small for a table footer")
     footer = data[-_FOOTER_SIZE:]
     if int.from_bytes(footer[-8:], "little") != _TABLE_MAGIC:
-        raise ValueError("no table magic number at the end (not a TensorFlow .index file, "
-                         "or truncated)")
+        raise InvalidInputError("no table magic number at the end (not a TensorFlow .index file, "
+                                "or truncated)")
     _, pos = _varint(footer, 0)  # metaindex handle: TensorFlow leaves that block empty
     _, pos = _varint(footer, pos)
     index_offset, pos = _varint(footer, pos)
@@ -163,7 +165,7 @@ def _read_table(data: bytes) -> Iterator[tuple[bytes, bytes]]:
         size, _ = _varint(handle, pos)
         for key, value in _block_entries(_read_block(data, offset, size, "data")):
             if key < last:
-                raise ValueError(f"keys out of order at {key!r}")
+                raise InvalidInputError(f"keys out of order at {key!r}")
             last = key
             yield key, value
 
@@ -197,7 +199,7 @@ def _parse_entry(name: str, value: bytes) -> TensorInfo:
                 if f == 2:  # TensorShapeProto.dim
                     shape.append(_signed64(dict(_proto_fields(dim)).get(1, 0)))
                 elif f == 3 and dim:  # unknown_rank
-                    raise ValueError("tensor of unknown rank")
+                    raise InvalidInputError("tensor of unknown rank")
         elif field == 3:
             shard = v
         elif field == 4:
@@ -215,9 +217,9 @@ def _parse_entry(name: str, value: bytes) -> TensorInfo:
     elif np_dtype is None:
         reason = f"dtype {dtype_name} cannot hold model weights"
     elif any(d < 0 for d in shape) or offset < 0:
-        raise ValueError("negative dimension or offset")
+        raise InvalidInputError("negative dimension or offset")
     elif math.prod(shape) * np.dtype(np_dtype).itemsize != size:
-        raise ValueError(f"size {size} bytes does not match shape {shape} of {dtype_name}")
+        raise InvalidInputError(f"size {size} bytes does not match shape {shape} of {dtype_name}")
     return TensorInfo(name, dtype_name, tuple(shape), shard, offset, size, crc, reason)
 
 
@@ -229,8 +231,9 @@ def _parse_header(value: bytes) -> tuple[int, bool]:
     min_consumer = dict(_proto_fields(version)).get(2, 0)
     bad = [v for f, v in _proto_fields(version) if f == 3]
     if min_consumer > _BUNDLE_VERSION or _BUNDLE_VERSION in bad:
-        raise ValueError(f"written by a newer TensorFlow (bundle min_consumer {min_consumer}); "
-                         "this reader understands version 1")
+        raise InvalidInputError(f"written by a newer TensorFlow (bundle min_consumer "
+                                f"{min_consumer}); "
+                                "this reader understands version 1")
     if num_shards < 1 or endianness not in (0, 1):
-        raise ValueError(f"bad header (num_shards={num_shards}, endianness={endianness})")
+        raise InvalidInputError(f"bad header (num_shards={num_shards}, endianness={endianness})")
     return num_shards, endianness == 1

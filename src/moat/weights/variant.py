@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from moat.errors import InvalidInputError
 from moat.models import MODEL_CONFIGS, build_model
 from moat.weights.catalogue import NO_PE_SUFFIX, find
 
@@ -59,16 +60,16 @@ def detect_variant(shapes: Mapping[str, tuple[int, ...]], source: str = "checkpo
                    for s in range(num_stages))
     blocks = tuple(depth[s] for s in range(num_stages))
     if stem is None or not blocks:
-        raise ValueError(f"{source}: no official MOAT variables (moat/stem/conv_0/kernel, "
-                         "moat/block_XX_YY/...) found; this is not a MOAT checkpoint in the "
-                         "released (TF1 name-based) format")
+        raise InvalidInputError(f"{source}: no official MOAT variables (moat/stem/conv_0/kernel, "
+                                "moat/block_XX_YY/...) found; this is not a MOAT checkpoint in the "
+                                "released (TF1 name-based) format")
     for name, cfg in MODEL_CONFIGS.items():
         if (cfg.stem_size[0], cfg.num_blocks, cfg.hidden_size) == (stem[-1], blocks, widths):
             pe = any(n.endswith("attention/relative_position_embedding") for n in shapes)
             head = shapes.get("moat/logits_head/kernel")
             return Variant(name, pe, head[-1] if head else 0)
-    raise ValueError(f"{source}: stem width {stem[-1]}, blocks {blocks} and widths {widths} match "
-                     f"no MOAT variant ({', '.join(MODEL_CONFIGS)})")
+    raise InvalidInputError(f"{source}: stem width {stem[-1]}, blocks {blocks} and widths {widths} "
+                            f"match no MOAT variant ({', '.join(MODEL_CONFIGS)})")
 
 
 def model_variant(model: nn.Module) -> Variant:
@@ -86,5 +87,5 @@ def check_variant(model: nn.Module, variant: str, position_embedding: bool, sour
         return  # a custom configuration is checked name by name when loading
     theirs = Variant(variant, position_embedding, 0)
     tag = find(variant, position_embedding).tag
-    raise ValueError(f"{source} holds {theirs}, but the model is {ours}: build it with "
-                     f"moat.create_model({tag!r}) or pick the weights of {ours.name}")
+    raise InvalidInputError(f"{source} holds {theirs}, but the model is {ours}: build it with "
+                            f"moat.create_model({tag!r}) or pick the weights of {ours.name}")

@@ -25,6 +25,7 @@ from moat.data.sources import classification_datasets, eval_dataset
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
 from moat.device import to_device
+from moat.errors import InvalidInputError
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.classification.demo import run_demo
 from moat.tasks.confusion import ConfusionMatrix, class_recall, plot_confusion, write_report
@@ -63,8 +64,8 @@ class ClassificationTask(Task):
     def build_datasets(self):
         c = self.config
         if not c.data:
-            raise ValueError("classification needs --data: a folder with train/<class>/ and "
-                             "val/<class>/ (or train.csv and val.csv), or a training split")
+            raise InvalidInputError("classification needs --data: a folder with train/<class>/ and "
+                                    "val/<class>/ (or train.csv and val.csv), or a training split")
         train_tf, val_tf = self._transforms()
         train, val = classification_datasets(c.data, c.val_data, train_transform=train_tf,
                                              val_transform=val_tf, strict=c.strict_data,
@@ -90,12 +91,12 @@ class ClassificationTask(Task):
     def _set_classes(self, classes: Sequence[str]) -> None:
         c = self.config
         if c.num_classes is not None and c.num_classes != len(classes):
-            raise ValueError(f"num_classes is {c.num_classes} but the data has {len(classes)} "
-                             f"classes ({', '.join(list(classes)[:5])}...); drop num_classes "
-                             "or fix the data")
+            raise InvalidInputError(f"num_classes is {c.num_classes} but the data has "
+                                    f"{len(classes)} classes ({', '.join(list(classes)[:5])}...); drop "
+                                    f"num_classes or fix the data")
         if self.classes is not None and list(self.classes) != list(classes):
-            raise ValueError("the data's classes differ from the checkpoint's: "
-                             f"{list(classes)[:5]}... vs {list(self.classes)[:5]}...")
+            raise InvalidInputError("the data's classes differ from the checkpoint's: "
+                                    f"{list(classes)[:5]}... vs {list(self.classes)[:5]}...")
         self.classes = list(classes)
         c.num_classes = len(classes)
 
@@ -109,7 +110,7 @@ class ClassificationTask(Task):
     def build_model(self) -> nn.Module:
         c = self.config
         if c.num_classes is None:
-            raise ValueError("num_classes is unknown: build the datasets first or set it")
+            raise InvalidInputError("num_classes is unknown: build the datasets first or set it")
         pe = {} if c.position_embedding is None else {"position_embedding": c.position_embedding}
         model = moat.create_model(
             c.model, num_classes=c.num_classes, window_size=c.window_size, pool_size=c.pool_size,

@@ -38,6 +38,8 @@ from torchvision.models.detection.roi_heads import (
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
+from moat.errors import InvalidInputError
+
 __all__ = ["CASCADE_IOU_THRESHOLDS", "CASCADE_BOX_WEIGHTS", "CASCADE_LOSS_WEIGHTS",
            "AgnosticBoxPredictor", "CascadeStage", "CascadeRoIHeads", "CascadeRCNN",
            "agnostic_fastrcnn_loss"]
@@ -116,7 +118,8 @@ class CascadeRoIHeads(RoIHeads):
         mask_predictor: nn.Module | None = None,
     ) -> None:
         if len(stage_loss_weights) != len(stages):
-            raise ValueError(f"{len(stages)} stages but {len(stage_loss_weights)} loss weights")
+            raise InvalidInputError(f"{len(stages)} stages but {len(stage_loss_weights)} loss "
+                                    f"weights")
         last = stages[-1]
         # The base class keeps the sampler, thresholds and mask parts; its matcher and coder
         # are the first and last stage's (the coder decodes the final boxes).
@@ -275,8 +278,8 @@ class CascadeRCNN(FasterRCNN):
         **kwargs,
     ) -> None:
         if not len(iou_thresholds) == len(box_weights) == len(stage_loss_weights):
-            raise ValueError("iou_thresholds, box_weights and stage_loss_weights need one "
-                             "entry per stage")
+            raise InvalidInputError("iou_thresholds, box_weights and stage_loss_weights need one "
+                                    "entry per stage")
         if box_roi_pool is None:
             box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
         resolution = box_roi_pool.output_size[0]

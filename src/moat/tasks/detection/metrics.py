@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from moat.data.coco import coco_evaluate
+from moat.errors import InvalidInputError
 from moat.train.distributed import all_gather_objects, broadcast_object, world
 
 
@@ -49,5 +50,5 @@ def coco_dataset(dataset: Any):
     while not hasattr(dataset, "coco") and hasattr(dataset, "dataset"):
         dataset = dataset.dataset
     if getattr(dataset, "coco", None) is None:
-        raise ValueError("detection evaluation needs a moat.data.coco.CocoDetection dataset")
+        raise InvalidInputError("detection evaluation needs a moat.data.coco.CocoDetection dataset")
     return dataset

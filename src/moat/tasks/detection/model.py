@@ -23,6 +23,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from moat.errors import InvalidInputError
 from moat.preprocessing import variant_data_config
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.tasks.detection.cascade import CascadeRCNN
@@ -138,17 +139,17 @@ def build_detector(
     {"boxes" (XYXY), "labels" (1..num_classes), "scores"[, "masks" [N,1,H,W]]} per image.
     """
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown detector {arch!r}; choose one of {list(ARCHITECTURES)}")
+        raise InvalidInputError(f"unknown detector {arch!r}; choose one of {list(ARCHITECTURES)}")
     if num_classes < 1:
-        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        raise InvalidInputError(f"num_classes must be at least 1, got {num_classes}")
     backbone = moat_fpn_backbone(
         variant, fpn_channels, preset=preset, frozen_stages=frozen_stages, freeze_bn=freeze_bn,
         grad_checkpointing=grad_checkpointing, weights=weights, drop_path_rate=drop_path_rate,
         **backbone_overrides)
     levels = len(backbone.featmap_names) + 1  # + the max-pooled level
     if len(anchor_sizes) != levels:
-        raise ValueError(f"anchor_sizes needs one size per FPN level ({levels}), "
-                         f"got {list(anchor_sizes)}")
+        raise InvalidInputError(f"anchor_sizes needs one size per FPN level ({levels}), "
+                                f"got {list(anchor_sizes)}")
     sizes = tuple(tuple(int(v) for v in s) if isinstance(s, Sequence) else (int(s),)
                   for s in anchor_sizes)
     anchors = AnchorGenerator(sizes, (tuple(float(a) for a in aspect_ratios),) * levels)

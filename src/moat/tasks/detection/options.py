@@ -2,10 +2,11 @@
 
 Detector settings that `build_detector` takes default to None: the builder's own default
 (one owner for each number). What a `TrainConfig` field already says (model, img_size,
-eval_img_size, hflip, bn_momentum, frozen_stages, grad_checkpointing, drop_path_rate) is set
-there, not here; the backbone's attention layout is the preset's, changed by window_size /
-global_attention_at_end / pool_size below (TrainConfig's fields of those names are the
-classification recipe's).
+eval_img_size, hflip, bn_momentum, frozen_stages, grad_checkpointing, drop_path_rate,
+window_size, pool_size) is set there, not here: one owner per setting, as for segmentation.
+The backbone's attention layout is the preset's, changed by TrainConfig's window_size (None:
+the preset's) and pool_size (the task's default 3, the preset's) and by
+global_attention_at_end below.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ DETECTOR_OPTIONS = (
     "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test",
     "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image",
     "box_score_thresh", "box_nms_thresh", "box_detections_per_img", "train_resize",
-    "image_mean", "image_std", "window_size", "global_attention_at_end", "pool_size")
+    "image_mean", "image_std", "global_attention_at_end")
 
 
 @dataclass
@@ -37,9 +38,7 @@ class DetectionOptions(TaskOptions):
     weights: str | None = None          # pretrained backbone weights (loaded before freezing)
     freeze_bn: bool = False             # BatchNorm -> FrozenBatchNorm2d
     preset: str = "detection"           # backbone attention layout (moat.tasks.backbone.PRESETS)
-    window_size: list | None = None     # preset overrides (None: the preset's)
-    global_attention_at_end: bool | None = None
-    pool_size: int | None = None
+    global_attention_at_end: bool | None = None  # preset override (None: the preset's)
     # build_detector's head settings (None: its default)
     fpn_channels: int | None = None
     anchor_sizes: list | None = None
@@ -84,6 +83,6 @@ class DetectionOptions(TaskOptions):
         need(0 <= self.score_threshold <= 1,
              f"score_threshold must be in [0, 1], got {self.score_threshold}")
         for key in ("min_size", "max_size", "fpn_channels", "representation_size",
-                    "mask_channels", "pool_size"):
+                    "mask_channels"):
             value = getattr(self, key)
             need(value is None or value >= 1, f"{key} must be >= 1, got {value}")

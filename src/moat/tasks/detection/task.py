@@ -22,7 +22,8 @@ from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.data.preflight import DataReport, check_detection
 from moat.data.yolo import SPLIT_NAMES, find_yolo_split, read_yolo_names, yolo_to_coco
-from moat.integrity import atomic_write_text
+from moat.errors import InvalidInputError
+from moat.integrity import atomic_output, atomic_write_text
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.confusion import csv_cell
@@ -97,6 +98,7 @@ class DetectionTask(Task):
         "img_size": 800, "epochs": 12, "batch_size": 16, "lr": 1e-4, "min_lr": 1e-6,
         "weight_decay": 0.05, "warmup_epochs": 0.1, "clip_grad": None, "ema": False,
         "label_smoothing": 0.0, "randaugment": None, "mixup": 0.0, "cutmix": 0.0,
+        "pool_size": 3,  # the detection preset's (official downstream setting)
     }
 
     def __init__(self, config: Any) -> None:
@@ -119,8 +121,8 @@ class DetectionTask(Task):
         if self.classes:
             return len(self.classes)
         if not self.config.num_classes:
-            raise ValueError("detection needs the class names: build the datasets first, or "
-                             "load a checkpoint (its metadata has them)")
+            raise InvalidInputError("detection needs the class names: build the datasets first, or "
+                                    "load a checkpoint (its metadata has them)")
         return int(self.config.num_classes)
 
     @property
@@ -136,6 +138,9 @@ class DetectionTask(Task):
     def build_model(self) -> nn.Module:
         c, o = self.config, self.options
         extra = {k: getattr(o, k) for k in DETECTOR_OPTIONS if getattr(o, k) is not None}
+        extra["pool_size"] = int(c.pool_size)  # TrainConfig's: the task has no second copy
+        if c.window_size is not None:
+            extra["window_size"] = c.window_size
         min_size = int(c.eval_img_size or self.min_size)
         max_size = self.max_size if not c.eval_img_size else round(self.max_size * min_size
                                                                    / self.min_size)
@@ -153,8 +158,8 @@ class DetectionTask(Task):
         if images and anns:
             return DetectionSplit(Path(images), read_json(anns), str(anns))
         if self.config.data is None:
-            raise ValueError("detection needs a dataset folder (data: COCO JSON or YOLO "
-                             f"labels) or task_options {split}_images + {split}_annotations")
+            raise InvalidInputError("detection needs a dataset folder (data: COCO JSON or YOLO "
+                                    f"labels) or task_options {split}_images + {split}_annotations")
         return _find_split(Path(self.config.data), split)
 
     def _checked_split(self, split: str) -> tuple[Path, Any, DataReport]:
@@ -172,8 +177,8 @@ class DetectionTask(Task):
 
     def _set_classes(self, dataset) -> None:
         if self.classes and list(self.classes) != dataset.classes:
-            raise ValueError(f"the dataset's categories {dataset.classes} differ from the "
-                             f"configured ones {list(self.classes)}")
+            raise InvalidInputError(f"the dataset's categories {dataset.classes} differ from the "
+                                    f"configured ones {list(self.classes)}")
         self.classes = dataset.classes
         self.label_to_category = dict(dataset.label_to_category)
         self.config.num_classes = len(dataset.classes)
@@ -201,7 +206,8 @@ class DetectionTask(Task):
         self._set_classes(train)
         val = self.build_eval_dataset()
         if val.classes != train.classes:
-            raise ValueError(f"train and val categories differ: {train.classes} vs {val.classes}")
+            raise InvalidInputError(f"train and val categories differ: {train.classes} vs "
+                                    f"{val.classes}")
         if Path(val.image_dir) == Path(images):
             log.warning("no validation split found: evaluating on the training images "
                         "(add images/val + labels/val, or a val/ folder)")
@@ -305,8 +311,9 @@ class DetectionTask(Task):
                 png = out_dir / f"{out_name}_detections.png"
                 js = out_dir / f"{out_name}_detections.json"
                 drawn = draw_detections(image, output, names, score_threshold=threshold)
-                Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(png)
-                js.write_text(json.dumps(coco))
+                with atomic_output(png) as tmp:
+                    Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+                atomic_write_text(js, json.dumps(coco))
                 result |= {"image": str(png), "json": str(js)}
             results.append(result)
         return results

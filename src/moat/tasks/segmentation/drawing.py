@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from moat.data.segmentation import IGNORE_INDEX
+from moat.integrity import atomic_output
 
 
 def color_palette(num_classes: int) -> np.ndarray:
@@ -36,7 +37,8 @@ def save_mask_png(mask: np.ndarray, path: str | os.PathLike, num_classes: int,
         img.putpalette(palette[:256].reshape(-1).tolist())
     else:
         img = Image.fromarray(mask.astype(np.uint16))
-    img.save(path)
+    with atomic_output(path) as tmp:  # never a half-written mask under the user's name
+        img.save(tmp, format="PNG")
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, num_classes: int, alpha: float = 0.5,

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.preprocessing import size_pair
 
 
@@ -25,7 +26,7 @@ def slide_inference(model: nn.Module, images: Tensor, crop_size: int | Sequence[
     sh, sw = size_pair(stride) if stride is not None else (max(1, ch * 2 // 3),
                                                           max(1, cw * 2 // 3))
     if min(ch, cw, sh, sw) < 1:
-        raise ValueError(f"crop_size and stride must be positive, got {crop_size}, {stride}")
+        raise InvalidInputError(f"crop_size and stride must be positive, got {crop_size}, {stride}")
     batch, _, height, width = images.shape
     ch, cw = min(ch, height), min(cw, width)
     rows = max(math.ceil((height - ch) / sh), 0) + 1
@@ -58,12 +59,12 @@ def segment(model: nn.Module, images: Tensor, *, mode: str = "whole",
             return model(x)
     elif mode == "slide":
         if crop_size is None:
-            raise ValueError("sliding-window inference needs crop_size")
+            raise InvalidInputError("sliding-window inference needs crop_size")
 
         def run(x: Tensor) -> Tensor:
             return slide_inference(model, x, crop_size, stride)
     else:
-        raise ValueError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
+        raise InvalidInputError(f"unknown inference mode {mode!r}; use 'whole' or 'slide'")
     logits = run(images).float()  # float32 also under autocast
     if flip:
         logits = (logits + run(images.flip(-1)).float().flip(-1)) / 2

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.errors import InvalidInputError
 from moat.tasks.backbone import MoatBackbone, build_backbone
 
 
@@ -32,7 +33,7 @@ def default_aspp_rates(output_stride: int) -> tuple[int, int, int]:
     """DeepLab's atrous rates, (6, 12, 18) at output stride 16, scaled: (3, 6, 9) at 32."""
     rates = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
     if output_stride not in rates:
-        raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        raise InvalidInputError(f"output_stride must be 8, 16 or 32, got {output_stride}")
     return rates[output_stride]
 
 
@@ -94,8 +95,9 @@ class DeepLabV3Plus(nn.Module):
     def __init__(self, backbone: MoatBackbone, num_classes: int, **head_kwargs: Any) -> None:
         super().__init__()
         if len(backbone.out_indices) != 2 or backbone.strides[0] != 4:
-            raise ValueError("DeepLabV3Plus needs a backbone with out_indices (1, deepest): the "
-                             f"stride-4 and the deepest features, got strides {backbone.strides}")
+            raise InvalidInputError("DeepLabV3Plus needs a backbone with out_indices (1, deepest): "
+                                    f"the stride-4 and the deepest features, got strides "
+                                    f"{backbone.strides}")
         self.backbone = backbone
         self.num_classes = num_classes
         head_kwargs.setdefault("rates", default_aspp_rates(backbone.strides[-1]))

@@ -22,6 +22,8 @@ from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.data.preflight import DataReport, check_segmentation
+from moat.errors import InvalidInputError
+from moat.integrity import atomic_output
 from moat.models.blocks import set_batch_norm_momentum
 from moat.preprocessing import size_pair
 from moat.tasks.backbone import load_pretrained_backbone
@@ -81,8 +83,9 @@ class SegmentationTask(Task):
     def num_classes(self) -> int:
         n = self.config.num_classes or (len(self.class_names) if self.class_names else None)
         if not n or int(n) < 1:
-            raise ValueError("segmentation needs the number of classes: set num_classes (150 for "
-                             "ADE20K), or put classes.txt (one name per line) in the data folder")
+            raise InvalidInputError("segmentation needs the number of classes: set num_classes "
+                                    "(150 for ADE20K), or put classes.txt (one name per line) in "
+                                    "the data folder")
         return int(n)
 
     @property
@@ -126,8 +129,9 @@ class SegmentationTask(Task):
         if self.class_colours is None and table.colours and not self.options.binary:
             self.class_colours = table.colours
         if self.class_colours and len(self.class_colours) != len(self.class_names):
-            raise ValueError(f"{len(self.class_colours)} class colours but "
-                             f"{len(self.class_names)} class names; give one colour per class")
+            raise InvalidInputError(f"{len(self.class_colours)} class colours but "
+                                    f"{len(self.class_names)} class names; give one colour per "
+                                    f"class")
 
     def _common(self) -> dict[str, Any]:
         return dict(layout=self.options.layout, reduce_zero_label=self.options.reduce_zero_label,
@@ -137,8 +141,8 @@ class SegmentationTask(Task):
     def _open(self):
         root = self.config.data
         if root is None:
-            raise ValueError("segmentation needs a dataset folder: --data DIR (ADE20K layout, "
-                             "or images/ + masks/ folders)")
+            raise InvalidInputError("segmentation needs a dataset folder: --data DIR (ADE20K "
+                                    "layout, or images/ + masks/ folders)")
         self._read_class_table(root)
         train_tf, val_tf = self._transforms()
         train, val = data.segmentation_datasets(root, train_tf, val_tf, **self._common())
@@ -219,13 +223,13 @@ class SegmentationTask(Task):
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
         images, masks = batch[0], batch[1]
         if isinstance(images, list):
-            raise ValueError("training batches must have one size: use a fixed crop size")
+            raise InvalidInputError("training batches must have one size: use a fixed crop size")
         images = images.to(device, non_blocking=True, memory_format=self.memory_format)
         masks = masks.to(device, non_blocking=True)
         logits = model(images)
         if logits.shape[-2:] != masks.shape[-2:]:
-            raise ValueError(f"logits {tuple(logits.shape[-2:])} and masks "
-                             f"{tuple(masks.shape[-2:])} differ in size")
+            raise InvalidInputError(f"logits {tuple(logits.shape[-2:])} and masks "
+                                    f"{tuple(masks.shape[-2:])} differ in size")
         valid = masks != self.ignore_index
         if not bool(valid.any()):  # every pixel ignored: contribute nothing, keep the graph
             return logits.sum() * 0.0, {}
@@ -342,7 +346,9 @@ class SegmentationTask(Task):
                 present = {int(i): names[i] if i < len(names) else str(i) for i in ids}
                 drawn = overlay(np.asarray(rgb), mask, self.num_classes,
                                 ignore_index=self.ignore_index, palette=self.palette())
-                Image.fromarray(add_legend(drawn, present, self.palette())).save(overlay_path)
+                with atomic_output(overlay_path) as tmp:  # never a half-written overlay
+                    Image.fromarray(add_legend(drawn, present, self.palette())).save(
+                        tmp, format="PNG")
                 result |= {"mask": str(mask_path), "overlay": str(overlay_path)}
             results.append(result)
         return results
