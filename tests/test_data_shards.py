@@ -335,8 +335,8 @@ def test_moat_shard_writes_what_the_folder_holds(tmp_path, capsys):
     assert train.classes == folder_train.classes == info["class_names"]
     assert (len(train), len(val)) == (15, 6)
     want = sorted((Path(p).read_bytes(), t) for p, t in folder_train.samples)
-    got = sorted((train._sample(i)["." + Path(folder_train.path(0)).suffix[1:]].getvalue(),
-                  int(train.targets_array[i])) for i in range(len(train)))
+    suffix = Path(folder_train.path(0)).suffix[1:]
+    got = sorted((train.member(i, suffix), int(train.targets_array[i])) for i in range(len(train)))
     assert got == want  # every image, byte for byte, with its class
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import braceexpand
 import numpy as np
 from webdataset import TarWriter
-from wids.wids import IndexedTarSamples
+from wids.wids import IndexedTarSamples, splitname
 
 from moat.data.checks import DataError
 from moat.data.classification import ImageDataset, Transform, targets_from_labels
@@ -247,36 +247,48 @@ class ShardDataset(ImageDataset):
         self.damaged = [str(s) for s, e in zip(index.shards, index.errors) if e is not None]
 
     def _check_image_key(self) -> None:
-        sample = self._sample(0)
-        if self.image_key is not None and "." + self.image_key not in sample:
+        members = self._entry(0)[2]
+        if self.image_key is not None and self.image_key not in members:
             raise DataError(f"the shards {self.source!r} have no '{self.image_key}' member "
-                            f"(image_key); the first sample has {_members(sample)}")
-        if self.image_key is None and not any("." + k in sample for k in IMAGE_KEYS):
+                            f"(image_key); the first sample has {', '.join(members)}")
+        if self.image_key is None and not any(k in members for k in IMAGE_KEYS):
             raise DataError(f"the first sample of {self.source!r} has no image under "
-                            f"{', '.join(IMAGE_KEYS)} (it has {_members(sample)}); name the "
+                            f"{', '.join(IMAGE_KEYS)} (it has {', '.join(members)}); name the "
                             "image member with image_key")
 
     def __len__(self) -> int:
         return len(self.targets_array)
 
     def path(self, index: int) -> str:
-        return f"{self.shards[self.shard_of[index]]}:{self._sample(index)['__key__']}"
+        return f"{self.shards[self.shard_of[index]]}:{self._entry(index)[1]}"
+
+    def member(self, index: int, name: str) -> bytes | None:
+        """The bytes of member `name` ('jpg', 'cls', ...) of sample `index`, or None."""
+        tar, _, members = self._entry(index)
+        return None if name not in members else tar.reader.get_at_index(members[name])[1]
 
     def read_image(self, index: int) -> Any:
-        sample = self._sample(index)
+        tar, key, members = self._entry(index)
         keys = [self.image_key] if self.image_key else IMAGE_KEYS
-        name = f"{self.shards[self.shard_of[index]]}:{sample['__key__']}"
-        data = next((sample["." + k].getvalue() for k in keys if "." + k in sample), b"")
-        return decode_rgb(data, name)
+        found = next((members[k] for k in keys if k in members), None)
+        data = b"" if found is None else tar.reader.get_at_index(found)[1]
+        return decode_rgb(data, f"{self.shards[self.shard_of[index]]}:{key}")
 
-    def _sample(self, index: int) -> dict[str, Any]:
+    def _entry(self, index: int) -> tuple[IndexedTarSamples, str, dict[str, int]]:
+        """(the open shard, the sample's key, {member name: its number in the tar}) of sample
+        `index`; only the members read are copied out of the mapped shard."""
         shard = int(self.shard_of[index])
         if shard not in self._open:
             if len(self._open) >= OPEN_SHARDS:
                 self._open.popitem(last=False)[1].close()
             self._open[shard] = IndexedTarSamples(path=str(self.shards[shard]))
         self._open.move_to_end(shard)
-        return self._open[shard][int(self.offset_in_shard[index])]
+        tar = self._open[shard]
+        members, key = {}, ""
+        for j in tar.samples[int(self.offset_in_shard[index])]:
+            key, ext = splitname(tar.reader.by_index[j][0])
+            members[ext[1:]] = j
+        return tar, key, members
 
     def shard_sizes(self) -> list[int]:
         """Samples per shard, in shard order (the samples of shard k follow those of k-1)."""
@@ -292,10 +304,6 @@ def _info_lengths(info: dict[str, Any], split: str | None) -> dict[str, int]:
         if split is None or name == split:
             lengths.update(zip(entry.get("filenames", []), entry.get("shard_lengths", [])))
     return lengths
-
-
-def _members(sample: dict[str, Any]) -> str:
-    return ", ".join(k.lstrip(".") for k in sample if not k.startswith("__")) or "nothing"
 
 
 def split_shards(folder: Path) -> dict[str, list[Path]]:
