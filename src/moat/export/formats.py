@@ -33,7 +33,8 @@ from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
 from moat.preprocessing import size_pair
 
-__all__ = ["DEFAULT_OPSET", "GELU_KEY", "LAYOUTS", "TANH_GELU_OPSET", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx",
+__all__ = ["DEFAULT_OPSET", "GELU_KEY", "LAYOUTS", "TANH_GELU_OPSET", "SIZE_MULTIPLE",
+           "check_dynamic_size", "check_onnx",
            "downgrade_onnx_to_opset17", "export_onnx", "export_program", "export_torchscript",
            "prepare_for_export", "supports_dynamic_size"]
 
