@@ -208,6 +208,7 @@ def test_quantized_model_stays_close_to_float(sample_images, tmp_path, capsys):
     assert cosine.min() > 0.95, cosine
 
 
+@pytest.mark.slow  # exports, calibrates int8 and times two models
 def test_onnxruntime_benchmark_rows_and_csv(sample_images, tmp_path, capsys):
     out = tmp_path / "ort.csv"
     assert cli(["benchmark", "tiny_moat_0", "--runtime", "onnxruntime", "--img-size", "64",
@@ -235,6 +236,7 @@ def test_peers_follow_the_models():
     assert "mobilevitv2_075" in MOBILE_PEERS and "coatnet_0_rw_224" in PEERS
 
 
+@pytest.mark.slow  # lowers through torch.export and XNNPACK
 def test_executorch_program_matches_pytorch(tmp_path):
     from moat.export.edge import export_executorch, run_executorch
 
