@@ -118,7 +118,7 @@ class CpuChoices:
 
     channels_last: bool  # weights (and so activations) channels-last by default
     onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
-    chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
+    chunk_batches: bool  # split large batches so block intermediates fit CHUNK_BYTES
     projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
 
 
@@ -140,7 +140,7 @@ def cpu_choices(isa: str) -> CpuChoices:
     # one instruction set and lost on the other, so the rule does not depend on `isa` today.
     # It is the one place to change when a real AVX2 machine measures otherwise.
     del isa
-    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES,
+    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_batches=True,
                       projections_as_conv=True)
 
 
@@ -190,13 +190,12 @@ CHUNK_BYTES = 24 * 2**20
 
 
 def _batch_chunks(x: Tensor, widest_channels: int) -> int:
-    """Parts to split the batch into so that [part, widest_channels, H, W] fits the chosen
-    size (CHUNK_BYTES unless `cpu_choices` says otherwise)."""
-    limit = current_cpu_choices().chunk_bytes
-    if x.shape[0] == 1 or not limit or not _eager_cpu(x):
+    """Parts to split the batch into so that [part, widest_channels, H, W] fits CHUNK_BYTES
+    (where `cpu_choices` chunks batches)."""
+    if x.shape[0] == 1 or not current_cpu_choices().chunk_batches or not _eager_cpu(x):
         return 1
     per_sample = widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
-    per_part = max(1, limit // per_sample)
+    per_part = max(1, CHUNK_BYTES // per_sample)
     return -(-x.shape[0] // per_part)
 
 
