@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 import moat
+from moat.cpu import cpu_info
 from moat.train.checkpoint import CheckpointManager, read_state, read_weights, verify_checkpoint
 from moat.train.optim import ModelEma
 
@@ -86,7 +87,8 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{args.model}: model + EMA + AdamW moments, {size / 2**20:.0f} MiB; "
-          f"{os.cpu_count()} CPU cores, torch {torch.__version__}, best of {args.repeat}")
+          f"{os.cpu_count()} CPU cores ({cpu_info().describe()}), torch {torch.__version__}, "
+          f"best of {args.repeat}")
     print(f"{'what':<52}{'seconds':>9}{'ratio':>8}")
     print(f"{'plain safetensors.torch.save_file (3 files)':<52}{plain:>9.2f}{1.0:>8.2f}")
     print(f"{'the same, each file fsync-ed':<52}{synced:>9.2f}{synced / plain:>8.2f}")

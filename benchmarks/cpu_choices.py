@@ -44,12 +44,10 @@ def main() -> None:
     chosen = current_cpu_choices()
     print(f"CPU: {cpu_info().describe()}; chosen: {chosen}", flush=True)
     variants = {"chosen": chosen}
-    for field in ("channels_last", "onednn_fusion", "se_in_weights", "projections_as_conv",
-                  "shrink_as_matmul"):
+    for field in ("channels_last", "onednn_fusion", "projections_as_conv"):
         variants[f"{field}={not getattr(chosen, field)}"] = dataclasses.replace(
             chosen, **{field: not getattr(chosen, field)})
-    variants["chunk_bytes=0"] = dataclasses.replace(chosen, chunk_bytes=0)
-    variants["chunk_bytes=4M"] = dataclasses.replace(chosen, chunk_bytes=4 * 2**20)
+    variants["chunk_batches=False"] = dataclasses.replace(chosen, chunk_batches=False)
     plain = moat.create_model(args.model).eval()
     size = plain.cfg.native_resolution
     x = torch.randn(args.batch_size, 3, size, size)

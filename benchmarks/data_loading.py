@@ -80,7 +80,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "moat.cli", "shard", str(folders), str(shards),
                         "--shard-size", str(args.shard_size)], check=True)
     env = environment()
-    print(f"CPU: {env['cpu']} ({env['cpu_count']} cores), torch {env['torch']}, load "
+    print(f"CPU: {env['cpu_description']} ({env['cpu_count']} cores), torch {env['torch']}, load "
           f"{env['load_average']}; {args.images} JPEGs of {args.size} px, crop {args.img_size}, "
           f"batch {args.batch}, shards of {args.shard_size}")
     print(f"{'workers':>8} {'folders img/s':>14} {'shards img/s':>13} {'shards/folders':>15}")

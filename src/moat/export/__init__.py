@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moat.errors import InvalidInputError
-from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_size, check_onnx,
+from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, TANH_GELU_OPSET,
+                                 check_dynamic_size, check_onnx,
                                  export_onnx, export_program, export_torchscript,
                                  prepare_for_export, supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
@@ -27,7 +28,8 @@ from moat.models.config import MODEL_CONFIGS
 from moat.preprocessing import size_pair
 from moat.weights.hub import is_hub_name
 
-__all__ = ["DEFAULT_OPSET", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx", "export_onnx",
+__all__ = ["DEFAULT_OPSET", "SIZE_MULTIPLE", "TANH_GELU_OPSET", "check_dynamic_size",
+           "check_onnx", "export_onnx",
            "export_program", "export_torchscript", "is_optimized", "load_model",
            "optimize_for_inference", "prepare_for_export", "run_export", "supports_dynamic_size"]
 

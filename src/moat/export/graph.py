@@ -13,8 +13,8 @@ kernels want it (measured with `moat benchmark --runtime onnxruntime`):
   replaces by one Gelu kernel (PyTorch's exporter spells it in an order that is not fused:
   five element-wise passes over the widest tensors of the network);
 * the tanh GELU (`optimize_for_inference(..., gelu="tanh")`) as `F.gelu(x, approximate="tanh")`,
-  which `moat.export.formats.export_onnx` writes as ONNX Runtime's one-kernel FastGelu
-  (com.microsoft; the decomposed tanh formula is not fused by ONNX Runtime's optimiser);
+  which the exporter writes as ONNX's one Gelu(approximate="tanh") operator (opset 20):
+  ONNX Runtime keeps it in its NCHWc layout, unlike its FastGelu or the decomposed formula;
 * attention as plain matrix products on [B, T, C] tokens: one Transpose into tokens and one
   back per block (the residual added on tokens), plus the head split and merge; the 1/sqrt(d) scale is folded into the
   query weights; the position bias is a constant for every size known at export time;
@@ -46,7 +46,7 @@ _SQRT_2 = math.sqrt(2.0)
 
 def graph_gelu(x: Tensor, approximate: str = "none") -> Tensor:
     """Exact (erf) GELU in the operator order ONNX Runtime fuses into one Gelu kernel; the
-    tanh form as the one aten.gelu call that the ONNX export maps to FastGelu."""
+    tanh form as the aten.gelu call that the ONNX export (opset 20) writes as one Gelu."""
     if approximate == "tanh":
         return F.gelu(x, approximate="tanh")
     return (x * 0.5) * (torch.erf(x / _SQRT_2) + 1.0)

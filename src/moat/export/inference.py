@@ -120,10 +120,8 @@ class CpuChoices:
 
     channels_last: bool  # weights (and so activations) channels-last by default
     onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
-    chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
-    se_in_weights: bool = True  # squeeze-excite's gate folded into the next 1x1 conv's weights
+    chunk_batches: bool  # split large batches so block intermediates fit CHUNK_BYTES
     projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
-    shrink_as_matmul: bool = False  # MBConv's last 1x1 conv + residual as one MKL (b)addmm
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -136,17 +134,16 @@ def cpu_choices(isa: str) -> CpuChoices:
     # oneDNN fusion: GELU applied in the convolution's output loop saves one pass over the
     # widest (4x expanded) tensors, twice a block.
     # Chunking: see CHUNK_BYTES (allocator page faults, not the instruction set).
-    # Squeeze-excite: its gate multiplies the widest tensor of the block (a memory-bound pass
-    # that took longer than the 1x1 convolution after it); folded into that convolution's
-    # weights per sample instead (W * gate[b]), the pass disappears.
-    # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within 5% of
-    # each other on AVX2 and AVX-512 alike (MOAT-0's q/k/v and output shapes): convolution.
-    # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): every choice
-    # above wins or ties on both, so the rule does not depend on `isa` today; it is the one
-    # place to change when a machine measures otherwise.
+    # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within the
+    # noise of each other on AVX2 and AVX-512 alike (whole model, and MOAT-0's q/k/v and
+    # output shapes alone): convolution, as before.
+    # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): channels-last
+    # won on both (x1.09 / x1.16), fusion on AVX-512 (x1.09) and tied on AVX2; nothing won on
+    # one instruction set and lost on the other, so the rule does not depend on `isa` today.
+    # It is the one place to change when a real AVX2 machine measures otherwise.
     del isa
-    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES,
-                      se_in_weights=True, projections_as_conv=True)
+    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_batches=True,
+                      projections_as_conv=True)
 
 
 _CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
@@ -195,13 +192,12 @@ CHUNK_BYTES = 24 * 2**20
 
 
 def _batch_chunks(x: Tensor, widest_channels: int) -> int:
-    """Parts to split the batch into so that [part, widest_channels, H, W] fits the chosen
-    size (CHUNK_BYTES unless `cpu_choices` says otherwise)."""
-    limit = current_cpu_choices().chunk_bytes
-    if x.shape[0] == 1 or not limit or not _eager_cpu(x):
+    """Parts to split the batch into so that [part, widest_channels, H, W] fits CHUNK_BYTES
+    (where `cpu_choices` chunks batches)."""
+    if x.shape[0] == 1 or not current_cpu_choices().chunk_batches or not _eager_cpu(x):
         return 1
     per_sample = widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
-    per_part = max(1, limit // per_sample)
+    per_part = max(1, CHUNK_BYTES // per_sample)
     return -(-x.shape[0] // per_part)
 
 
@@ -261,39 +257,6 @@ def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     return residual + conv(x)
 
 
-def gated_conv_add(conv: nn.Conv2d, x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
-    """residual + conv(x * gate[:, :, None, None]) for a 1x1 convolution, the gate folded into
-    the weights of each sample (one oneDNN call per sample; no pass over the gated x)."""
-    if residual.shape[1] != conv.out_channels:
-        return conv_add(conv, x * gate[:, :, None, None], residual)
-    weight, padding = _weight_and_padding(conv, x)
-    parts = [_ONEDNN_CONV.binary(x[i:i + 1], residual[i:i + 1], weight * gate[i, None, :, None, None],
-                                 conv.bias, padding, conv.stride, conv.dilation, conv.groups,
-                                 "add", None, None, [], None) for i in range(x.shape[0])]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def matmul_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, gate: Tensor | None = None) -> Tensor:
-    """residual + conv(x [* gate]) for a 1x1 convolution on channels-last maps, as one matrix
-    product (MKL) accumulated into the residual: addmm, or baddbmm with the gate in each
-    sample's weights."""
-    b, c, h, w = x.shape
-    if not (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
-            and residual.shape == (b, conv.out_channels, h, w)
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        x = x if gate is None else x * gate[:, :, None, None]
-        return conv_add(conv, x, residual)
-    weight = conv.weight[:, :, 0, 0]  # [out, in]
-    out = residual.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # a copy unless channels-last
-    out = out + conv.bias if conv.bias is not None else out.clone()
-    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of a channels-last map
-    if gate is None:
-        out.view(b * h * w, -1).addmm_(tokens.view(b * h * w, c), weight.t())
-    else:
-        out.baddbmm_(tokens, (weight[None] * gate[:, None, :]).transpose(1, 2))
-    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
-
-
 class ConvGelu(nn.Sequential):
     """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
 
@@ -318,12 +281,9 @@ class FusedSqueezeExcite(nn.Module):
             linear.weight.data.copy_(conv.weight.detach()[:, :, 0, 0])
             linear.bias.data.copy_(conv.bias.detach())
 
-    def gate(self, x: Tensor) -> Tensor:
-        """The per-sample, per-channel scale [B, C]."""
-        return self.expand(F.silu(self.reduce(x.mean((2, 3))))).sigmoid()
-
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)[:, :, None, None]
+        scale = self.expand(F.silu(self.reduce(x.mean((2, 3)))))
+        return x * scale.sigmoid()[:, :, None, None]
 
 
 class FusedMBConv(nn.Module):
@@ -356,16 +316,8 @@ class FusedMBConv(nn.Module):
     def forward_mbconv(self, x: Tensor) -> Tensor:
         y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x, self.approximate),
                       self.approximate)
-        choices = current_cpu_choices()
         if self.se is not None:
-            if _eager_onednn(y) and choices.se_in_weights:
-                gate = self.se.gate(y)
-                if choices.shrink_as_matmul:
-                    return matmul_add(self.shrink_conv, y, self.shortcut(x), gate)
-                return gated_conv_add(self.shrink_conv, y, gate, self.shortcut(x))
             y = self.se(y)
-        if _eager_cpu(y) and choices.shrink_as_matmul:
-            return matmul_add(self.shrink_conv, y, self.shortcut(x))
         return conv_add(self.shrink_conv, y, self.shortcut(x))
 
 
@@ -496,8 +448,9 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = Non
             more than 0.1 points). Recorded as the copy's `gelu` attribute.
 
     Returns a `MoatNet` (requires_grad off, eval mode) whose outputs match the plain model
-    in eval mode within 1e-4 (with gelu="exact"). It has no BatchNorm statistics and no drop path, so it always
-    computes the eval-mode function: fine-tune the original model, not this copy.
+    in eval mode within 1e-4 (with gelu="exact"). It has no BatchNorm statistics and no
+    drop path, so it always computes the eval-mode function: fine-tune the original model,
+    not this copy.
     """
     if not isinstance(model, MoatNet):
         raise TypeError(f"optimize_for_inference takes a MoatNet (moat.create_model), got "
