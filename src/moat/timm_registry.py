@@ -19,8 +19,9 @@ from moat.models import MoatNet, list_models
 from moat.weights.catalogue import NO_PE_SUFFIX, PRETRAINED
 from moat.weights.loader import create_model
 
-_TIMM_CFG = dict(url="", pool_size=None, first_conv="stem.conv_0", classifier="logits_head",
-                 license="apache-2.0", paper_ids="arXiv:2210.01820")
+_TIMM_CFG = dict(url="", pool_size=None, first_conv=MoatNet.first_conv,
+                 classifier=MoatNet.classifier_module, license="apache-2.0",
+                 paper_ids="arXiv:2210.01820")
 _IGNORED = ("cache_dir", "device", "dtype", "pretrained_model_args")
 
 default_cfgs = generate_default_cfgs(

@@ -64,6 +64,12 @@ def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
 class MoatNet(nn.Module):
     """MOAT network. Build it with `moat.create_model(name, ...)`."""
 
+    # The head, after the last stage: what a features_only model lacks, and the only tensors
+    # whose shape depends on num_classes (moat.weights.adapt keeps, replaces or drops them).
+    classifier_module = "logits_head"  # timm's pretrained_cfg["classifier"]
+    head_modules = ("final_layer_norm", classifier_module)
+    first_conv = "stem.conv_0"         # timm's pretrained_cfg["first_conv"]
+
     def __init__(
         self,
         cfg: MoatConfig,

@@ -16,14 +16,14 @@ the settings downstream training needs:
 * gradient checkpointing and weights loading.
 
 The state-dict keys are those of the classifier minus its head, so checkpoints of
-`moat.create_model(variant)` load directly (`strict=False` drops the head).
+`moat.create_model(variant)` load directly (`moat.weights.adapt` drops the head).
 This module depends on torch only; detection and segmentation heads build on it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -36,6 +36,7 @@ from moat.models.blocks import set_batch_norm_momentum
 from moat.models.layers import Conv2dSame
 from moat.models.moat import ENDPOINTS, MoatNet, Window
 from moat.train.checkpoint import load_pretrained
+from moat.weights.loader import load_weights
 
 __all__ = ["PRESETS", "BackbonePreset", "FrozenBatchNorm2d", "MoatBackbone", "build_backbone",
            "batch_norm_thawed", "freeze_batch_norm", "list_presets",
@@ -227,19 +228,7 @@ def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
     .tar.gz), or a mapping of tensors under our names or official names (`moat/...`).
     """
     with batch_norm_thawed(model):
-        if isinstance(weights, Mapping):
-            if any(str(k).startswith("moat/") for k in weights):
-                from moat.weights.official import load_official_weights
-
-                load_official_weights(model, weights)
-            else:
-                from moat.weights.loader import load_state
-
-                load_state(model, weights, "backbone weights")
-        else:
-            from moat.weights.loader import load_weights
-
-            load_weights(model, weights)
+        load_weights(model, weights)
     return model
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from moat.integrity import atomic_write_text
+from moat.models import MoatNet
 from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
@@ -130,8 +131,8 @@ def hub_config(model: nn.Module, label_names: Sequence[str] | None = None) -> di
     cfg = release(variant.model_name).data_config()  # the variant's, unless the model has its own
     cfg.update({k: own[k] for k in ("tag", "input_size", "interpolation", "crop_pct", "mean",
                                     "std", "license", "paper_ids") if k in own})
-    cfg.update(num_classes=model.num_classes, first_conv="stem.conv_0",
-               classifier="logits_head", label_names=_label_names(model, label_names))
+    cfg.update(num_classes=model.num_classes, first_conv=MoatNet.first_conv,
+               classifier=MoatNet.classifier_module, label_names=_label_names(model, label_names))
     return {"architecture": variant.name, "num_classes": model.num_classes,
             "num_features": model.num_features, "model_args": args, "pretrained_cfg": cfg}
 
