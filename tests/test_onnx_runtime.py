@@ -193,13 +193,14 @@ def test_app_shows_an_exported_run_as_moat_predict_does(trained_run, tmp_path):
 
 
 def test_quantized_model_stays_close_to_float(sample_images, tmp_path, capsys):
-    from moat.export.quantize import calibration_batches, read_preprocessing
+    from moat.export.onnx_metadata import read_preprocessing
+    from moat.export.quantize import calibration_batches
 
     fp32, int8 = tmp_path / "tiny.onnx", tmp_path / "tiny.int8.onnx"
     assert cli(["export", "onnx", "tiny_moat_0", str(fp32), "--img-size", "64"]) == 0
     assert cli(["quantize", str(fp32), str(int8), "--calibration", str(sample_images)]) == 0
     preprocessing = read_preprocessing(int8)
-    assert preprocessing["input_size"] == [64, 64] and preprocessing["crop_pct"] == 0.875
+    assert preprocessing["input_size"] == (3, 64, 64) and preprocessing["crop_pct"] == 0.875
     x = next(calibration_batches(sample_images, preprocessing))
     assert x.shape == (3, 3, 64, 64)
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
@@ -252,7 +253,7 @@ def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
     given when its height and width are dynamic (refused without one)."""
     from onnx import TensorProto, helper
 
-    from moat.export.quantize import read_preprocessing
+    from moat.export.onnx_metadata import read_preprocessing
     from moat.preprocessing import CROP_PCT, IMAGENET_MEAN
 
     def identity(path, dims):
@@ -263,9 +264,9 @@ def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
         return path
 
     fixed = read_preprocessing(identity(tmp_path / "fixed.onnx", ["b", 3, 40, 48]))
-    assert fixed["input_size"] == (40, 48) and fixed["crop_pct"] == CROP_PCT
+    assert fixed["input_size"] == (3, 40, 48) and fixed["crop_pct"] == CROP_PCT
     assert tuple(fixed["mean"]) == IMAGENET_MEAN
     dynamic = identity(tmp_path / "dynamic.onnx", ["b", 3, "h", "w"])
     with pytest.raises(ValueError, match="no fixed input size"):
         read_preprocessing(dynamic)
-    assert read_preprocessing(dynamic, 56)["input_size"] == (56, 56)
+    assert read_preprocessing(dynamic, 56)["input_size"] == (3, 56, 56)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_siz
                                  export_onnx, export_program, export_torchscript,
                                  prepare_for_export, supports_dynamic_size)
 from moat.export.inference import is_optimized, optimize_for_inference
-from moat.export.quantize import PREPROCESSING_KEY
+from moat.export.onnx_metadata import OnnxMetadata
 from moat.integrity import atomic_output
 from moat.models.config import MODEL_CONFIGS
 from moat.preprocessing import size_pair
@@ -86,11 +85,11 @@ def _variant_of_file(path: Path) -> tuple[str, int]:
 def _release_preprocessing(model) -> dict:
     """Crop, interpolation, mean and std of the model's weights (its pretrained_cfg), else
     of its variant's release (ImageNet's for a custom configuration)."""
-    from moat.preprocessing import variant_data_config
+    from moat.weights.catalogue import release
     from moat.weights.variant import model_variant
 
     name = model_variant(model).name
-    config = {**variant_data_config(name if name in MODEL_CONFIGS else "moat_0"),
+    config = {**release(name if name in MODEL_CONFIGS else "moat_0").data_config(),
               **(getattr(model, "pretrained_cfg", None) or {})}
     return {k: config[k] for k in ("crop_pct", "interpolation", "mean", "std")}
 
@@ -146,8 +145,9 @@ def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[i
         export_program(model, tmp, size, batch=batch, dynamic_size=dynamic)
         return (f"wrote {out}: torch.export program, dynamic batch, {shape}; load with "
                 "torch.export.load(path).module()")
-    preprocessing = {**(preprocessing or _release_preprocessing(model)), "input_size": size}
-    metadata = {**(metadata or {}), PREPROCESSING_KEY: json.dumps(preprocessing)}
+    preprocessing = {**(preprocessing or _release_preprocessing(model)),
+                     "input_size": (3, *size)}
+    metadata = {**(metadata or {}), **OnnxMetadata(preprocessing=preprocessing).props()}
     report = export_onnx(model, tmp, size, opset=opset, batch=batch, dynamic_size=dynamic,
                          check=check, layout=layout, metadata=metadata)
     lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}, "

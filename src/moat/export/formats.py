@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from moat.export.graph import for_graph_runtime
 from moat.export.inference import (SamePaddingConv2d, is_optimized,
                                    optimize_for_inference, portable_ops)
+from moat.export.onnx_metadata import write as write_metadata
 from moat.integrity import atomic_output
 from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
@@ -251,7 +252,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
     the model a second time; it holds the "pytorch" layout, so pass that `layout` too).
     `metadata`: string entries for the file's metadata_props
-    (`moat export onnx` records the preprocessing, see `moat.export.quantize`). Returns a
+    (`moat export onnx` records the preprocessing, see `moat.export.onnx_metadata`). Returns a
     report dict.
     """
     size = size_pair(img_size)
@@ -278,9 +279,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
         if opset == 17:
             downgrade_onnx_to_opset17(tmp)
         if metadata:
-            proto = onnx.load(os.fspath(tmp))
-            onnx.helper.set_model_props(proto, dict(metadata))
-            onnx.save(proto, os.fspath(tmp))
+            write_metadata(tmp, metadata)
         report = {"path": str(path), "opset": _onnx_opset(tmp), "dynamic_batch": True,
                   "dynamic_size": dynamic, "img_size": size}
         if check:

@@ -18,6 +18,7 @@ from torch import nn
 
 from moat.data.folders import describe_skipped, walk_files
 from moat.data.images import IMAGE_SUFFIXES
+from moat.export.onnx_metadata import OnnxMetadata
 from moat.integrity import atomic_write_text, read_safetensors
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
@@ -37,36 +38,28 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({k: v for k, v in values.items() if k in known})
 
 
-# metadata_props of an ONNX file exported from a run (`moat export onnx RUN_DIR OUT`)
-ONNX_CONFIG_KEY, ONNX_TASK_KEY = "moat.config", "moat.task_metadata"
-
-
 def onnx_metadata(task: Task) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata_props, preprocessing) that let `moat eval` rebuild `task` from an ONNX file."""
     c = task.config
-    props = {ONNX_CONFIG_KEY: json.dumps(c.to_dict()),
-             ONNX_TASK_KEY: json.dumps(task.metadata())}
+    props = OnnxMetadata(config=c.to_dict(), task_metadata=task.metadata()).props()
     return props, dict(crop_pct=c.crop_pct, interpolation=c.interpolation, mean=list(c.mean),
                        std=list(c.std))
 
 
 def _load_onnx(path: Path, settings: Mapping[str, Any]) -> tuple[Task, nn.Module, dict]:
     """The task of an ONNX file exported from a run, and the file as an ONNX Runtime model."""
-    import onnx
-
     from moat.export.ort import OnnxRuntimeModel
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
-             .metadata_props}
-    if ONNX_CONFIG_KEY not in props:
+    meta = OnnxMetadata.read(path)
+    if meta.config is None:
         raise ValueError(f"{path} does not record its task and classes: export it from the "
                          "training run, `moat export onnx RUN_DIR OUT.onnx`")
-    config = config_from_dict(json.loads(props[ONNX_CONFIG_KEY]))
+    config = config_from_dict(meta.config)
     for key, value in settings.items():
         if value is not None:
             setattr(config, key, value)
     task = get_task(config.task)(config)
-    task.load_metadata(json.loads(props.get(ONNX_TASK_KEY, "{}")))
+    task.load_metadata(meta.task_metadata)
     return task, OnnxRuntimeModel(path), {"checkpoint": str(path), "weights": "onnxruntime"}
 
 

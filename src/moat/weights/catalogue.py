@@ -38,7 +38,7 @@ from importlib.resources import files
 from typing import Any
 
 from moat.models.config import MODEL_CONFIGS
-from moat.preprocessing import CROP_PCT, INTERPOLATION, NORMALISATION, VARIANT_NORMALISATION
+from moat.preprocessing import NORMALISATION, imagenet_data_config
 
 BASE_URL = "https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/"
 NO_PE_SUFFIX = "_no_pe"
@@ -96,8 +96,9 @@ class PretrainedWeights:
 
     @property
     def normalization(self) -> str:
-        """Official option: "option1" (ImageNet mean/std) or "option2" (127.5/127.5)."""
-        return VARIANT_NORMALISATION[self.model]
+        """Official option: "option2" (127.5/127.5) for the ImageNet-22k checkpoints
+        (MOAT-2/3/4), "option1" (ImageNet mean/std) for all others."""
+        return "option2" if self.data.startswith("in22k") else "option1"
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -105,9 +106,7 @@ class PretrainedWeights:
 
     def data_config(self) -> dict[str, Any]:
         """timm-style: input_size (C, H, W); mean/std apply to 0..1 RGB input."""
-        return dict(input_size=(3, self.resolution, self.resolution),
-                    interpolation=INTERPOLATION, crop_pct=CROP_PCT,
-                    **NORMALISATION[self.normalization])
+        return {**imagenet_data_config(self.resolution), **NORMALISATION[self.normalization]}
 
     def pretrained_cfg(self, with_labels: bool = True) -> dict[str, Any]:
         """timm-style pretrained_cfg: the tag, preprocessing, classes and their names."""

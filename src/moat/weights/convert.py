@@ -26,7 +26,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from moat.weights.catalogue import find, split_name

@@ -23,9 +23,9 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from moat.preprocessing import variant_data_config
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.tasks.detection.cascade import CascadeRCNN
+from moat.weights.catalogue import release
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn", "cascade_rcnn", "cascade_mask_rcnn")
 
@@ -152,7 +152,7 @@ def build_detector(
     sizes = tuple(tuple(int(v) for v in s) if isinstance(s, Sequence) else (int(s),)
                   for s in anchor_sizes)
     anchors = AnchorGenerator(sizes, (tuple(float(a) for a in aspect_ratios),) * levels)
-    data = variant_data_config(variant)
+    data = release(variant).data_config()
     names = backbone.featmap_names
     box_roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
     common = dict(
