@@ -109,9 +109,7 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
 
             if preset not in PRESETS:
                 raise ValueError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-            layout = dict(window_size=PRESETS[preset].window_size,
-                          global_attention_at_end=PRESETS[preset].global_attention_at_end,
-                          pool_size=PRESETS[preset].pool_size)
+            layout = PRESETS[preset].model_args()
         return moat.create_model(name, drop_path_rate=drop_path_rate,
                                  pretrained=pretrained or None, **layout)
     if preset:
@@ -121,10 +119,16 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
     if not timm.is_model(name.split(".")[0]):
         raise ValueError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor a "
                          "timm model (timm.list_models())")
-    kwargs = {"drop_path_rate": drop_path_rate}
+    return create_peer(name, img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
+
+
+def create_peer(name: str, img_size: tuple[int, int], **kwargs) -> nn.Module:
+    """A timm peer for `img_size` (every benchmark builds its peers here)."""
+    import timm
+
     if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
         kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def build_model(spec: BenchSpec) -> nn.Module:

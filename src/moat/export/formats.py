@@ -38,7 +38,8 @@ __all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "c
            "downgrade_onnx_to_opset17", "export_onnx", "export_program", "export_torchscript",
            "prepare_for_export", "supports_dynamic_size"]
 
-DEFAULT_OPSET = 17  # the oldest opset the export writes (a downgrade of the exporter's 18)
+EXPORTER_OPSET = 18  # the torch.export-based exporter's first opset
+DEFAULT_OPSET = 17  # the oldest opset the export writes (a downgrade of the exporter's)
 SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
 # The module path an exporter traces: "pytorch", the `optimize_for_inference` model (what
 # PyTorch runtimes run best); "onnxruntime", its NCHW, fusion-friendly spelling
@@ -273,7 +274,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
         with torch.no_grad():
             torch.onnx.export(program, (), os.fspath(tmp), dynamo=True,
-                              opset_version=max(opset, 18), input_names=["x"],
+                              opset_version=max(opset, EXPORTER_OPSET), input_names=["x"],
                               output_names=_output_names(model), external_data=False,
                               verbose=False)
         if opset == 17:

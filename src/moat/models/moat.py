@@ -20,6 +20,11 @@ from moat.models.layers import Attention, Conv2dSame
 
 ENDPOINTS = ("stage1", "stage2", "stage3", "stage4", "stage5")
 Window = tuple[int, int]
+# MoatNet's keywords that change the attention layout (a dense task's backbone preset)
+LAYOUT_ARGS = ("window_size", "global_attention_at_end", "pool_size")
+# ... and every keyword that shapes the network beyond the variant's name: what a saved model
+# records (config.json's model_args) to be rebuilt; num_classes is recorded on its own
+ARCHITECTURE_ARGS = ("position_embedding", *LAYOUT_ARGS, "in_chans")
 
 
 class FeatureInfo(list):
@@ -62,7 +67,23 @@ def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
 
 
 class MoatNet(nn.Module):
-    """MOAT network. Build it with `moat.create_model(name, ...)`."""
+    """MOAT network. Build it with `moat.create_model(name, ...)`.
+
+    Args:
+        cfg: the variant (`moat.models.config.MODEL_CONFIGS`).
+        num_classes: classifier outputs; 0 for pooled features.
+        in_chans: input channels.
+        position_embedding: False builds the official "no PE" variant.
+        window_size: None for global attention everywhere, or one entry per stage
+            (4 entries; MBConv stages must be None), each None, N or (h, w).
+        global_attention_at_end: the last block of each MOAT stage attends globally.
+        pool_size: shortcut average-pool size: 2 (classification) or 3 (official
+            downstream default).
+        drop_path_rate: stochastic depth of the last block; None takes the official
+            per-variant default (MOAT-0: 0.2, ..., tiny-MOAT-0: 0).
+        features_only: return a list of feature maps instead of logits.
+        out_indices: with features_only, which of stage1..stage5 (0..4) to return.
+    """
 
     # The head, after the last stage: what a features_only model lacks, and the only tensors
     # whose shape depends on num_classes (moat.weights.adapt keeps, replaces or drops them).
@@ -84,8 +105,7 @@ class MoatNet(nn.Module):
         out_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if pool_size < 1:
-            raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
+        check_model_args(pool_size=pool_size)
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -165,9 +185,7 @@ class MoatNet(nn.Module):
         Frozen parameters get `requires_grad=False`, and frozen modules stay in eval mode
         (BatchNorm statistics fixed, no drop path) even when the model is put in train mode.
         """
-        if not -1 <= frozen_stages <= len(self.stages):
-            raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. "
-                             f"{len(self.stages)} (all), got {frozen_stages}")
+        check_model_args(frozen_stages=frozen_stages)
         self.frozen_stages = frozen_stages
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -238,6 +256,16 @@ class MoatNet(nn.Module):
             endpoints = self.forward_endpoints(x, last=max(self.out_indices))
             return [endpoints[ENDPOINTS[i]] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
+
+
+def check_model_args(*, pool_size: int | None = None, frozen_stages: int | None = None) -> None:
+    """The model's rules for these arguments; `TrainConfig` applies them before a run starts."""
+    if pool_size is not None and pool_size < 1:
+        raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
+    stages = len(ENDPOINTS) - 1  # the stem's endpoint, then one per stage
+    if frozen_stages is not None and not -1 <= frozen_stages <= stages:
+        raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. {stages} (all), "
+                         f"got {frozen_stages}")
 
 
 def check_input(x: Tensor, channels: int, weight: Tensor) -> None:

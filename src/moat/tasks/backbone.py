@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from moat.models.config import MODEL_CONFIGS
 from moat.models.blocks import set_batch_norm_momentum
 from moat.models.layers import Conv2dSame
-from moat.models.moat import ENDPOINTS, MoatNet, Window
+from moat.models.moat import ENDPOINTS, LAYOUT_ARGS, MoatNet, Window
 from moat.train.checkpoint import load_pretrained
 from moat.weights.loader import load_weights
 
@@ -52,6 +52,10 @@ class BackbonePreset:
     global_attention_at_end: bool = False   # last block of each MOAT stage attends globally
     pool_size: int = 3                      # shortcut average pool (official downstream: 3)
     description: str = field(default="", compare=False)
+
+    def model_args(self) -> dict:
+        """The preset as `MoatNet` keywords (`LAYOUT_ARGS`)."""
+        return {name: getattr(self, name) for name in LAYOUT_ARGS}
 
 
 PRESETS: dict[str, BackbonePreset] = {
@@ -283,12 +287,10 @@ def build_backbone(
         if preset not in PRESETS:
             raise ValueError(f"unknown backbone preset {preset!r}; choose one of {list(PRESETS)}")
         preset = PRESETS[preset]
-    unknown = set(overrides) - {"window_size", "global_attention_at_end", "pool_size"}
+    unknown = set(overrides) - set(LAYOUT_ARGS)
     if unknown:
         raise TypeError(f"build_backbone() got unexpected arguments {sorted(unknown)}")
-    settings = dict(window_size=preset.window_size,
-                    global_attention_at_end=preset.global_attention_at_end,
-                    pool_size=preset.pool_size) | overrides
+    settings = preset.model_args() | overrides
     model = MoatBackbone(MODEL_CONFIGS[variant], out_indices=out_indices, in_chans=in_chans,
                          position_embedding=position_embedding, drop_path_rate=drop_path_rate,
                          **settings)

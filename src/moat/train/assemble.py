@@ -17,7 +17,7 @@ from torch import nn
 from moat.data.bad_images import BadImageLog
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager
-from moat.train.config import TrainConfig
+from moat.train.config import TrainConfig, micro_batch
 from moat.train.loaders import eval_loader, full_batches, train_loader
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
@@ -44,13 +44,14 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     # the task builds the data, then the model (which may depend on the data's classes)
     task = get_task(config.task)(config)
     train_set, val_set = task.build_datasets()
+    config.num_classes = task.num_classes  # what the data says, in the run's config.yaml
     model = task.build_training_model(info, resume=start is not None)  # complete: weights,
     model = model.to(info.device, memory_format=task.memory_format)  # BN, freezing, SyncBN
     ema = ModelEma(model, config.ema_decay) if config.ema else None
     optimizer = build_optimizer(model, config, task.backbone(model))
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
 
-    micro = _micro_batch(config, info.world_size)
+    micro = micro_batch(config.batch_size, config.accum_steps, info.world_size)
     pin = info.device.type == "cuda"
     train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
                                  workers=config.workers, seed=config.seed, pin_memory=pin)
@@ -100,13 +101,6 @@ def set_deterministic(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled, warn_only=torch.cuda.is_available())
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
-
-
-def _micro_batch(config: TrainConfig, world_size: int) -> int:
-    if config.batch_size % (world_size * config.accum_steps):
-        raise ValueError(f"batch_size {config.batch_size} must be divisible by processes "
-                         f"({world_size}) x accum_steps ({config.accum_steps})")
-    return config.batch_size // (world_size * config.accum_steps)
 
 
 def _warn_if_cpu_busy(device: torch.device) -> None:

@@ -7,17 +7,15 @@ command-line flags and `--set KEY=VALUE`. The recipe only fills what nobody set;
 records, for every value the recipe owns and every value set explicitly, the rule or the
 place it came from (config.yaml and train.log show it).
 
-The dataclass defaults below are the `imagenet` recipe, the paper-like one (a test pins it).
-Where they come from ([paper] = the MOAT paper, [model] = the variant's official setting,
-[practice] = common ImageNet practice of the closest models, CoAtNet / MaxViT / timm, because
-the paper's recipe details are not available):
+The fields a recipe owns (`recipes.RECIPE_FIELDS`) default to `UNSET` here: their values
+live in the recipes alone, and a config built by hand takes the `imagenet` recipe's. The
+other defaults below are the paper-like setting ([paper] = the MOAT paper, [practice] =
+common ImageNet practice of CoAtNet / MaxViT / timm, as the paper's details are not
+available; the recipe's values say their own sources in `moat.train.recipes.imagenet`):
 
     epochs 300, img_size 224 ......................................... [paper]
-    drop_path_rate = per-variant official value (None) ............... [model]
     AdamW, betas (0.9, 0.999), lr 1e-3 per 1024 images, wd 0.05 ...... [practice]
-    5 warm-up epochs then cosine to min_lr 1e-5 ...................... [practice]
-    label smoothing 0.1, RandAugment (2, 15), Mixup 0.8 / CutMix 1.0 . [practice]
-    EMA of weights (0.9999), gradient clipping at norm 1.0 ........... [practice]
+    gradient clipping at norm 1.0 .................................... [practice]
 """
 
 from __future__ import annotations
@@ -33,9 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moat.models.moat import check_model_args
 from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
 from moat.train import recipes
-from moat.train.recipes import RECIPES
+from moat.train.recipes import RECIPES, UNSET, RunFacts
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -62,11 +61,11 @@ class TrainConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     # --- model options (moat.create_model) ----------------------------------------------------
-    drop_path_rate: float | None = None  # None: the variant's official default
+    drop_path_rate: float | None = UNSET  # None: the variant's official default
     position_embedding: bool | None = None  # None: as the model name says (`_no_pe`: without)
     window_size: list | None = None      # one entry per stage, e.g. [null, null, 14, null]
     pool_size: int = 2
-    bn_momentum: float | None = None     # None: the model's (official 0.01, i.e. Keras 0.99);
+    bn_momentum: float | None = UNSET    # None: the model's (official 0.01, i.e. Keras 0.99);
     #                                      higher (0.1) suits short runs: eval statistics catch up
 
     # --- optimisation -----------------------------------------------------------------------
@@ -74,32 +73,32 @@ class TrainConfig:
     batch_size: int = 1024
     accum_steps: int = 1
     optimizer: str = "adamw"
-    lr: float | None = None          # peak lr; None: lr_base * batch_size / lr_base_batch
+    lr: float | None = UNSET         # peak lr; None: lr_base * batch_size / lr_base_batch
     lr_base: float = 1e-3
     lr_base_batch: int = 1024
-    min_lr: float = 1e-5
-    warmup_epochs: float = 5.0
+    min_lr: float = UNSET
+    warmup_epochs: float = UNSET
     warmup_lr: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.05       # not on norms, biases, position tables
     clip_grad: float | None = 1.0    # max global gradient norm; None or 0: off
-    layer_decay: float | None = None  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
+    layer_decay: float | None = UNSET  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
     frozen_stages: int = -1          # -1 none, 0 stem, K stem + stages 0..K-1 (4: whole backbone)
     init_from: str | None = None     # weights to fine-tune from (.safetensors/.pt/official/RUN_DIR)
     pretrained: bool = False         # fine-tune from the released weights of `model` (a tag,
                                      # e.g. moat_0.in1k_224, or hf-hub:/local-dir:), downloaded once
 
     # --- regularisation and augmentation ------------------------------------------------------
-    label_smoothing: float = 0.1
-    randaugment: tuple[int, int] | None = (2, 15)  # (ops, magnitude on torchvision's 0..30)
-    mixup: float = 0.8
-    cutmix: float = 1.0
+    label_smoothing: float = UNSET
+    randaugment: tuple[int, int] | None = UNSET  # (ops, magnitude on torchvision's 0..30)
+    mixup: float = UNSET
+    cutmix: float = UNSET
     random_erasing: float = 0.0
     hflip: float = 0.5
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    ema: bool = True
-    ema_decay: float = 0.9999
+    scale: tuple[float, float] = UNSET  # RandomResizedCrop area range
+    ema: bool = UNSET
+    ema_decay: float = UNSET
 
     # --- hardware -----------------------------------------------------------------------------
     device: str = "auto"             # auto: cuda:LOCAL_RANK if available, else cpu
@@ -127,10 +126,17 @@ class TrainConfig:
     # --- written by load_config: {setting: the recipe rule or the place that set it} ------------
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
-    # --- fault injection for tests: the loss of this optimiser step (1-based) becomes NaN -----
-    debug_nan_step: int | None = None
-
     # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Built by hand rather than by load_config: the paper-like recipe fills what is unset.
+        unset = [name for name in recipes.RECIPE_FIELDS if getattr(self, name) is UNSET]
+        if unset:
+            facts = RunFacts(batch_size=self.batch_size, epochs=self.epochs, model=self.model,
+                             lr_base=self.lr_base, lr_base_batch=self.lr_base_batch)
+            values, _ = recipes.resolve("imagenet", facts, {})
+            for name in unset:
+                setattr(self, name, values[name])
+
     @property
     def peak_lr(self) -> float:
         """The learning rate after warm-up (linear scaling rule unless `lr` is given)."""
@@ -170,8 +176,7 @@ class TrainConfig:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
-        need(self.batch_size % self.accum_steps == 0,
-             f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        micro_batch(self.batch_size, self.accum_steps)
         need(self.optimizer in OPTIMIZERS,
              f"optimizer {self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
         need(self.peak_lr > 0, f"lr must be > 0, got {self.peak_lr}")
@@ -184,9 +189,6 @@ class TrainConfig:
              f"clip_grad must be >= 0 or null, got {self.clip_grad}")
         need(self.layer_decay is None or 0 < self.layer_decay <= 1,
              f"layer_decay must be in (0, 1] or null, got {self.layer_decay}")
-        need(-1 <= self.frozen_stages <= 4,
-             f"frozen_stages must be -1 (none), 0 (stem) .. 4 (whole backbone), "
-             f"got {self.frozen_stages}")
         need(self.drop_path_rate is None or 0 <= self.drop_path_rate < 1,
              f"drop_path_rate must be in [0, 1) or null, got {self.drop_path_rate}")
         need(0 <= self.label_smoothing < 1,
@@ -209,7 +211,10 @@ class TrainConfig:
         need(self.save_every_steps >= 0, "save_every_steps must be >= 0 (0: only at epoch ends)")
         need(self.eval_every_epochs >= 0, "eval_every_epochs must be >= 0 (0: never)")
         need(self.log_every_steps >= 1, "log_every_steps must be >= 1")
-        need(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        try:  # the model's own rules, before anything is built
+            check_model_args(pool_size=self.pool_size, frozen_stages=self.frozen_stages)
+        except ValueError as err:
+            raise ValueError(f"config: {err}") from None
         need(self.bn_momentum is None or 0 < self.bn_momentum <= 1,
              f"bn_momentum must be in (0, 1] or null, got {self.bn_momentum}")
         need(self.num_classes is None or self.num_classes >= 1,
@@ -241,6 +246,14 @@ class TrainConfig:
         for key, value in values.items():
             _set(config, str(key), value, source)
         return config
+
+
+def micro_batch(batch_size: int, accum_steps: int, world_size: int = 1) -> int:
+    """Samples per forward pass: the global batch split over processes and accumulation."""
+    if batch_size % (world_size * accum_steps):
+        raise ValueError(f"config: batch_size {batch_size} is not divisible by processes "
+                         f"({world_size}) x accum_steps ({accum_steps})")
+    return batch_size // (world_size * accum_steps)
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -131,6 +131,13 @@ class Task:
             return int(first.shape[0]) if first.ndim else 1
         return len(first)
 
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts: `config.num_classes` when set, else what the data (or
+        a checkpoint's metadata) says. Tasks never write the config: the run records this
+        value in its config.yaml once the datasets are built (`moat.train.assemble`)."""
+        raise NotImplementedError
+
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable facts stored in every checkpoint (e.g. class names)."""
         return {}

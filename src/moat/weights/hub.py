@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from moat.integrity import atomic_write_text
-from moat.models import MoatNet
+from moat.models import ARCHITECTURE_ARGS, MoatNet
 from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
@@ -32,9 +32,6 @@ from moat.weights.variant import model_variant
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
 LOCAL_PREFIX, HUB_PREFIX = "local-dir:", "hf-hub:"
-# moat.create_model keywords that shape the architecture beyond the variant's name
-ARCHITECTURE_ARGS = ("position_embedding", "window_size", "global_attention_at_end",
-                     "pool_size", "in_chans")
 
 __all__ = ["HubFolder", "is_hub_name", "push_to_hub", "resolve", "save_pretrained"]
 

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from moat.models import MoatNet, build_model
+from moat.models import ARCHITECTURE_ARGS, MoatNet, build_model
 from moat.weights.adapt import Adapted, load_into
 from moat.weights.cache import pretrained_file
 from moat.weights.catalogue import PRETRAINED, release, split_name
 from moat.weights.convert import select_weights
 from moat.weights.files import TORCH_SUFFIXES, load_state_dict, verify_sha256
-from moat.weights.hub import ARCHITECTURE_ARGS, is_hub_name, resolve
+from moat.weights.hub import is_hub_name, resolve
 from moat.weights.official import load_official
 from moat.weights.tf_checkpoint import TFCheckpoint
 from moat.weights.variant import check_variant, model_variant

@@ -42,6 +42,14 @@ class ClassificationTask(Task):
         self.classes: list[str] | None = None
         self.confusion: torch.Tensor | None = None  # of the last evaluate()
 
+    @property
+    def num_classes(self) -> int:
+        """`num_classes` when set, else the number of classes in the data (or checkpoint)."""
+        n = self.config.num_classes or (len(self.classes) if self.classes else None)
+        if n is None:
+            raise ValueError("num_classes is unknown: build the datasets first or set it")
+        return n
+
     # --- data ----------------------------------------------------------------------------------
     def _transforms(self):
         c = self.config
@@ -93,22 +101,20 @@ class ClassificationTask(Task):
             raise ValueError("the data's classes differ from the checkpoint's: "
                              f"{list(classes)[:5]}... vs {list(self.classes)[:5]}...")
         self.classes = list(classes)
-        c.num_classes = len(classes)
 
     def collate_fn(self, train: bool):
         if not train:
             return SkipBadCollate()
         c = self.config
-        return SkipBadCollate(mixup_cutmix(c.num_classes, c.mixup, c.cutmix, c.label_smoothing))
+        return SkipBadCollate(mixup_cutmix(self.num_classes, c.mixup, c.cutmix,
+                                           c.label_smoothing))
 
     # --- model and loss -------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         c = self.config
-        if c.num_classes is None:
-            raise ValueError("num_classes is unknown: build the datasets first or set it")
         pe = {} if c.position_embedding is None else {"position_embedding": c.position_embedding}
         model = moat.create_model(
-            c.model, num_classes=c.num_classes, window_size=c.window_size, pool_size=c.pool_size,
+            c.model, num_classes=self.num_classes, window_size=c.window_size, pool_size=c.pool_size,
             drop_path_rate=c.drop_path_rate, **pe)
         set_batch_norm_momentum(model, c.bn_momentum)
         model.freeze_stages(c.frozen_stages)
@@ -129,7 +135,7 @@ class ClassificationTask(Task):
     # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        k = self.config.num_classes
+        k = self.num_classes
         # bincount runs on the CPU: its CUDA kernel is not deterministic (--deterministic).
         confusion = ConfusionMatrix(k, ignore_index=None)
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 hits, count
@@ -189,7 +195,7 @@ class ClassificationTask(Task):
                 batch_size: int = 32, **options: Any) -> list[dict]:
         """[{"path", "top_k": [{"label", "index", "probability"}, ...]}] per image; an
         unreadable file gives {"path", "error"} instead."""
-        names = self.classes or [str(i) for i in range(self.config.num_classes)]
+        names = self.classes or [str(i) for i in range(self.num_classes)]
         transform = self.eval_transform(img_size)
         k = max(1, min(top_k, len(names)))
         model.eval()
@@ -215,7 +221,7 @@ class ClassificationTask(Task):
     def metadata(self) -> dict[str, Any]:
         c = self.config
         return {"classes": self.classes, "variant": c.model,
-                "position_embedding": c.model_position_embedding, "num_classes": c.num_classes,
+                "position_embedding": c.model_position_embedding, "num_classes": self.num_classes,
                 "img_size": c.eval_img_size or c.img_size, "mean": list(c.mean),
                 "std": list(c.std), "interpolation": c.interpolation, "crop_pct": c.crop_pct}
 
@@ -223,7 +229,6 @@ class ClassificationTask(Task):
         classes = metadata.get("classes")
         if classes:
             self.classes = list(classes)
-            self.config.num_classes = len(self.classes)
 
     # --- demo ------------------------------------------------------------------------------------
     @classmethod

@@ -132,7 +132,6 @@ class DetectionTask(Task):
                              f"configured ones {list(self.classes)}")
         self.classes = dataset.classes
         self.label_to_category = dict(dataset.label_to_category)
-        self.config.num_classes = len(dataset.classes)
 
     def build_datasets(self):
         o = self.options

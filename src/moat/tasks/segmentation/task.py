@@ -75,6 +75,7 @@ class SegmentationTask(Task):
         super().__init__(config)
         self.options: SegmentationOptions
         self.class_names: list[str] | None = self.options.class_names
+        self.found_classes: int | None = None  # the data's or a checkpoint's count
         self.confusion: Tensor | None = None  # of the last evaluate()
 
     # settings -------------------------------------------------------------------------
@@ -84,7 +85,8 @@ class SegmentationTask(Task):
 
     @property
     def num_classes(self) -> int:
-        n = self.config.num_classes or (len(self.class_names) if self.class_names else None)
+        n = self.config.num_classes or self.found_classes or \
+            (len(self.class_names) if self.class_names else None)
         if not n or int(n) < 1:
             raise ValueError("segmentation needs the number of classes: set num_classes (150 for "
                              "ADE20K), or put classes.txt (one name per line) in the data folder")
@@ -134,12 +136,10 @@ class SegmentationTask(Task):
             val = data.segmentation_datasets(self.config.val_data, None, val_tf, **common)[0]
         if self.class_names is None:
             self.class_names = _read_class_names(root)
-        if self.config.num_classes is None:
+        if self.config.num_classes is None and not self.class_names:
             found = data.find_segmentation_splits(root, self.options.layout)
-            if self.class_names:
-                self.config.num_classes = len(self.class_names)
-            elif found.name == "ade20k":
-                self.config.num_classes = 150
+            if found.name == "ade20k":
+                self.found_classes = data.ADE20K_CLASSES
         return train, val
 
     def build_eval_dataset(self):
@@ -161,8 +161,8 @@ class SegmentationTask(Task):
     def load_metadata(self, metadata) -> None:
         if metadata.get("class_names"):
             self.class_names = list(metadata["class_names"])
-        if metadata.get("num_classes") and self.config.num_classes is None:
-            self.config.num_classes = int(metadata["num_classes"])
+        if metadata.get("num_classes"):
+            self.found_classes = int(metadata["num_classes"])
 
     @classmethod
     def demo(cls, output_dir: str, **options: Any) -> dict[str, Any]:
