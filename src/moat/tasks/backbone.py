@@ -7,7 +7,7 @@ the settings downstream training needs:
 * presets of the official downstream settings (`PRESETS`): "detection" (14x14 window
   attention in the third stage, global attention in the fourth, shortcut pool 3) and
   "segmentation" (global attention in both MOAT stages, pool 3). Any input size works:
-  windows that do not divide a feature map are padded and masked by the model;
+  windows that do not divide a feature map are cut to it by the model;
 * frozen stages (stem + first K stages get `requires_grad=False` and stay in eval mode,
   whatever `.train()` is called with);
 * frozen BatchNorm (every BN becomes `FrozenBatchNorm2d`: fixed statistics and affine,
