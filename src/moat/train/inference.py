@@ -100,9 +100,9 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
             recorded = dict(model=header.variant, position_embedding=header.position_embedding,
                             num_classes=header.num_classes, mean=header.mean, std=header.std,
                             crop_pct=header.crop_pct, interpolation=header.interpolation,
-                            img_size=header.native_resolution,
-                            **{k: v for k, v in (header.model_args or {}).items()  # a saved
-                               if k in _CONFIG_FIELDS})                             # folder's
+                            img_size=header.native_resolution)
+            recorded.update({k: v for k, v in (header.model_args or {}).items()
+                             if k in _CONFIG_FIELDS})  # a saved folder's layout
             config = with_settings(TrainConfig(), recorded, f"{path}'s header")
             task_meta = {"classes": list(header.label_names)} if header.label_names else {}
         else:
