@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moat.benchmark import count_macs
+from moat.bench.pytorch import count_macs
 from moat.cli import main as cli
 from moat.export import export_onnx
 from moat.models import MoatConfig, MoatNet
@@ -169,8 +169,8 @@ def test_app_shows_an_exported_run_as_moat_predict_does(trained_run, tmp_path):
     from PIL import Image
 
     from moat.app.exported import ExportedClassifier
-    from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-    from moat.train.inference import predict_checkpoint
+    from moat.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from moat.train.eval_predict import predict_checkpoint
 
     _, run = trained_run
     exported = tmp_path / "run.onnx"
@@ -228,8 +228,8 @@ def test_onnxruntime_benchmark_rows_and_csv(sample_images, tmp_path, capsys):
 
 
 def test_peers_follow_the_models():
-    from moat.benchmark import PEERS
-    from moat.benchmark_onnx import MOBILE_PEERS, peers_for
+    from moat.bench.onnx_runtime import MOBILE_PEERS, peers_for
+    from moat.bench.pytorch import PEERS
 
     assert peers_for(["moat_0"]) == PEERS
     assert peers_for(["tiny_moat_0", "tiny_moat_1"]) == MOBILE_PEERS
@@ -253,8 +253,8 @@ def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
     given when its height and width are dynamic (refused without one)."""
     from onnx import TensorProto, helper
 
+    from moat.data.preprocessing import CROP_PCT, IMAGENET_MEAN
     from moat.export.onnx_metadata import read_preprocessing
-    from moat.preprocessing import CROP_PCT, IMAGENET_MEAN
 
     def identity(path, dims):
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)

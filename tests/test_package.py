@@ -19,7 +19,7 @@ def _run(code: str) -> str:
 def test_import_moat_is_lazy_and_timm_registers_on_import():
     out = _run("""
 import sys, moat
-heavy = ("moat.weights", "moat.export", "moat.flops", "moat.timm_registry", "timm")
+heavy = ("moat.weights", "moat.export", "moat.models.flops", "moat.integrations.timm_registry", "timm")
 print(sorted(m for m in sys.modules if m.startswith(heavy)))
 assert "create_model" in dir(moat) and "save_pretrained" in moat.__all__
 model = moat.create_model("tiny_moat_0")            # a public name imports what it needs
@@ -40,9 +40,12 @@ def test_timm_imported_first_also_sees_moat():
 LAYERS = [
     ("moat._lazy", "moat._version", "moat.errors", "moat.integrity", "moat.kernels",
      "moat.models"),
-    ("moat.weights", "moat.data"),
+    # create_model lives where models users look for it, but loads weights: it is the top
+    # of the weights layer (moat.models resolves it on first use)
+    ("moat.weights", "moat.data", "moat.models.factory"),
     ("moat.tasks", "moat.train", "moat.export"),
-    ("moat.explain", "moat.app", "moat.bench", "moat.integrations"),
+    # cli.runtime: settings of a process a program owns (the moat command, `moat benchmark`)
+    ("moat.explain", "moat.app", "moat.bench", "moat.integrations", "moat.cli.runtime"),
     ("moat.cli", "moat"),
 ]
 

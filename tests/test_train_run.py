@@ -177,7 +177,7 @@ def test_eval_and_predict_output(trained, data, tmp_path, capsys):
         assert {t["label"] for t in r["top_k"]} <= {"circle", "square", "triangle", "cross"}
 
     # a checkpoint's weights file works alone: classes and preprocessing are in its header
-    from moat.train.inference import predict_checkpoint
+    from moat.train.eval_predict import predict_checkpoint
 
     file = CheckpointManager(trained).latest() / "model.safetensors"
     again = predict_checkpoint(images[:1], file, top_k=3)

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moat.data.preprocessing import imagenet_data_config
 from moat.data.transforms import eval_transform
 from moat.explain.explainer import Explanation
-from moat.export.ort import OnnxRuntimeModel
 from moat.export.onnx_metadata import OnnxMetadata, read_preprocessing
-from moat.preprocessing import imagenet_data_config
+from moat.export.ort import OnnxRuntimeModel
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2", ".pt")
 NO_MAPS = "no maps for an exported model: use --checkpoint RUN or --model NAME for them"

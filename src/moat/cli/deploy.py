@@ -60,7 +60,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     metadata = preprocessing = None
     if Path(args.model).is_dir():  # a training run or checkpoint: its model and its data
-        from moat.train.inference import load_task_and_model, onnx_metadata
+        from moat.train.eval_predict import load_task_and_model, onnx_metadata
 
         ignored = [flag for flag, value in (
             ("--weights", args.weights), ("--pretrained", args.pretrained),
@@ -130,10 +130,10 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from moat.benchmark import format_table, run_benchmark, write_csv
+    from moat.bench.pytorch import format_table, run_benchmark, write_csv
 
     if args.runtime == "onnxruntime":
-        from moat.benchmark_onnx import run_onnx_benchmark
+        from moat.bench.onnx_runtime import run_onnx_benchmark
 
         if (args.device != "cpu" or args.mode != ["inference"] or args.dtype != ["float32"]
                 or args.pretrained):

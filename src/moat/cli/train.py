@@ -55,7 +55,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
-    from moat.train.inference import evaluate_checkpoint
+    from moat.train.eval_predict import evaluate_checkpoint
 
     result = evaluate_checkpoint(_checkpoint(args), args.data, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers,
@@ -88,7 +88,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from moat.train.inference import predict_checkpoint
+    from moat.train.eval_predict import predict_checkpoint
 
     results = predict_checkpoint(args.images, _checkpoint(args), top_k=args.top_k,
                                  img_size=args.img_size, weights=args.weights,
@@ -118,7 +118,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from moat.train.task import get_task
+    from moat.tasks.base import get_task
 
     result = get_task(args.task).demo(args.output, epochs=args.epochs, overrides=args.set,
                                       progress=args.progress)

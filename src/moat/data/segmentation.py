@@ -41,7 +41,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
-from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
+from moat.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 
 ADE20K_CLASSES = 150  # SceneParsing-150; the masks' 0 ("other") is not a class
 

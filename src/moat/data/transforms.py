@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
-from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
+from moat.data.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
 from moat.weights.loader import data_config
 
 Size = int | tuple[int, int]

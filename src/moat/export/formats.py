@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.data.preprocessing import size_pair
+from moat.export.fused import (SamePaddingConv2d, is_optimized, optimize_for_inference,
+                               portable_ops)
 from moat.export.graph import for_graph_runtime
-from moat.export.inference import (SamePaddingConv2d, is_optimized,
-                                   optimize_for_inference, portable_ops)
 from moat.export.onnx_metadata import write as write_metadata
 from moat.integrity import atomic_output
 from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
-from moat.preprocessing import size_pair
 
 __all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "check_dynamic_size", "check_onnx",
            "downgrade_onnx_to_opset17", "export_onnx", "export_program", "export_torchscript",

@@ -29,8 +29,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from moat.export.inference import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
-                                   is_optimized)
+from moat.export.fused import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
+                               is_optimized)
 from moat.models.layers import avg_pool_same_exclude_pad, window_attention
 from moat.models.moat import MoatNet
 

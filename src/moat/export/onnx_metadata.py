@@ -1,7 +1,7 @@
 """The metadata moat records in an ONNX file (its ``metadata_props``): the one module that
 writes and reads these keys, as ``moat.weights.metadata`` owns the weights header.
 
-* ``moat.preprocessing`` (every ``moat export onnx`` file): ``input_size`` (3, H, W), like
+* ``moat.data.preprocessing`` (every ``moat export onnx`` file): ``input_size`` (3, H, W), like
   every ``input_size`` in moat, ``crop_pct``, ``interpolation``, ``mean`` and ``std``: what an
   image needs to become the graph's input (``moat quantize`` calibrates with it, the app
   and ``moat eval`` preprocess with it);
@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moat.preprocessing import imagenet_data_config
+from moat.data.preprocessing import imagenet_data_config
 
-PREPROCESSING_KEY = "moat.preprocessing"
+PREPROCESSING_KEY = "moat.data.preprocessing"
 CONFIG_KEY = "moat.config"
 TASK_KEY = "moat.task_metadata"
 QUANTIZATION_KEY = "moat.quantization"

@@ -15,7 +15,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from moat.train.config import TrainConfig, coerce
+from moat.train.config import TrainConfig
+from moat.train.typed import coerce
 
 O = TypeVar("O", bound="TaskOptions")
 

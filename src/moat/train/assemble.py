@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadImageLog
+from moat.tasks.base import get_task
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import CheckpointManager
 from moat.train.config import TrainConfig, micro_batch
@@ -24,7 +25,6 @@ from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.precision import amp_dtype, precision_name
 from moat.train.recipes import RECIPE_FIELDS
 from moat.train.run import Progress, Run, restore, resume_point, seed_everything
-from moat.train.task import get_task
 
 log = logging.getLogger("moat")
 

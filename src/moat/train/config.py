@@ -24,17 +24,17 @@ import dataclasses
 import difflib
 import json
 import os
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moat.data.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
 from moat.models.moat import check_model_args
-from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
 from moat.train import recipes
 from moat.train.recipes import RECIPES, UNSET, RunFacts
+from moat.train.typed import coerce, jsonable, parse_scalar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -222,7 +222,7 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as YAML (or JSON when the name ends in .json), atomically."""
@@ -315,7 +315,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     task = "classification"
     for _, values in layers:
         task = values.get("task", task)
-    from moat.train.task import get_task
+    from moat.tasks.base import get_task
 
     task_cls = get_task(str(task))
     layers.insert(0, ("task defaults", dict(task_cls.config_defaults)))
@@ -351,7 +351,7 @@ _HINTS = typing.get_type_hints(TrainConfig)
 def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
     if key.startswith("task_options."):
         name = key.split(".", 1)[1]
-        config.task_options[name] = _parse_scalar(value) if isinstance(value, str) else value
+        config.task_options[name] = parse_scalar(value) if isinstance(value, str) else value
         return
     if key not in _FIELDS:
         close = difflib.get_close_matches(key, _FIELDS, n=3)
@@ -360,7 +360,7 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         raise ValueError(f"{source}: unknown setting {key!r}{hint}")
     if key == "task_options":
         if isinstance(value, str):
-            value = _parse_scalar(value)
+            value = parse_scalar(value)
         if not isinstance(value, dict):
             raise ValueError(f"{source}: task_options must be a mapping, got {value!r}")
         config.task_options.update(value)
@@ -369,98 +369,3 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         setattr(config, key, coerce(value, _HINTS[key]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{source}: {key}={value!r}: {err}") from None
-
-
-def _parse_scalar(text: str) -> Any:
-    """YAML-ish parsing of one command-line value ('1e-3' is a float here, unlike YAML 1.1)."""
-    import yaml
-
-    try:
-        return float(text) if _looks_float(text) else yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _looks_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity") and not text.isdigit()
-
-
-def coerce(value: Any, hint: Any) -> Any:
-    """Convert `value` (a string from the command line, or a YAML/JSON value) to `hint`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in
-                             ("none", "null", "~", "")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return coerce(value, a)
-            except (TypeError, ValueError) as err:
-                errors.append(str(err))
-        raise ValueError("; ".join(errors))
-    if isinstance(value, str) and (origin in (tuple, list) or hint in (list, dict)):
-        value = _parse_scalar(value)
-        if isinstance(value, str):  # "2,15" -> [2, 15]
-            value = [_parse_scalar(v.strip()) for v in value.strip("[]()").split(",")]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ValueError(f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            value = value.strip()
-            f = float(value)  # accepts "1e3"
-            if not f.is_integer():
-                raise ValueError(f"expected an integer, got {value!r}")
-            return int(f)
-        if isinstance(value, int):
-            return value
-        raise ValueError(f"expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ValueError(f"expected a string, got {value!r}")
-        return str(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list of {len(args)} values, got {value!r}")
-        if len(value) != len(args):
-            raise ValueError(f"expected {len(args)} values, got {len(value)}")
-        return tuple(coerce(v, a) for v, a in zip(value, args))
-    if hint is list or origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list, got {value!r}")
-        return list(value)
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

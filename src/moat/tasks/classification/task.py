@@ -24,11 +24,11 @@ from moat.data.classification import SkipBadCollate, classification_datasets, op
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
 from moat.models.blocks import set_batch_norm_momentum
+from moat.tasks.base import Task, register_task
 from moat.tasks.classification.demo import run_demo
 from moat.tasks.confusion import ConfusionMatrix, class_recall, plot_confusion, write_report
 from moat.tasks.options import TaskOptions
 from moat.train.distributed import all_reduce_sum
-from moat.train.task import Task, register_task
 
 
 @register_task

@@ -129,7 +129,7 @@ def build_detector(
             four mask-head convs.
         rpn_* / box_*: torchvision's FasterRCNN settings of the same names.
         image_mean, image_std: normalisation on [0, 1] images; default the variant's
-            released checkpoints' (`moat.preprocessing`).
+            released checkpoints' (`moat.data.preprocessing`).
         preset, frozen_stages, freeze_bn, grad_checkpointing, weights, drop_path_rate,
             backbone_overrides: the backbone's (`moat_fpn_backbone`).
 

@@ -20,12 +20,12 @@ from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
+from moat.tasks.base import Task, register_task
 from moat.tasks.detection.demo import run_detection_demo
 from moat.tasks.detection.drawing import draw_detections
 from moat.tasks.detection.metrics import coco_dataset, coco_metrics
 from moat.tasks.detection.model import build_detector
 from moat.tasks.detection.options import DETECTOR_OPTIONS, DetectionOptions
-from moat.train.task import Task, register_task
 
 
 def _find_split(root: Path, split: str) -> tuple[Path, Path]:

@@ -1,6 +1,6 @@
 """The "segmentation" task of the training loop: DeepLabv3+ on MOAT (`model.py`), pixel-wise
 cross-entropy, mIoU over the whole set (`metrics.py`), whole-image or sliding-window
-inference (`inference.py`), mask PNGs and overlays (`drawing.py`)."""
+inference (`sliding_window.py`), mask PNGs and overlays (`drawing.py`)."""
 
 from __future__ import annotations
 
@@ -20,17 +20,17 @@ from torchvision.transforms.v2 import functional as TF
 from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
+from moat.data.preprocessing import size_pair
 from moat.models.blocks import set_batch_norm_momentum
-from moat.preprocessing import size_pair
 from moat.tasks.backbone import load_pretrained_backbone
+from moat.tasks.base import Task, register_task
 from moat.tasks.confusion import ConfusionMatrix, write_report
 from moat.tasks.segmentation.demo import run_demo
 from moat.tasks.segmentation.drawing import overlay, save_mask_png
-from moat.tasks.segmentation.inference import segment
 from moat.tasks.segmentation.metrics import metrics_from_confusion
 from moat.tasks.segmentation.model import deeplabv3plus
 from moat.tasks.segmentation.options import SegmentationOptions
-from moat.train.task import Task, register_task
+from moat.tasks.segmentation.sliding_window import segment
 
 # deeplabv3plus arguments that the options may set (None there: the builder's default)
 _MODEL_OPTIONS = ("output_stride", "aspp_channels", "decoder_channels", "low_level_channels",

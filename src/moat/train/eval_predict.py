@@ -20,10 +20,10 @@ from moat.data.folders import describe_skipped, walk_files
 from moat.data.images import IMAGE_SUFFIXES
 from moat.export.onnx_metadata import OnnxMetadata
 from moat.integrity import atomic_write_text, read_safetensors
+from moat.tasks.base import Task, get_task
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
 from moat.train.config import TrainConfig
-from moat.train.task import Task, get_task
 from moat.weights.loader import load_weights
 
 log = logging.getLogger("moat")

@@ -5,7 +5,7 @@ ONNX Runtime layout at a fixed size; timm's peers with `torch.onnx.export`, the 
 torch.export-based exporter and opset), optionally adds static int8 versions of every
 file (`moat.export.quantize`; peers too, so that int8 speed-ups are compared in the same
 run), and times all sessions **interleaved** (one run of each model per round), batch N then
-batch 1, reporting medians. The rows have the columns of `moat.benchmark` (table and CSV),
+batch 1, reporting medians. The rows have the columns of `moat.bench.pytorch` (table and CSV),
 with `runtime` and `onnxruntime` versions added.
 
 Sessions: `moat.export.ort.onnx_session` (CPU, all graph optimisations, `threads` intra-op
@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moat.benchmark import (PEERS, _interleaved, _is_moat, count_macs, count_params,
-                            create_peer, environment)
+from moat.bench.pytorch import (PEERS, _interleaved, _is_moat, count_macs, count_params,
+                                create_peer, environment)
+from moat.data.preprocessing import size_pair
 from moat.export.formats import EXPORTER_OPSET
 from moat.export.ort import onnx_session
 from moat.integrity import atomic_output
-from moat.preprocessing import size_pair
 
 __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
 

@@ -30,7 +30,7 @@ Method (the same for every model, so that the numbers compare):
 On a machine shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (the
 `benchmarks/` scripts set it): busy-waiting OpenMP threads otherwise slow every model down
 several times, and models with many operators most. The benchmark scripts and `moat
-benchmark` also make glibc keep freed memory (`moat.runtime`), for every model alike. The
+benchmark` also make glibc keep freed memory (`moat.cli.runtime`), for every model alike. The
 policy, the allocator setting and the load average are recorded with the results.
 """
 
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moat.runtime import allocator_setting
+from moat.cli.runtime import allocator_setting
 
 __all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
 
@@ -141,7 +141,7 @@ def build_model(spec: BenchSpec) -> nn.Module:
         model.eval()
         model.requires_grad_(False)
     if spec.optimized and spec.mode == "inference" and _is_moat(spec.model):
-        from moat.export.inference import optimize_for_inference
+        from moat.export.fused import optimize_for_inference
 
         return optimize_for_inference(model)
     if spec.channels_last:
@@ -161,7 +161,7 @@ def count_macs(name: str, img_size: tuple[int, int], preset: str | None = None) 
         import moat
 
         return moat.count_flops(model, img_size, method="macs")
-    from moat.flops import CPU_ATTENTION_FLOPS
+    from moat.models.flops import CPU_ATTENTION_FLOPS
 
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, \
             torch.no_grad():
@@ -266,7 +266,7 @@ def measure_peak_memory(spec: BenchSpec, timeout: float = 1800) -> float | None:
     if spec.device == "cpu" and not os.path.exists("/proc/self/status"):
         return None
     fields = {**spec.__dict__, "img_size": list(spec.img_size)}
-    code = ("from moat.benchmark import _memory_probe; "
+    code = ("from moat.bench.pytorch import _memory_probe; "
             f"_memory_probe({json.dumps(json.dumps(fields))})")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=timeout)

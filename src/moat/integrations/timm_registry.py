@@ -2,7 +2,7 @@
 `timm.create_model("moat_0")`, `timm.create_model("moat_0.in1k_224", pretrained=True)`,
 `timm.create_model("local-dir:PATH" or "hf-hub:ORG/NAME", pretrained=True)`, timm's
 train.py and benchmark.py work on MOAT. Imported when timm is imported after `import moat`
-(see `moat._timm_hook`); the model itself never needs timm.
+(see `moat.integrations.timm_hook`); the model itself never needs timm.
 
 Weights come from moat's own loader (`moat.create_model`): the same download cache, the same
 checks and the same model as moat gives.
