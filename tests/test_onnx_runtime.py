@@ -248,6 +248,25 @@ def test_executorch_program_matches_pytorch(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_onnx_metadata_has_one_owner_and_reads_old_sizes():
+    """moat.export.onnx_metadata writes and reads every key; files that recorded the input
+    size as (H, W) read as (3, H, W) like every input_size in moat."""
+    import json
+
+    from moat.export.onnx_metadata import PREPROCESSING_KEY, OnnxMetadata
+
+    meta = OnnxMetadata(preprocessing={"input_size": (40, 48), "crop_pct": 1.0},
+                        config={"task": "classification"}, task_metadata={"classes": ["a"]},
+                        quantization="int8")
+    props = meta.props()
+    assert json.loads(props[PREPROCESSING_KEY])["input_size"] == [3, 40, 48]
+    back = OnnxMetadata.from_props(props)
+    assert back.preprocessing["input_size"] == (3, 40, 48)
+    assert (back.task, back.class_names, back.quantization) == ("classification", ["a"], "int8")
+    old = OnnxMetadata.from_props({PREPROCESSING_KEY: json.dumps({"input_size": [64, 64]})})
+    assert old.preprocessing["input_size"] == (3, 64, 64) and old.config is None
+
+
 def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
     """A file without moat's metadata: ImageNet defaults at its fixed size, or at the size
     given when its height and width are dynamic (refused without one)."""
