@@ -16,8 +16,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
 from moat.models import MoatNet, list_models
+from moat.models.factory import create_model
 from moat.weights.catalogue import NO_PE_SUFFIX, PRETRAINED
-from moat.weights.loader import create_model
 
 _TIMM_CFG = dict(url="", pool_size=None, first_conv=MoatNet.first_conv,
                  classifier=MoatNet.classifier_module, license="apache-2.0",
