@@ -19,7 +19,8 @@ def _run(code: str) -> str:
 def test_import_moat_is_lazy_and_timm_registers_on_import():
     out = _run("""
 import sys, moat
-heavy = ("moat.weights", "moat.export", "moat.models.flops", "moat.integrations.timm_registry", "timm")
+heavy = ("moat.weights", "moat.export", "moat.models.flops", "moat.models.factory",
+         "moat.integrations.timm_registry", "timm")
 print(sorted(m for m in sys.modules if m.startswith(heavy)))
 assert "create_model" in dir(moat) and "save_pretrained" in moat.__all__
 model = moat.create_model("tiny_moat_0")            # a public name imports what it needs
