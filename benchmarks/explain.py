@@ -21,6 +21,7 @@ from matplotlib import cbook  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import moat  # noqa: E402
+from moat.cpu import cpu_info  # noqa: E402
 from moat.data.transforms import eval_transform  # noqa: E402
 from moat.explain import Explainer, record_attention  # noqa: E402
 
@@ -55,7 +56,7 @@ def main() -> None:
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    print(f"{args.model}, {args.img_size}x{args.img_size}, batch 1, CPU, "
+    print(f"{args.model}, {args.img_size}x{args.img_size}, batch 1, CPU {cpu_info().describe()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of "
           f"{args.repeats}")
     print(f"{'case':42s} {'ms':>8s}")

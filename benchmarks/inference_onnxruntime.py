@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", nargs="+", default=[g[0] for g in GROUPS],
                         choices=[g[0] for g in GROUPS])
     parser.add_argument("--int8-calibration", metavar="DIR")
+    parser.add_argument("--gelu", nargs="+", default=["exact"], choices=["exact", "tanh"],
+                        help="GELU forms to export MOAT with (tanh: rows 'NAME [tanh GELU]'; "
+                        "the tiny-MOAT verdicts then use the tanh rows)")
     parser.add_argument("--export-dir", help="keep (and reuse) the exported files here")
     parser.add_argument("--csv", help="also write the rows (with versions) to this CSV file")
     args = parser.parse_args(argv)
@@ -59,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                 models, peers=True, img_sizes=[size], batch_sizes=[args.batch_size],
                 threads=[args.threads], warmup=args.warmup, repeats=args.repeats,
                 int8_calibration=args.int8_calibration, export_dir=args.export_dir,
-                log=lambda line: print(line, file=sys.stderr, flush=True))
+                gelu=args.gelu, log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(rows))
     print(f"\nonnxruntime {rows[0]['onnxruntime']}; b1 latency: median of "
-          f"{max(args.repeats, 5)} interleaved batch-1 runs")
+          f"{max(args.repeats, 5)} interleaved batch-1 runs; CPU: {rows[0]['cpu_description']} "
+          "(ONNX Runtime's MLAS picks its kernels from the processor itself: no ISA limit)")
     if args.csv:
         write_csv(rows, args.csv)
 
@@ -80,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             verdict(f"batch {args.batch_size}: moat_0 {mine:.1f} GMAC/s vs {peer} "
                     f"{theirs:.1f} GMAC/s (x{mine / theirs:.2f})", mine >= theirs)
     # tiny-MOAT against the MobileViTv2 of about the same multiply-adds, as in the issue.
+    tanh = " [tanh GELU]" if "tanh" in args.gelu else ""
     for ours, peer in (("tiny_moat_0", "mobilevitv2_075"), ("tiny_moat_1", "mobilevitv2_100")):
+        ours += tanh
         a, b = get(ours, "latency_ms"), get(peer, "latency_ms")
         if a is not None and b is not None:
             verdict(f"batch 1: {ours} {a:.1f} ms vs {peer} {b:.1f} ms (x{b / a:.2f} speed)",

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moat.cpu import cpu_info
+
 # name -> (epochs, batch size) of the documented command
 SCHEDULES = {"faces": (30, 32), "textures": (25, 32), "photos": (25, 32), "digits": (20, 64)}
 
@@ -182,7 +184,7 @@ def main() -> None:
             row[run], row[f"{run}_s"] = train_run(folder, run_dir, extra, epochs, batch)
         rows.append(row)
 
-    print(f"\nmoat {sys.argv[1:]}, torch threads {os.cpu_count()} cores, load "
+    print(f"\nmoat {sys.argv[1:]}, CPU {cpu_info().describe()}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f}")
     header = "| set | classes | train images | epochs x batch | logistic regression 16x16 |" + \
         "".join(f" {r} top-1 (time) |" for r in args.runs)

@@ -3,6 +3,7 @@ loaded; outputs are atomic (moat/integrity.py, moat/train/checkpoint.py, moat/we
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 import moat
-from moat.integrity import DamagedFileError, atomic_output, read_safetensors
+from moat.integrity import DamagedFileError, HashingWriter, atomic_output, file_sha256, \
+    read_safetensors, read_verified, tensors_digest, write_safetensors
 from moat.train.checkpoint import CheckpointManager, read_state, read_weights, \
     resolve_checkpoint
 from moat.weights import load_weights, save_weights
@@ -110,3 +112,49 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with atomic_output(tmp_path / "new.txt") as tmp:
         tmp.write_text("done")
     assert (tmp_path / "new.txt").read_text() == "done"
+
+
+def test_streamed_safetensors_file_is_what_the_library_reads(tmp_path):
+    """write_safetensors (one stream, digest patched into the header) writes a file the
+    safetensors library reads back exactly, whose digest is the one computed from the tensors
+    themselves, and whose manifest record is the sha256 of its header."""
+    from safetensors import safe_open
+
+    tensors = {"b.w": torch.randn(5, 3), "a.half": torch.randn(7).half(),
+               "c.count": torch.tensor(3), "d.mask": torch.tensor([True, False]),
+               "e.bf16": torch.randn(2, 2).bfloat16(), "f.empty": torch.zeros(0, 4)}
+    path = tmp_path / "w.safetensors"
+    with open(path, "wb") as f:
+        record = write_safetensors(f, tensors, {"task": "test"})
+    data = path.read_bytes()
+    assert record["size"] == len(data)
+    n = int.from_bytes(data[:8], "little")
+    assert record["header_sha256"] == hashlib.sha256(data[:8 + n]).hexdigest()
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"task": "test", **tensors_digest(tensors)}
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t) and f.get_tensor(name).dtype == t.dtype
+    assert read_verified(path, record) == data
+
+
+def test_hashing_writer_records_the_file_it_wrote(tmp_path):
+    path = tmp_path / "state.pt"
+    state = {"big": torch.randn(600_000), "small": torch.tensor([1, 2])}  # one block > 1 MiB
+    with open(path, "wb") as f:
+        writer = HashingWriter(f)
+        torch.save(state, writer)
+    assert writer.record() == {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    assert torch.equal(torch.load(path, weights_only=True)["big"], state["big"])
+
+
+def test_flipped_byte_in_a_checkpoint_weights_header_is_detected(tmp_path):
+    """The header (metadata such as class names) is covered by the manifest, the tensors by
+    the digest in the header: a change in either is refused on load and on verification."""
+    manager = CheckpointManager(tmp_path)
+    ckpt = manager.save(1, model={"w": torch.ones(4)}, ema=None, state={},
+                        meta={}, weights_metadata={"classes": "cat,dog"})
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes().replace(b"cat,dog", b"cat,dug"))
+    with pytest.raises(DamagedFileError, match=r"model\.safetensors: header differs"):
+        read_weights(ckpt, "model")
+    assert manager.latest_intact() is None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch.nn.functional as F
 import moat
 from moat.cli import main as cli
 from moat.models.layers import pointwise, relative_position_bias, window_partition, window_reverse
+from moat.weights.parity import load_reference_case
 
 # ARCHITECTURE.md §1: trainable parameters of the official models, with and without PE.
 OFFICIAL_PARAMS = {
@@ -36,8 +35,7 @@ OFFICIAL_GFLOPS = {
 
 
 def _load_case(reference_dir, name):
-    case = np.load(reference_dir / f"{name}.npz")
-    return {k: case[k] for k in case.files}, json.loads(str(case["config_json"]))
+    return load_reference_case(reference_dir / f"{name}.npz")
 
 
 def _tiny(weights, **options):

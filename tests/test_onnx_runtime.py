@@ -209,6 +209,7 @@ def test_quantized_model_stays_close_to_float(sample_images, tmp_path, capsys):
     assert cosine.min() > 0.95, cosine
 
 
+@pytest.mark.slow  # exports, calibrates int8 and times two models
 def test_onnxruntime_benchmark_rows_and_csv(sample_images, tmp_path, capsys):
     out = tmp_path / "ort.csv"
     assert cli(["benchmark", "tiny_moat_0", "--runtime", "onnxruntime", "--img-size", "64",
@@ -236,6 +237,7 @@ def test_peers_follow_the_models():
     assert "mobilevitv2_075" in MOBILE_PEERS and "coatnet_0_rw_224" in PEERS
 
 
+@pytest.mark.slow  # lowers through torch.export and XNNPACK
 def test_executorch_program_matches_pytorch(tmp_path):
     from moat.export.edge import export_executorch, run_executorch
 
@@ -259,6 +261,7 @@ def test_onnx_metadata_has_one_owner_and_reads_old_sizes():
                         config={"task": "classification"}, task_metadata={"classes": ["a"]},
                         quantization="int8")
     props = meta.props()
+    assert PREPROCESSING_KEY == "moat.preprocessing"  # in every exported file: never renamed
     assert json.loads(props[PREPROCESSING_KEY])["input_size"] == [3, 40, 48]
     back = OnnxMetadata.from_props(props)
     assert back.preprocessing["input_size"] == (3, 40, 48)

@@ -36,16 +36,17 @@ FAULTS = {
     # SIGKILL half-way through writing state.pt of the third checkpoint (step 4: checkpoints
     # are written at steps 2, 3 (end of epoch 1), 4 and 6)
     "during checkpoint write": """
-import moat.train.checkpoint as c
-original, calls = c.write_synced, []
-def write(path, data, mode=0o644):
-    calls.append(path.name)
-    if path.name == "state.pt" and calls.count("state.pt") == 3:
-        with open(path, "wb") as f:
-            f.write(data[: len(data) // 2]); f.flush()
+import io, moat.train.checkpoint as c
+original, calls = c.torch.save, []
+def save(obj, f, *args, **kwargs):  # state.pt is the one file written with torch.save
+    calls.append(1)
+    if len(calls) == 3:
+        data = io.BytesIO()
+        original(obj, data, *args, **kwargs)
+        f.write(data.getvalue()[: len(data.getvalue()) // 2]); f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(path, data, mode)
-c.write_synced = write
+    return original(obj, f, *args, **kwargs)
+c.torch.save = save
 """,
     # SIGKILL right after the end-of-epoch-1 checkpoint, before epoch 2 starts
     "at an epoch boundary": """
@@ -117,7 +118,12 @@ def _assert_same_as(reference: Path, run: Path) -> None:
         assert not different, f"{which}: {len(different)} tensors differ, e.g. {different[:3]}"
 
 
+# The runs killed, resumed and compared with `uninterrupted` below are separate processes:
+# slow, and kept on one xdist worker (`xdist_group`, `--dist loadgroup` in pyproject.toml) so
+# that the module's reference run is made once.
 @pytest.mark.parametrize("fault", ["during checkpoint write", "at an epoch boundary"])
+@pytest.mark.slow
+@pytest.mark.xdist_group("train_faults")
 def test_kill_then_resume_matches_uninterrupted(fault, data, uninterrupted, tmp_path, capsys):
     run = tmp_path / "run"
     child = _child(fault, data, run)
@@ -135,6 +141,8 @@ def test_kill_then_resume_matches_uninterrupted(fault, data, uninterrupted, tmp_
     assert "resumed from" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("train_faults")
 def test_sigterm_prints_the_command_that_resumes(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     child = _child("none", data, run)
@@ -151,6 +159,8 @@ def test_sigterm_prints_the_command_that_resumes(data, uninterrupted, tmp_path):
     _assert_same_as(uninterrupted, run)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("train_faults")
 def test_damaged_newest_checkpoint_resumes_from_the_previous(data, uninterrupted, tmp_path):
     run = tmp_path / "run"
     child = _child("at an epoch boundary", data, run)

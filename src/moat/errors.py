@@ -36,7 +36,8 @@ OPTIONAL_PACKAGES = {"torchvision": "torchvision", "timm": "timm", "PIL": "pillo
                      "matplotlib": "matplotlib", "onnx": "onnx", "onnxscript": "onnxscript",
                      "onnxruntime": "onnxruntime", "pycocotools": "pycocotools",
                      "executorch": "executorch", "huggingface_hub": "huggingface_hub",
-                     "captum": "captum", "gradio": "gradio"}
+                     "captum": "captum", "gradio": "gradio", "webdataset": "webdataset",
+                     "wids": "wids", "braceexpand": "webdataset", "datasets": "datasets"}
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 

@@ -46,16 +46,17 @@ def peers_for(models: Sequence[str]) -> tuple[str, ...]:
     return (PEERS if large or not tiny else ()) + (MOBILE_PEERS if tiny else ())
 
 
-def export_model(name: str, img_size: tuple[int, int], path: str | os.PathLike) -> Path:
-    """Export MOAT (`moat.export.export_onnx`) or a timm model to `path` (fp32, NCHW input
-    `x`, dynamic batch, fixed size)."""
+def export_model(name: str, img_size: tuple[int, int], path: str | os.PathLike,
+                 gelu: str = "exact") -> Path:
+    """Export MOAT (`moat.export.export_onnx`, with `gelu`) or a timm model to `path` (fp32,
+    NCHW input `x`, dynamic batch, fixed size)."""
     path = Path(path)
     if _is_moat(name):
         import moat
         from moat.export import export_onnx
 
         model = moat.create_model(name).eval()
-        export_onnx(model, path, img_size, opset=OPSET, check=False)
+        export_onnx(model, path, img_size, opset=OPSET, check=False, gelu=gelu)
         return path
     model = create_peer(name, img_size, pretrained=False).eval()
     example = torch.randn(2, 3, *img_size)
@@ -79,13 +80,16 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
                        warmup: int = 2, repeats: int = 5, latency: bool = True,
                        int8_calibration: str | os.PathLike | None = None,
                        export_dir: str | os.PathLike | None = None,
+                       gelu: str | Sequence[str] = "exact",
                        log: Callable[[str], None] | None = None) -> list[dict]:
     """Measure in ONNX Runtime; one row per model, size, batch and thread count.
 
     `peers` adds `peers_for(models)`. `int8_calibration`: a folder of images to calibrate
     static int8 versions of every model, peers included (rows "NAME (int8)"). `export_dir`
     keeps the exported files and reuses those already there (delete them after changing the code);
-    by default they go to a temporary folder.
+    by default they go to a temporary folder. `gelu`: the GELU forms MOAT is exported with,
+    one or several of "exact", "tanh" (rows "NAME [tanh GELU]"; `moat.export.gelu` measures
+    what the approximation costs).
     """
     import onnxruntime as ort
 
@@ -98,7 +102,8 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
         folder.mkdir(parents=True, exist_ok=True)
         for size in img_sizes:
             size = size_pair(size)
-            files = _export_all(names, size, folder, int8_calibration, log)
+            files = _export_all(names, size, folder, int8_calibration, log,
+                                [gelu] if isinstance(gelu, str) else list(gelu))
             for n_threads in threads:
                 sessions = {label: onnx_session(path, n_threads) for label, path in files.items()}
                 for batch in batch_sizes:
@@ -111,23 +116,26 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
 
 def _export_all(names: list[str], size: tuple[int, int], folder: Path,
                 calibration: str | os.PathLike | None,
-                log: Callable[[str], None]) -> dict[str, Path]:
+                log: Callable[[str], None], gelus: Sequence[str] = ("exact",)) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for name in names:
-        path = folder / f"{name}_{size[0]}x{size[1]}.onnx"
-        if not path.exists():
-            log(f"exporting {name} at {size[0]}x{size[1]} -> {path}")
-            with atomic_output(path) as tmp:  # a killed export leaves no file to reuse
-                export_model(name, size, tmp)
-        files[name] = path
-        if calibration is not None:
-            from moat.export.quantize import quantize_onnx
+        for gelu in (gelus if _is_moat(name) else ["exact"]):
+            tanh = gelu == "tanh"
+            label = name + (" [tanh GELU]" if tanh else "")
+            path = folder / f"{name}_{size[0]}x{size[1]}{'.tanh' if tanh else ''}.onnx"
+            if not path.exists():
+                log(f"exporting {label} at {size[0]}x{size[1]} -> {path}")
+                with atomic_output(path) as tmp:  # a killed export leaves no file to reuse
+                    export_model(name, size, tmp, gelu=gelu)
+            files[label] = path
+            if calibration is not None:
+                from moat.export.quantize import quantize_onnx
 
-            int8 = folder / f"{name}_{size[0]}x{size[1]}.int8.onnx"
-            if not int8.exists():
-                log(f"quantizing {name} (calibration: {calibration}) -> {int8}")
-                quantize_onnx(path, int8, calibration, img_size=size)
-            files[f"{name} (int8)"] = int8
+                int8 = path.with_suffix(".int8.onnx")
+                if not int8.exists():
+                    log(f"quantizing {label} (calibration: {calibration}) -> {int8}")
+                    quantize_onnx(path, int8, calibration, img_size=size)
+                files[f"{label} (int8)"] = int8
     return files
 
 

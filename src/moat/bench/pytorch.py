@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moat.cli.runtime import allocator_setting
+from moat.cpu import cpu_info
 
 __all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
 
@@ -281,9 +282,11 @@ def environment(device: str = "cpu") -> dict[str, str]:
     """Versions and hardware recorded with every result."""
     import moat
 
+    cpu = cpu_info()
     env = {"torch": torch.__version__, "moat": moat.__version__,
-           "python": platform.python_version(), "cpu": _cpu_model(),
-           "cpu_count": str(os.cpu_count()), "device": device,
+           "python": platform.python_version(), **cpu.as_dict(),
+           "cpu_description": cpu.describe(), "cpu_count": str(os.cpu_count()),
+           "device": device,
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
            "allocator": allocator_setting(),
            "load_average": f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""}
@@ -296,17 +299,6 @@ def environment(device: str = "cpu") -> dict[str, str]:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
@@ -431,7 +423,8 @@ def format_table(rows: Sequence[dict]) -> str:
     if rows:
         env = rows[0]
         lines.append(f"\ntorch {env['torch']}, moat {env['moat']}, timm {env['timm'] or '-'}, "
-                     f"python {env['python']}, {env['cpu']} ({env['cpu_count']} CPUs), "
+                     f"python {env['python']}, CPU: {env['cpu_description']} "
+                     f"({env['cpu_count']} CPUs), "
                      f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}, "
                      f"OMP_WAIT_POLICY={env['omp_wait_policy'] or 'unset'}, "
                      f"allocator: {env['allocator']}, load average "

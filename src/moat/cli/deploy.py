@@ -49,6 +49,14 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
             f.add_argument("--layout", choices=["onnxruntime", "pytorch"],
                            default="onnxruntime", help="module path to export: the one ONNX "
                            "Runtime runs fastest (default) or optimize_for_inference's")
+            f.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
+                           help="tanh: GELU's tanh approximation (ONNX Runtime's FastGelu, "
+                           "faster on CPU); its cost is measured and printed first (largest "
+                           "logit deviation, top-1) and the export refused if top-1 moves by "
+                           "more than 0.1 points. Measured on a training run's validation "
+                           "set, or on --gelu-check DIR")
+            f.add_argument("--gelu-check", metavar="DIR", help="--gelu tanh: images to "
+                           "measure its cost on (any folder of images; labels are not read)")
         elif name == "torch-export":
             f.add_argument("--static-size", action="store_true",
                            help="fixed height/width even with global attention")
@@ -58,7 +66,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from moat.export import DEFAULT_OPSET, load_model, run_export
 
-    metadata = preprocessing = None
+    metadata = preprocessing = task = None
     if Path(args.model).is_dir():  # a training run or checkpoint: its model and its data
         from moat.train.eval_predict import load_task_and_model, onnx_metadata
 
@@ -79,14 +87,49 @@ def _cmd_export(args: argparse.Namespace) -> int:
                            window_size=args.window_size,
                            global_attention_at_end=args.global_attention_at_end,
                            pool_size=args.pool_size, num_classes=args.num_classes)
+    gelu = getattr(args, "gelu", "exact")
+    if gelu != "exact":
+        metadata = {**(metadata or {}), **_gelu_cost(args, model, task, preprocessing)}
     print(run_export(model, args.format, args.out, img_size=args.img_size, batch=args.batch,
                      metadata=metadata, preprocessing=preprocessing,
                      opset=getattr(args, "opset", None) or DEFAULT_OPSET,
                      check=getattr(args, "check", False),
                      static_size=getattr(args, "static_size", True),
                      dynamic_size=getattr(args, "dynamic_size", False),
-                     layout=getattr(args, "layout", "onnxruntime")))
+                     layout=getattr(args, "layout", "onnxruntime"), gelu=gelu))
     return 0
+
+
+def _gelu_cost(args: argparse.Namespace, model, task, preprocessing: dict | None) -> dict:
+    """Measure, print and check what --gelu tanh costs; the metadata entry recording it."""
+    from moat.data.preprocessing import size_pair
+    from moat.errors import MoatError
+    from moat.export.gelu import check_gelu_cost, format_gelu_cost, gelu_cost
+    from moat.export.onnx_metadata import OnnxMetadata
+    from moat.export.pipeline import _release_preprocessing
+    from moat.export.quantize import calibration_batches
+
+    if args.gelu_check:
+        prep = {**(preprocessing or _release_preprocessing(model)),
+                "input_size": (3, *size_pair(args.img_size or model.cfg.native_resolution))}
+        batches = calibration_batches(args.gelu_check, prep, max_images=10_000, batch=16)
+        where = args.gelu_check
+    elif task is not None and task.name == "classification":
+        from moat.train.loaders import eval_loader
+
+        dataset = task.build_eval_dataset()
+        loader = eval_loader(dataset, 32, collate_fn=task.collate_fn(False), workers=0,
+                             pin_memory=False)
+        batches = ((batch[0], batch[1]) for batch in loader)
+        where = f"the validation set of {args.model}"
+    else:
+        raise MoatError("--gelu tanh needs images to measure its cost on: pass --gelu-check "
+                        "DIR (a folder of images like those the model will see), or export a "
+                        "classification training run (its validation set is used)")
+    cost = gelu_cost(model, batches)
+    print(f"{format_gelu_cost(cost)} ({where})")
+    check_gelu_cost(cost)
+    return OnnxMetadata(gelu_cost=cost).props()
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:

@@ -17,8 +17,13 @@ _TRAIN_HELP = {
               "anything you set yourself wins",
     "task": "classification (default), segmentation, ...",
     "data": "folder with train/<class>/ and val/<class>/ (or train.csv and val.csv), or the "
-            "training split itself",
-    "val_data": "separate validation split (folder or .csv)",
+            "training split itself; or WebDataset shards (a brace pattern such as "
+            "'s/train-{000000..000127}.tar', a folder of .tar files, a list file) or a Hugging "
+            "Face dataset (save_to_disk folder, parquet, hf:NAME)",
+    "val_data": "separate validation split (any form --data takes)",
+    "image_key": "shards / datasets: the image member or column (default: found)",
+    "label_key": "shards / datasets: the label member (cls), json field or column "
+                 "(default: cls, json 'label', or a ClassLabel column)",
     "model": "variant, e.g. tiny_moat_0, moat_0 (see moat models)",
     "output": "RUN_DIR: checkpoints, logs, metrics",
     "batch_size": "GLOBAL batch: over all processes and accumulation steps",

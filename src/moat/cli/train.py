@@ -106,6 +106,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def _add_shard(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shard", help="write an image folder or CSV list as WebDataset shards",
+                       description="Write SRC (a folder with train/<class>/ and val/<class>/, "
+                       "train.csv and val.csv, one class folder, or one CSV list) into WebDataset "
+                       "shards OUT/train-000000.tar, ... (and val-...), with OUT/_info.json "
+                       "(sample counts, class names). Train with --data OUT.")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--shard-size", type=count(1), default=1000,
+                   help="samples per shard (default 1000; aim for 100 MB to 1 GB shards)")
+    p.add_argument("--workers", type=count(1), default=2, help="shards written in parallel")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the samples are shuffled with this seed before sharding")
+    p.set_defaults(func=_cmd_shard)
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from moat.data.classification import classification_datasets
+    from moat.data.shards import write_shards
+
+    train, val = classification_datasets(args.src)
+    splits = {"train": train} if val is None else {"train": train, "val": val}
+    info = write_shards(splits, args.out, args.shard_size, workers=args.workers, seed=args.seed)
+    for name, split in info["splits"].items():
+        print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards")
+    print(f"{info['num_classes']} classes; train with: moat train --data {args.out} ...")
+    return 0
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate a small dataset, train on it, evaluate, predict")
     p.add_argument("--output", default="moat-demo", help="folder for everything (default: "
@@ -148,4 +177,39 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_add_train, _add_eval, _add_predict, _add_demo, _add_plot]
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="check a dataset before training (moat data check)")
+    actions = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = actions.add_parser(
+        "check", help="what a dataset holds and what is wrong with it, without training",
+        description="The pre-flight check `moat train` and `moat eval` run: images, classes, "
+        "instances or pixels per class, label values found against those expected, sizes; "
+        "problems name the files and the fix. Exit status 2 when the data would be refused.")
+    check.add_argument("--task", default="classification",
+                       help="classification, segmentation or detection")
+    check.add_argument("--data", required=True, help="the dataset folder, as for moat train")
+    check.add_argument("--config", help="YAML or JSON file of settings, as for moat train")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="settings as for moat train, e.g. --set task_options.binary=true")
+    check.set_defaults(func=_cmd_data_check)
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from moat.data.checks import DataError
+    from moat.train.config import load_config
+    from moat.tasks.base import get_task
+
+    config = load_config(args.config, args.set, task=args.task, data=args.data)
+    reports = get_task(config.task)(config).check_data()
+    for report in reports:
+        print(report.text())
+    errors = [e for r in reports for e in r.errors]
+    if errors:
+        raise DataError(f"{len(errors)} problem(s) to fix before training (listed above as "
+                        "ERROR)")
+    print("ok: the data can be trained on" + (" (see the warnings)" if any(
+        r.warnings for r in reports) else ""))
+    return 0
+
+
+COMMANDS = [_add_train, _add_eval, _add_predict, _add_shard, _add_demo, _add_plot, _add_data]

@@ -24,8 +24,9 @@ class BadSample(NamedTuple):
 
 
 def split_bad(samples: Sequence[Any]) -> tuple[list[Any], list[BadSample]]:
-    """(good samples, BadSamples) of a list a DataLoader hands to its collate function."""
-    good = [s for s in samples if not isinstance(s, BadSample)]
+    """(good samples, BadSamples) of a list a DataLoader hands to its collate function; None
+    (a padding slot of moat.data.samplers.ExactSampler) is neither."""
+    good = [s for s in samples if s is not None and not isinstance(s, BadSample)]
     return good, [s for s in samples if isinstance(s, BadSample)]
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from moat.data.images import BadImageError, load_rgb
+from moat.data.images import BadImageError
 from moat.errors import MoatError
 
 log = logging.getLogger("moat")
@@ -35,7 +35,8 @@ class DataError(MoatError, ValueError):
 
 
 def check_classification_splits(train, val=None) -> None:
-    """Refuse unusable splits (`ImageDataset`s: `classes`, `targets_array`, `path(i)`)."""
+    """Refuse unusable splits (`ImageDataset`s, shards, datasets: `classes`, `targets_array`,
+    `read_image(i)`)."""
     where = _where(train)
     counts = np.bincount(train.targets_array, minlength=len(train.classes))
     if len(train.classes) < 2:
@@ -62,7 +63,7 @@ def check_readable(dataset, split: str) -> None:
     first_error = None
     for i in range(len(dataset)):
         try:
-            load_rgb(dataset.path(i))
+            dataset.read_image(i)
             return
         except BadImageError as err:
             first_error = first_error or err
@@ -82,7 +83,8 @@ def _warn_imbalance(classes: Sequence[str], counts: np.ndarray, where: str) -> N
 
 
 def _where(dataset) -> str:
-    return repr(str(getattr(dataset, "root", None) or getattr(dataset, "csv_path", "")))
+    return repr(str(getattr(dataset, "root", None) or getattr(dataset, "csv_path", "")
+                    or getattr(dataset, "source", "")))
 
 
 def _names(names: Sequence[str], n: int = 8) -> str:

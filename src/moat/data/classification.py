@@ -95,10 +95,14 @@ class ImageDataset(Dataset):
     def path(self, index: int) -> str:
         return self._paths[index]
 
+    def read_image(self, index: int) -> Any:
+        """The decoded image of sample `index` (raises BadImageError)."""
+        return load_rgb(self._paths[index])
+
     def __getitem__(self, index: int) -> tuple[Any, int] | BadSample:
-        path, target = self._paths[index], int(self.targets_array[index])
+        path, target = self.path(index), int(self.targets_array[index])
         try:
-            img = load_rgb(path)
+            img = self.read_image(index)
         except BadImageError as err:
             if self.strict:
                 raise BadImageError(f"{err} (strict mode: turn strict off to skip bad files)",
@@ -197,7 +201,7 @@ class CsvDataset(ImageDataset):
                 labels.append(label)
         if not paths:
             raise ValueError(f"{str(self.csv_path)!r} lists no files")
-        targets, classes = self._targets(labels, classes)
+        targets, classes = targets_from_labels(labels, classes, repr(str(self.csv_path)))
         missing = [p for p in paths if not os.path.isfile(p)]  # FIFOs, devices: not files
         if missing:
             raise FileNotFoundError(
@@ -206,25 +210,31 @@ class CsvDataset(ImageDataset):
                 "relative to the CSV's folder")
         super().__init__(list(zip(paths, targets)), classes, transform, strict)
 
-    def _targets(self, labels: list[str], classes: Sequence[str] | None,
-                 ) -> tuple[list[int], list[str]]:
-        if all(label.isdigit() for label in labels):
-            targets = [int(label) for label in labels]
-            if classes is None:
-                return targets, [str(i) for i in range(max(targets) + 1)]
-            bad = sorted({t for t in targets if t >= len(classes)})
-            if bad:
-                raise ValueError(f"{str(self.csv_path)!r} has class indices {_short(bad)} but the "
-                                 f"training set has only {len(classes)} classes")
-            return targets, list(classes)
+
+def targets_from_labels(labels: Sequence[str], classes: Sequence[str] | None, where: str,
+                        ) -> tuple[list[int], list[str]]:
+    """(class index of each label, class names), the rule for every labelled list (CSV,
+    shards, datasets): labels are class indices if every one is a non-negative integer, else
+    class names. Without `classes`, names give sorted(set(names)) and indices give classes
+    '0'..'max'; with `classes` (the training set's, for val) names must be among them and
+    indices below their count. `where` names the data in the errors."""
+    if all(label.isdigit() for label in labels):
+        targets = [int(label) for label in labels]
         if classes is None:
-            classes = sorted(set(labels))
-        index = {c: i for i, c in enumerate(classes)}
-        unknown = sorted(set(labels) - index.keys())
-        if unknown:
-            raise ValueError(f"{str(self.csv_path)!r} has labels the training set does not have: "
-                             f"{_short(unknown)}; class indices come from the training set")
-        return [index[label] for label in labels], list(classes)
+            return targets, [str(i) for i in range(max(targets) + 1)]
+        bad = sorted({t for t in targets if t >= len(classes)})
+        if bad:
+            raise ValueError(f"{where} has class indices {_short(bad)} but the training set "
+                             f"has only {len(classes)} classes")
+        return targets, list(classes)
+    if classes is None:
+        classes = sorted(set(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise ValueError(f"{where} has labels the training set does not have: "
+                         f"{_short(unknown)}; class indices come from the training set")
+    return [index[label] for label in labels], list(classes)
 
 
 def _short(items: Sequence[Any], n: int = 5) -> str:
@@ -248,6 +258,7 @@ def classification_datasets(
     train_transform: Transform | None = None,
     val_transform: Transform | None = None,
     strict: bool = False,
+    opener: Callable[..., ImageDataset] = open_split,
 ) -> tuple[ImageDataset, ImageDataset | None]:
     """Train and val datasets sharing the training set's class indices.
 
@@ -264,8 +275,8 @@ def classification_datasets(
                 elif val is None:
                     log.warning("no %s next to %s: training without validation", val_name, data)
                 break
-    train_set = open_split(data, train_transform, None, strict)
-    val_set = None if val is None else open_split(val, val_transform, train_set.classes, strict)
+    train_set = opener(data, train_transform, None, strict)
+    val_set = None if val is None else opener(val, val_transform, train_set.classes, strict)
     return train_set, val_set
 
 
@@ -309,11 +320,10 @@ class _DecodeOnly(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> BadSample | None:
-        path = self.dataset.path(index)
         try:
-            load_rgb(path)
+            self.dataset.read_image(index)
         except BadImageError as err:
-            return BadSample(path, str(err))
+            return BadSample(self.dataset.path(index), str(err))
         return None
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -44,12 +45,86 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["CocoDetection", "train_transforms", "eval_transforms", "collate_detection",
+__all__ = ["CocoDetection", "prepare_coco", "read_json", "BOX_FORMATS", "train_transforms", "eval_transforms", "collate_detection",
            "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES"]
 
 # COCOeval.stats order; mask metrics get the prefix "mask_".
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
                 "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+BOX_FORMATS = ("xywh", "xyxy")
+# category names taken for "no object": dropped (the detector has its own background)
+BACKGROUND_NAMES = {"background", "__background__", "_background_", "bg", "__bg__"}
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """An annotation file as a dict; a clear error for a missing or broken file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"COCO annotation file not found: {str(path)!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise ValueError(f"{str(path)!r} is not a COCO instances file: it needs \"images\", "
+                         "\"annotations\" and \"categories\"")
+    return data
+
+
+def prepare_coco(data: Mapping[str, Any], box_format: str = "xywh",
+                 image_dir: str | os.PathLike | None = None) -> tuple[dict, list[str]]:
+    """COCO annotations as labelling tools write them, made regular: (new dict, notes).
+
+    * a category named "background" (or "__background__", "bg") is dropped with its
+      annotations: the detector has its own background class;
+    * `box_format="xyxy"`: boxes given as [x1, y1, x2, y2] become COCO's [x, y, w, h];
+    * missing `id`, `iscrowd` and `area` of annotations are filled (area: the box's), and
+      missing image `width`/`height` read from the files in `image_dir`.
+    Category ids stay as they are (any ids, gaps allowed; `CocoDetection` maps them).
+    """
+    if box_format not in BOX_FORMATS:
+        raise ValueError(f"box_format must be one of {BOX_FORMATS}, got {box_format!r}")
+    data = copy.deepcopy(dict(data))
+    notes: list[str] = []
+    categories = data.get("categories") or []
+    background = {c["id"] for c in categories
+                  if str(c.get("name", "")).strip().lower() in BACKGROUND_NAMES}
+    if background:
+        dropped = [a for a in data["annotations"] if a.get("category_id") in background]
+        data["categories"] = [c for c in categories if c["id"] not in background]
+        data["annotations"] = [a for a in data["annotations"]
+                               if a.get("category_id") not in background]
+        notes.append(f"category {sorted(background)} named background dropped (the detector "
+                     f"has its own background), with its {len(dropped)} annotation(s)")
+    used = {a["id"] for a in data["annotations"] if "id" in a}
+    next_id = max(used, default=0) + 1
+    for a in data["annotations"]:
+        if box_format == "xyxy":
+            x1, y1, x2, y2 = (float(v) for v in a["bbox"])
+            a["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+        if "id" not in a:
+            a["id"], next_id = next_id, next_id + 1
+        a.setdefault("iscrowd", 0)
+        if "area" not in a:
+            a["area"] = float(max(a["bbox"][2], 0) * max(a["bbox"][3], 0))
+    if box_format == "xyxy":
+        notes.append("boxes read as [x1, y1, x2, y2] (box_format=xyxy)")
+    if image_dir is not None:
+        from PIL import Image
+
+        filled = 0
+        for info in data["images"]:
+            if not info.get("width") or not info.get("height"):
+                path = os.path.join(os.fspath(image_dir), info["file_name"])
+                if os.path.isfile(path):
+                    with Image.open(path) as img:
+                        info["width"], info["height"] = img.size
+                    filled += 1
+        if filled:
+            notes.append(f"width/height of {filled} image(s) read from the files")
+    return data, notes
 
 
 def load_coco(ann_file: str | os.PathLike | Mapping[str, Any]):
@@ -147,7 +222,11 @@ class CocoDetection(Dataset):
         if self.masks:
             masks = np.zeros((len(anns), height, width), dtype=np.uint8)
             for i, a in enumerate(anns):
-                masks[i] = self.coco.annToMask(a)
+                if a.get("segmentation"):
+                    masks[i] = self.coco.annToMask(a)
+                else:  # a box-only object in a dataset with masks: its box as its mask
+                    x, y, w, h = (round(v) for v in a["bbox"])
+                    masks[i, max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = 1
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
         return target
 
@@ -266,7 +345,8 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
     `image_ids` restricts the evaluation to those images (default: every image of coco_gt:
     images without detections count as missed). Keys: AP, AP50, AP75, APs, APm, APl, AR1,
     AR10, AR100, ARs, ARm, ARl for boxes, the same prefixed "mask_" for masks; -1 is
-    pycocotools' value where an area range has no ground truth. COCOeval's printed table is
+    pycocotools' value where an area range has no ground truth; and per category
+    "AP/<name>" ("mask_AP/<name>", see `per_category_ap`). COCOeval's printed table is
     appended to `summary` when given.
     """
     from pycocotools.cocoeval import COCOeval
@@ -284,6 +364,8 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
         names = _metric_names(iou_type)
         if not typed:  # loadRes cannot take an empty list: nothing detected scores 0
             metrics.update(dict.fromkeys(names, 0.0))
+            metrics.update({f"{names[0]}/{c.get('name', i)}": 0.0
+                            for i, c in coco_gt.cats.items() if coco_gt.getAnnIds(catIds=[i])})
             continue
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(typed)
@@ -296,4 +378,20 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
         if summary is not None:
             summary.append(f"[{iou_type}]\n{table.getvalue().rstrip()}")
         metrics.update({n: float(v) for n, v in zip(names, evaluator.stats)})
+        metrics.update(per_category_ap(evaluator, names[0]))
     return metrics
+
+
+def per_category_ap(evaluator: Any, prefix: str = "AP") -> dict[str, float]:
+    """`<prefix>/<category name>`: each category's AP (IoU 0.5:0.95, all areas, 100
+    detections) from an accumulated COCOeval; categories without ground truth in the
+    evaluated images are left out (their AP is undefined, -1 in pycocotools)."""
+    precision = evaluator.eval["precision"]  # [IoU, recall, category, area, max dets]
+    cats = evaluator.cocoGt.cats
+    out: dict[str, float] = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        if p.size:
+            out[f"{prefix}/{cats[cat_id].get('name', cat_id)}"] = float(np.mean(p))
+    return out

@@ -11,6 +11,7 @@ JPEGs load silently with a grey bottom instead of being reported.
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -66,12 +67,35 @@ def load_rgb(
         with open(path, "rb") as f:
             img = Image.open(f)
             img.load()  # decode now, inside the try: Image.open only reads the header
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        # OSError covers missing files, UnidentifiedImageError (empty or non-image content) and
-        # "image file is truncated"; SyntaxError/EOFError/ValueError are raised by broken headers.
+    except _DECODE_ERRORS as err:
         raise BadImageError(
             f"cannot read image {path!r} ({_reason(path, err)}); replace or delete this file", path
         ) from err
+    return _finish(img, path, background, exif_transpose)
+
+
+def decode_rgb(data: bytes, name: str, background: tuple[int, int, int] = WHITE,
+               exif_transpose: bool = True) -> Image.Image:
+    """`load_rgb` for an image held in memory (a sample of a shard or a dataset row); `name`
+    (e.g. 'train-000003.tar:sample42.jpg') is what a BadImageError names."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except _DECODE_ERRORS as err:
+        reason = "empty" if not data else ("not in an image format Pillow can read"
+                                           if isinstance(err, UnidentifiedImageError)
+                                           else f"{type(err).__name__}: {err}")
+        raise BadImageError(f"cannot read image {name!r} ({reason})", name) from err
+    return _finish(img, name, background, exif_transpose)
+
+
+# OSError covers missing files, UnidentifiedImageError (empty or non-image content) and
+# "image file is truncated"; SyntaxError/EOFError/ValueError are raised by broken headers.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _finish(img: Image.Image, path: str, background: tuple[int, int, int],
+            exif_transpose: bool) -> Image.Image:
     if exif_transpose:
         try:
             ImageOps.exif_transpose(img, in_place=True)

@@ -11,9 +11,13 @@ Layouts (`find_segmentation_splits` detects them):
   either directly under the root (one split) or under `train/` and `val/`.
 
 Masks are read with Pillow as integer arrays: the pixel values of a grey (L, I) PNG or the
-palette *indices* of a palette (P) PNG, never its colours. Colour (RGB) masks are refused:
-colours are not class ids. Value `ignore_index` (default 255) marks pixels that count for
-neither the loss nor the metrics.
+palette *indices* of a palette (P) PNG, never its colours. Colour-coded (RGB) masks need a
+colour -> class table (`classes.json` in the dataset root, or the `class_colors` task
+option; see `read_class_table`): each colour becomes its class id, colours the table lacks
+become `ignore_index` (the pre-flight check, `moat.data.preflight`, refuses them first).
+Binary masks (`binary=True`): 0 is class 0, anything else class 1 (0/255 masks: values
+above 127 are class 1). Value `ignore_index` (default 255) marks pixels that count for
+neither the loss nor the metrics. Order: colours -> binary -> `reduce_zero_label`.
 
 Images go through the robust loader (`moat.data.images.load_rgb`). An unreadable image or
 mask, or a mask whose size differs from its image, yields a `BadSample` that the collate
@@ -26,6 +30,7 @@ the image only.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,30 +67,74 @@ class SegBatch(NamedTuple):
 
 # --- masks --------------------------------------------------------------------------------
 
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A class-id mask as an int64 [H, W] array (palette indices for palette PNGs).
+INDEX_MODES = ("P", "L", "I", "I;16", "I;16B", "I;16L", "1")
+COLOUR_MODES = ("RGB", "RGBA")
+Colour = tuple[int, int, int]
 
-    Raises BadImageError (naming the file) for unreadable files and colour masks.
-    """
+
+def read_mask_pixels(path: str | os.PathLike) -> np.ndarray:
+    """A mask file's pixels, unchanged: int64 [H, W] for index masks (grey values, or palette
+    indices), uint8 [H, W, 3] for colour masks. Raises BadImageError naming the file."""
     path = os.fspath(path)
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            if mode in ("P", "L", "I", "I;16", "I;16B", "I;16L", "1"):
-                arr = np.array(img)
-            elif mode in ("LA", "PA"):  # alpha is no class information: drop it
-                arr = np.array(img)[..., 0]
-            else:
-                raise BadImageError(
-                    f"mask {path!r} is a {mode} colour image: masks must hold class ids "
-                    "(a grey or palette PNG); convert colours to ids first", path)
+            if mode in INDEX_MODES:
+                return np.array(img).astype(np.int64)
+            if mode in ("LA", "PA"):  # alpha is no class information: drop it
+                return np.array(img)[..., 0].astype(np.int64)
+            if mode in COLOUR_MODES:
+                return np.array(img)[..., :3]
+            raise BadImageError(f"mask {path!r} has the unsupported mode {mode}: save masks "
+                                "as grey or palette PNGs of class ids", path)
     except BadImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise BadImageError(f"cannot read mask {path!r} ({type(err).__name__}: {err}); "
                             "replace or delete this file", path) from err
-    return arr.astype(np.int64)
+
+
+def colour_codes(rgb: np.ndarray) -> np.ndarray:
+    """[..., 3] uint8 colours as int64 codes 0xRRGGBB."""
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def colours_to_ids(rgb: np.ndarray, colours: Sequence[Colour], unknown: int) -> np.ndarray:
+    """A colour mask as class ids: colour k of `colours` -> k, other colours -> `unknown`."""
+    codes = colour_codes(rgb)
+    table = colour_codes(np.asarray(colours, dtype=np.int64).reshape(-1, 3))
+    found, inverse = np.unique(codes, return_inverse=True)
+    lookup = np.full(len(found), unknown, dtype=np.int64)
+    for class_id, code in enumerate(table.tolist()):
+        lookup[found == code] = class_id
+    return lookup[inverse].reshape(codes.shape)
+
+
+def binarize(mask: np.ndarray) -> np.ndarray:
+    """Binary masks as 0/1: 0/1 masks stay, 0/255 (or 0..255 antialiased) masks -> > 127."""
+    return (mask > 127 if mask.max(initial=0) > 1 else mask > 0).astype(np.int64)
+
+
+def read_mask(path: str | os.PathLike, colours: Sequence[Colour] | None = None,
+              ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """A class-id mask as an int64 [H, W] array (palette indices for palette PNGs; colour
+    masks through `colours`, their unknown colours -> `ignore_index`).
+
+    Raises BadImageError (naming the file) for unreadable files, and for colour masks
+    without a colour table.
+    """
+    path = os.fspath(path)
+    arr = read_mask_pixels(path)
+    if arr.ndim == 3:
+        if not colours:
+            raise BadImageError(
+                f"mask {path!r} is a colour (RGB) image: give the colour of each class in "
+                "classes.json (see `moat data check`) or save the masks as grey or palette "
+                "PNGs of class ids", path)
+        return colours_to_ids(arr, colours, ignore_index)
+    return arr
 
 
 def reduce_zero_label(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
@@ -93,6 +142,72 @@ def reduce_zero_label(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> np.
     out = mask - 1
     out[(mask == 0) | (mask == ignore_index)] = ignore_index
     return out
+
+
+class ClassTable(NamedTuple):
+    """Class names (id = position) and, for colour-coded masks, each class's colour."""
+
+    names: list[str]
+    colours: list[Colour] | None
+    source: str  # the file they came from
+
+
+def _colour(value: Any, where: str) -> Colour:
+    if isinstance(value, str) and value.startswith("#") and len(value) == 7:
+        return tuple(int(value[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    if isinstance(value, (list, tuple)) and len(value) == 3 \
+            and all(isinstance(v, int) and 0 <= v <= 255 for v in value):
+        return tuple(value)  # type: ignore[return-value]
+    raise ValueError(f"{where}: a colour must be [R, G, B] (0..255) or '#rrggbb', got {value!r}")
+
+
+def parse_class_table(data: Any, source: str) -> ClassTable:
+    """`classes.json`'s content: {"classes": [...]} or the list itself, whose items are
+    names or {"name": ..., "color": [R, G, B]}; or {name: [R, G, B], ...}."""
+    if isinstance(data, dict) and "classes" in data:
+        data = data["classes"]
+    if isinstance(data, dict):
+        data = [{"name": k, "color": v} for k, v in data.items()]
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{source}: expected a list of classes, e.g. "
+                         '{"classes": [{"name": "background", "color": [0, 0, 0]}, ...]}')
+    names, colours = [], []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            names.append(item)
+            continue
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"{source}: class {i} must be a name or "
+                             f'{{"name": ..., "color": [R, G, B]}}, got {item!r}')
+        names.append(str(item["name"]))
+        colour = item.get("color", item.get("colour"))
+        if colour is not None:
+            colours.append(_colour(colour, f"{source}: class {item['name']!r}"))
+    if colours and len(colours) != len(names):
+        raise ValueError(f"{source}: give a colour to every class or to none")
+    if len(set(colours)) != len(colours):
+        raise ValueError(f"{source}: two classes have the same colour")
+    return ClassTable(names, colours or None, source)
+
+
+def read_class_table(root: str | os.PathLike) -> ClassTable | None:
+    """The class table stored with a dataset: `classes.json` (names and colours, see
+    `parse_class_table`), `classes.txt` (one name per line) or the "classes" of
+    `segmentation.json` (the synthetic dataset's); None when there is none."""
+    root = Path(root)
+    if (root / "classes.json").is_file():
+        path = root / "classes.json"
+        try:
+            return parse_class_table(json.loads(path.read_text()), str(path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+    if (root / "classes.txt").is_file():
+        names = [line.strip() for line in (root / "classes.txt").read_text().splitlines()]
+        return ClassTable([n for n in names if n], None, str(root / "classes.txt"))
+    if (root / "segmentation.json").is_file():
+        names = json.loads((root / "segmentation.json").read_text()).get("classes")
+        return ClassTable(list(names), None, str(root / "segmentation.json")) if names else None
+    return None
 
 
 # --- layouts ------------------------------------------------------------------------------
@@ -188,7 +303,8 @@ class SegmentationDataset(Dataset):
 
     def __init__(self, pairs: Sequence[tuple[str, str]], transform: SegTransform | None = None,
                  *, reduce_zero_label: bool = False, ignore_index: int = IGNORE_INDEX,
-                 strict: bool = False, classes: Sequence[str] | None = None) -> None:
+                 strict: bool = False, classes: Sequence[str] | None = None,
+                 colours: Sequence[Colour] | None = None, binary: bool = False) -> None:
         if not pairs:
             raise ValueError("segmentation dataset has no samples")
         self.pairs = [(str(i), str(m)) for i, m in pairs]
@@ -197,6 +313,8 @@ class SegmentationDataset(Dataset):
         self.ignore_index = ignore_index
         self.strict = strict
         self.classes = None if classes is None else list(classes)
+        self.colours = None if colours is None else [tuple(c) for c in colours]
+        self.binary = binary
 
     @classmethod
     def from_folders(cls, image_dir, mask_dir, transform: SegTransform | None = None,
@@ -209,18 +327,33 @@ class SegmentationDataset(Dataset):
     def path(self, index: int) -> str:
         return self.pairs[index][0]
 
+    def mask_ids(self, pixels: np.ndarray, path: str) -> np.ndarray:
+        """A mask file's pixels (`read_mask_pixels`) as the class ids trained on."""
+        if pixels.ndim == 3:
+            if not self.colours:
+                raise BadImageError(
+                    f"mask {path!r} is a colour (RGB) image: give the colour of each class in "
+                    "classes.json (see `moat data check`) or save the masks as grey or "
+                    "palette PNGs of class ids", path)
+            mask = colours_to_ids(pixels, self.colours, self.ignore_index)
+        else:
+            mask = pixels
+        if self.binary:
+            mask = binarize(mask)
+        if self.reduce_zero_label:
+            mask = reduce_zero_label(mask, self.ignore_index)
+        return mask
+
     def load(self, index: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         """The untransformed pair; raises BadImageError for unusable files."""
         image_path, mask_path = self.pairs[index]
         image = load_rgb(image_path)
-        mask = read_mask(mask_path)
+        mask = self.mask_ids(read_mask_pixels(mask_path), mask_path)
         if mask.shape != (image.height, image.width):
             raise BadImageError(
                 f"mask {mask_path!r} is {mask.shape[1]}x{mask.shape[0]} but image "
                 f"{image_path!r} is {image.width}x{image.height}; they must have the same size",
                 image_path)
-        if self.reduce_zero_label:
-            mask = reduce_zero_label(mask, self.ignore_index)
         return tv_tensors.Image(TF.pil_to_tensor(image)), tv_tensors.Mask(torch.from_numpy(mask))
 
     def __getitem__(self, index: int):
@@ -330,6 +463,8 @@ def segmentation_datasets(
     reduce_zero_label: bool | None = None,
     ignore_index: int = IGNORE_INDEX,
     strict: bool = False,
+    colours: Sequence[Colour] | None = None,
+    binary: bool = False,
 ) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     """(train, val) from a dataset root; val is None when the layout has no validation split.
 
@@ -337,7 +472,8 @@ def segmentation_datasets(
     """
     found = find_segmentation_splits(root, layout)
     reduce = found.reduce_zero_label if reduce_zero_label is None else reduce_zero_label
-    common = dict(reduce_zero_label=reduce, ignore_index=ignore_index, strict=strict)
+    common = dict(reduce_zero_label=reduce, ignore_index=ignore_index, strict=strict,
+                  colours=colours, binary=binary)
     train = SegmentationDataset.from_folders(*found.train, train_transform, **common)
     val = None if found.val is None else \
         SegmentationDataset.from_folders(*found.val, val_transform, **common)

@@ -29,6 +29,7 @@ from moat.data.preprocessing import size_pair
 from moat.export.fused import (SamePaddingConv2d, is_optimized, optimize_for_inference,
                                portable_ops)
 from moat.export.graph import for_graph_runtime
+from moat.export.onnx_metadata import OnnxMetadata
 from moat.export.onnx_metadata import write as write_metadata
 from moat.integrity import atomic_output
 from moat.models.layers import same_padding
@@ -136,11 +137,11 @@ def _freeze_padding(model: nn.Module, img_size: tuple[int, int], *,
 
 def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
                        dynamic_size: bool | None = None, channels_last: bool = False,
-                       layout: str = "pytorch") -> tuple[MoatNet, bool]:
+                       layout: str = "pytorch", gelu: str = "exact") -> tuple[MoatNet, bool]:
     """The model to hand to an exporter, and whether its height/width may vary.
 
     Returns an eval-mode, fused copy in the module path `layout` (see `LAYOUTS`): `model`
-    itself is not changed.
+    itself is not changed. `gelu`: see `optimize_for_inference`.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -151,7 +152,7 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
     size = size_pair(img_size)
     dynamic = check_dynamic_size(model, size, dynamic_size)
     fused = optimize_for_inference(model, channels_last=channels_last,
-                                   img_size=None if dynamic else size)
+                                   img_size=None if dynamic else size, gelu=gelu)
     _freeze_padding(fused, size, pad_input=layout == "onnxruntime")
     return (for_graph_runtime(fused) if layout == "onnxruntime" else fused), dynamic
 
@@ -200,8 +201,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, img_size: int | Se
 
 
 def _export(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool | None,
-            layout: str = "pytorch"):
-    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size, layout=layout)
+            layout: str = "pytorch", gelu: str = "exact"):
+    fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size, layout=layout,
+                                        gelu=gelu)
     example = _example(fused, size, max(batch, 2))  # batch 1 would be specialised
     with torch.no_grad():
         program = torch.export.export(fused, (example,),
@@ -235,7 +237,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                 opset: int = DEFAULT_OPSET, batch: int = 1, dynamic_size: bool | None = False,
                 check: bool = True, check_batches: Sequence[int] = (1, 8),
                 atol: float = 1e-4, program=None, layout: str = "onnxruntime",
-                metadata: dict[str, str] | None = None) -> dict:
+                metadata: dict[str, str] | None = None, gelu: str = "exact") -> dict:
     """Export to ONNX (dynamic batch; fixed height/width unless `dynamic_size`).
 
     A fixed size (the default) holds every position bias as a constant; `dynamic_size`
@@ -253,8 +255,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
     the model a second time; it holds the "pytorch" layout, so pass that `layout` too).
     `metadata`: string entries for the file's metadata_props
-    (`moat export onnx` records the preprocessing, see `moat.export.onnx_metadata`). Returns a
-    report dict.
+    (`moat export onnx` records the preprocessing, see `moat.export.onnx_metadata`); the
+    GELU form is always recorded (`OnnxMetadata.gelu`). `gelu` "tanh": GELU's tanh
+    approximation (see `optimize_for_inference`), written as ONNX Runtime's FastGelu in the
+    "onnxruntime" layout; the check then compares with the tanh model in PyTorch
+    (`moat.export.gelu` measures what the approximation itself changes). Returns a report
+    dict.
     """
     size = size_pair(img_size)
     import onnx
@@ -265,10 +271,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                          f"(the newest this onnx {onnx.__version__} knows)")
     path = Path(path)
     if program is None:
-        program, dynamic = _export(model, size, batch, dynamic_size, layout)
-    elif layout != "pytorch":
-        raise ValueError("`program` (from export_program) holds the 'pytorch' layout: pass "
-                         "layout='pytorch' with it, or leave program out")
+        program, dynamic = _export(model, size, batch, dynamic_size, layout, gelu)
+    elif layout != "pytorch" or gelu != "exact":
+        raise ValueError("`program` (from export_program) holds the 'pytorch' layout with the "
+                         "exact GELU: pass layout='pytorch' with it, or leave program out")
     else:
         dynamic = check_dynamic_size(model, size, dynamic_size)
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
@@ -276,17 +282,46 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
             torch.onnx.export(program, (), os.fspath(tmp), dynamo=True,
                               opset_version=max(opset, EXPORTER_OPSET), input_names=["x"],
                               output_names=_output_names(model), external_data=False,
-                              verbose=False)
+                              verbose=False, custom_translation_table=_fast_gelu_table(layout))
         if opset == 17:
             downgrade_onnx_to_opset17(tmp)
-        if metadata:
-            write_metadata(tmp, metadata)
+        write_metadata(tmp, {**(metadata or {}), **OnnxMetadata(gelu=gelu).props()})
         report = {"path": str(path), "opset": _onnx_opset(tmp), "dynamic_batch": True,
                   "dynamic_size": dynamic, "img_size": size}
         if check:
             sizes = [size] + ([_other_size(size)] if dynamic else [])
-            report["check"] = check_onnx(tmp, model, sizes, check_batches, atol)
+            reference = model if gelu == "exact" else optimize_for_inference(
+                model, gelu=gelu, channels_last=False)
+            report["check"] = check_onnx(tmp, reference, sizes, check_batches, atol)
     return report
+
+
+
+
+def _fast_gelu_table(layout: str) -> dict | None:
+    """aten.gelu -> ONNX Runtime's FastGelu for the "onnxruntime" layout, whose only
+    aten.gelu calls are the tanh GELU (the exact one is spelled out, see moat.export.graph)."""
+    if layout != "onnxruntime":
+        return None
+    import onnxscript
+
+    from onnx.defs import OpSchema
+
+    # onnx holds no schemas of ONNX Runtime's contrib operators: FastGelu's (without its
+    # optional bias input) is declared here.
+    schema = OpSchema("FastGelu", "com.microsoft", 1,
+                      inputs=[OpSchema.FormalParameter("X", "T")],
+                      outputs=[OpSchema.FormalParameter("Y", "T")],
+                      type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")])
+    fast_gelu_op = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1),
+                                        "FastGelu", schema)
+
+    def fast_gelu(x, approximate: str = "none"):
+        if approximate != "tanh":
+            raise ValueError("the onnxruntime layout exports only the tanh GELU as aten.gelu")
+        return fast_gelu_op(x)
+
+    return {torch.ops.aten.gelu.default: fast_gelu}
 
 
 # Operators whose axes became an input in opset 18 (ReduceSum already in 13).

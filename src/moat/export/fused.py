@@ -28,18 +28,20 @@ import contextlib
 import copy
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.cpu import cpu_info
 from moat.models.blocks import MBConvBlock, MoatBlock, SqueezeExcite
 from moat.models.layers import (Attention, Conv2dSame, _window_regions,
                                 avg_pool_same_exclude_pad, relative_position_bias, same_padding,
                                 window_attention)
 from moat.models.moat import MoatNet
 
-__all__ = ["is_optimized", "optimize_for_inference", "portable_ops"]
+__all__ = ["GELU_FORMS", "is_optimized", "optimize_for_inference", "portable_ops"]
 
 
 # --- BatchNorm folding ------------------------------------------------------------------
@@ -108,14 +110,78 @@ def portable_ops():
         _PORTABLE.on = before
 
 
-def _eager_onednn(x: Tensor) -> bool:
+# --- choices made for the CPU found at run time -------------------------------------------
+
+@dataclass(frozen=True)
+class CpuChoices:
+    """How the fused model runs in eager CPU inference (see `cpu_choices` for the rule)."""
+
+    channels_last: bool  # weights (and so activations) channels-last by default
+    onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
+    chunk_bytes: int  # largest block intermediate before the batch is split (0: never split)
+    se_in_weights: bool = True  # squeeze-excite's gate folded into the next 1x1 conv's weights
+    projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
+    shrink_as_matmul: bool = False  # MBConv's last 1x1 conv + residual as one MKL (b)addmm
+
+
+def cpu_choices(isa: str) -> CpuChoices:
+    """The one rule: what eager CPU inference uses for an instruction-set level (`moat.cpu`:
+    "avx512", "avx2", "default"), measured with benchmarks/cpu_choices.py on MOAT-0,
+    batch 8, 224 px, 2 threads (README, "CPU instruction sets")."""
+    # Channels-last: oneDNN's convolutions run blocked-channel kernels either way, and the
+    # LayerNorm and global-attention token views read a channels-last map in place (NCHW
+    # needs a transpose copy before and after each attention).
+    # oneDNN fusion: GELU applied in the convolution's output loop saves one pass over the
+    # widest (4x expanded) tensors, twice a block.
+    # Chunking: see CHUNK_BYTES (allocator page faults, not the instruction set).
+    # Squeeze-excite: its gate multiplies the widest tensor of the block (a memory-bound pass
+    # that took longer than the 1x1 convolution after it); folded into that convolution's
+    # weights per sample instead (W * gate[b]), the pass disappears.
+    # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within 5% of
+    # each other on AVX2 and AVX-512 alike (MOAT-0's q/k/v and output shapes): convolution.
+    # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): every choice
+    # above wins or ties on both, so the rule does not depend on `isa` today; it is the one
+    # place to change when a machine measures otherwise.
+    del isa
+    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_bytes=CHUNK_BYTES,
+                      se_in_weights=True, projections_as_conv=True)
+
+
+_CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
+
+
+def current_cpu_choices() -> CpuChoices:
+    """`cpu_choices` for this process's CPU (`moat.cpu.cpu_info().isa`; an AVX-512 machine
+    limited by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS counts as
+    the limited one)."""
+    if not _CHOICES:
+        _CHOICES.append(cpu_choices(cpu_info().isa))
+    return _CHOICES[0]
+
+
+@contextlib.contextmanager
+def using_cpu_choices(choices: CpuChoices):
+    """Within this block eager CPU inference follows `choices` (for measuring the rule)."""
+    saved = list(_CHOICES)
+    _CHOICES[:] = [choices]
+    try:
+        yield
+    finally:
+        _CHOICES[:] = saved
+
+
+def _eager_cpu(x: Tensor) -> bool:
+    """Eager CPU inference, where the choices above apply."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False  # graphs get the standard operators (compile fuses them itself)
-    return (_ONEDNN_CONV is not None and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and not x.requires_grad
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not getattr(_PORTABLE, "on", False)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not x.requires_grad and not getattr(_PORTABLE, "on", False)
             and not torch.is_autocast_enabled("cpu"))  # autocast casts only aten ops
+
+
+def _eager_onednn(x: Tensor) -> bool:
+    return (_ONEDNN_CONV is not None and _eager_cpu(x) and current_cpu_choices().onednn_fusion
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
 # The largest intermediate of an eager CPU block is kept below this size by running the block
@@ -127,11 +193,13 @@ CHUNK_BYTES = 24 * 2**20
 
 
 def _batch_chunks(x: Tensor, widest_channels: int) -> int:
-    """Parts to split the batch into so that [part, widest_channels, H, W] fits CHUNK_BYTES."""
-    if x.shape[0] == 1 or not _eager_onednn(x):
+    """Parts to split the batch into so that [part, widest_channels, H, W] fits the chosen
+    size (CHUNK_BYTES unless `cpu_choices` says otherwise)."""
+    limit = current_cpu_choices().chunk_bytes
+    if x.shape[0] == 1 or not limit or not _eager_cpu(x):
         return 1
     per_sample = widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
-    per_part = max(1, CHUNK_BYTES // per_sample)
+    per_part = max(1, limit // per_sample)
     return -(-x.shape[0] // per_part)
 
 
@@ -173,13 +241,13 @@ def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[in
     return conv.weight, conv.padding
 
 
-def conv_gelu(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """gelu(conv(x)), exact GELU."""
+def conv_gelu(conv: nn.Conv2d, x: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(conv(x)); `approximate` as in F.gelu ("none": exact erf form, "tanh")."""
     if _eager_onednn(x):
         weight, padding = _weight_and_padding(conv, x)
         return _ONEDNN_CONV(x, weight, conv.bias, padding, conv.stride, conv.dilation,
-                            conv.groups, "gelu", [], "none")
-    return F.gelu(conv(x))
+                            conv.groups, "gelu", [], approximate)
+    return F.gelu(conv(x), approximate=approximate)
 
 
 def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
@@ -191,14 +259,48 @@ def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     return residual + conv(x)
 
 
+def gated_conv_add(conv: nn.Conv2d, x: Tensor, gate: Tensor, residual: Tensor) -> Tensor:
+    """residual + conv(x * gate[:, :, None, None]) for a 1x1 convolution, the gate folded into
+    the weights of each sample (one oneDNN call per sample; no pass over the gated x)."""
+    if residual.shape[1] != conv.out_channels:
+        return conv_add(conv, x * gate[:, :, None, None], residual)
+    weight, padding = _weight_and_padding(conv, x)
+    parts = [_ONEDNN_CONV.binary(x[i:i + 1], residual[i:i + 1], weight * gate[i, None, :, None, None],
+                                 conv.bias, padding, conv.stride, conv.dilation, conv.groups,
+                                 "add", None, None, [], None) for i in range(x.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def matmul_add(conv: nn.Conv2d, x: Tensor, residual: Tensor, gate: Tensor | None = None) -> Tensor:
+    """residual + conv(x [* gate]) for a 1x1 convolution on channels-last maps, as one matrix
+    product (MKL) accumulated into the residual: addmm, or baddbmm with the gate in each
+    sample's weights."""
+    b, c, h, w = x.shape
+    if not (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+            and residual.shape == (b, conv.out_channels, h, w)
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        x = x if gate is None else x * gate[:, :, None, None]
+        return conv_add(conv, x, residual)
+    weight = conv.weight[:, :, 0, 0]  # [out, in]
+    out = residual.permute(0, 2, 3, 1).reshape(b, h * w, -1)  # a copy unless channels-last
+    out = out + conv.bias if conv.bias is not None else out.clone()
+    tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of a channels-last map
+    if gate is None:
+        out.view(b * h * w, -1).addmm_(tokens.view(b * h * w, c), weight.t())
+    else:
+        out.baddbmm_(tokens, (weight[None] * gate[:, None, :]).transpose(1, 2))
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
 class ConvGelu(nn.Sequential):
     """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
 
-    def __init__(self, conv: nn.Conv2d) -> None:
+    def __init__(self, conv: nn.Conv2d, approximate: str = "none") -> None:
         super().__init__(conv)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return conv_gelu(self[0], x)
+        return conv_gelu(self[0], x, self.approximate)
 
 
 # --- fused modules -------------------------------------------------------------------------
@@ -214,17 +316,21 @@ class FusedSqueezeExcite(nn.Module):
             linear.weight.data.copy_(conv.weight.detach()[:, :, 0, 0])
             linear.bias.data.copy_(conv.bias.detach())
 
+    def gate(self, x: Tensor) -> Tensor:
+        """The per-sample, per-channel scale [B, C]."""
+        return self.expand(F.silu(self.reduce(x.mean((2, 3))))).sigmoid()
+
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.expand(F.silu(self.reduce(x.mean((2, 3)))))
-        return x * scale.sigmoid()[:, :, None, None]
+        return x * self.gate(x)[:, :, None, None]
 
 
 class FusedMBConv(nn.Module):
     """MBConvBlock with its three BatchNorms folded: 1x1 -> GELU -> 3x3 dw -> GELU -> [SE]
     -> 1x1, plus the (pooled, projected) shortcut of the un-normalised input."""
 
-    def __init__(self, block: MBConvBlock) -> None:
+    def __init__(self, block: MBConvBlock, approximate: str = "none") -> None:
         super().__init__()
+        self.approximate = approximate  # GELU: "none" (exact) or "tanh", as in F.gelu
         self.stride, self.pool_size = block.stride, block.pool_size
         self.shortcut_conv = copy.deepcopy(block.shortcut_conv)
         self.expand_conv = fold_bn_around_1x1(block.pre_norm, block.expand_conv,
@@ -246,9 +352,18 @@ class FusedMBConv(nn.Module):
         return self.forward_mbconv(x)
 
     def forward_mbconv(self, x: Tensor) -> Tensor:
-        y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x))
+        y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x, self.approximate),
+                      self.approximate)
+        choices = current_cpu_choices()
         if self.se is not None:
+            if _eager_onednn(y) and choices.se_in_weights:
+                gate = self.se.gate(y)
+                if choices.shrink_as_matmul:
+                    return matmul_add(self.shrink_conv, y, self.shortcut(x), gate)
+                return gated_conv_add(self.shrink_conv, y, gate, self.shortcut(x))
             y = self.se(y)
+        if _eager_cpu(y) and choices.shrink_as_matmul:
+            return matmul_add(self.shrink_conv, y, self.shortcut(x))
         return conv_add(self.shrink_conv, y, self.shortcut(x))
 
 
@@ -267,6 +382,11 @@ class InferenceAttention(Attention):
         self.load_state_dict(attention.state_dict())
         self.to(attention.qkv.weight.device, attention.qkv.weight.dtype)
         self._precomputed: dict[tuple, str] = {}  # (window, crop) -> buffer name
+
+    def project(self, linear: nn.Linear, x: Tensor) -> Tensor:
+        if _eager_cpu(x) and not current_cpu_choices().projections_as_conv:
+            return linear(x)
+        return super().project(linear, x)
 
     def precompute(self, window: tuple[int, int], crop: tuple[int, int] | None = None) -> None:
         table = self.relative_position_embedding
@@ -303,8 +423,8 @@ class InferenceAttention(Attention):
 class FusedMoatBlock(FusedMBConv):
     """MoatBlock with folded BatchNorms, then LayerNorm + window / global attention."""
 
-    def __init__(self, block: MoatBlock) -> None:
-        super().__init__(block)
+    def __init__(self, block: MoatBlock, approximate: str = "none") -> None:
+        super().__init__(block, approximate)
         self.window = block.window
         self.attention_norm = copy.deepcopy(block.attention_norm)
         self.attention = InferenceAttention(block.attention)
@@ -342,14 +462,21 @@ def _precompute_for_size(model: MoatNet, img_size: tuple[int, int]) -> None:
 
 
 def _default_channels_last(device: torch.device) -> bool:
-    # Measured with benchmarks/inference.py (MOAT-0, 224): channels-last is faster on CPU
-    # (oneDNN convolutions; no transposes around LayerNorm and attention). Not measured on
-    # CUDA yet, so it stays opt-in there.
-    return device.type == "cpu"
+    # CPU: `cpu_choices` for the instruction set found at run time. Not measured on CUDA
+    # yet, so it stays opt-in there.
+    return device.type == "cpu" and current_cpu_choices().channels_last
+
+
+# The GELU forms `optimize_for_inference` offers -> F.gelu's `approximate` argument. "exact"
+# (erf) is the model's own function and the default; "tanh" is GELU's tanh approximation, a
+# deployment option: oneDNN and ONNX Runtime (FastGelu) run it about twice as fast as erf,
+# and it moves the logits (see `moat.export.gelu` for the measured cost and its limit).
+GELU_FORMS = {"exact": "none", "tanh": "tanh"}
 
 
 def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = None,
-                           img_size: int | Sequence[int] | None = None) -> MoatNet:
+                           img_size: int | Sequence[int] | None = None,
+                           gelu: str = "exact") -> MoatNet:
     """An optimised eval-mode copy of a MOAT model; the model itself is not changed.
 
     Args:
@@ -361,9 +488,13 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = Non
             biases for. Window attention biases are always precomputed; other sizes work
             and compute their bias once per size (cached) in eager mode. Leave it None for
             exports with dynamic height and width.
+        gelu: "exact" (default, the model's erf GELU) or "tanh" (GELU's tanh approximation:
+            faster on CPU, not the same function; `moat.export.gelu.gelu_cost` measures what
+            it changes, and `moat export onnx --gelu tanh` refuses it when top-1 moves by
+            more than 0.1 points). Recorded as the copy's `gelu` attribute.
 
     Returns a `MoatNet` (requires_grad off, eval mode) whose outputs match the plain model
-    in eval mode within 1e-4. It has no BatchNorm statistics and no drop path, so it always
+    in eval mode within 1e-4 (with gelu="exact"). It has no BatchNorm statistics and no drop path, so it always
     computes the eval-mode function: fine-tune the original model, not this copy.
     """
     if not isinstance(model, MoatNet):
@@ -371,20 +502,26 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool | None = Non
                         f"{type(model).__name__}")
     if is_optimized(model):
         raise ValueError("this model is already optimised for inference")
+    if gelu not in GELU_FORMS:
+        raise ValueError(f"gelu must be one of {list(GELU_FORMS)}, got {gelu!r}")
+    approximate = GELU_FORMS[gelu]
     param = next(model.parameters())
     fused = copy.deepcopy(model).eval()
     stem = fused.stem
-    stem.conv_0 = ConvGelu(_without_input_padding(fold_bn_after(stem.conv_0, stem.norm_0)))
+    stem.conv_0 = ConvGelu(_without_input_padding(fold_bn_after(stem.conv_0, stem.norm_0)),
+                           approximate)
     stem.norm_0 = stem.act_0 = nn.Identity()
     for stage in fused.stages:
         for index, block in enumerate(stage):
-            stage[index] = (FusedMoatBlock if isinstance(block, MoatBlock) else FusedMBConv)(block)
+            stage[index] = (FusedMoatBlock if isinstance(block, MoatBlock)
+                            else FusedMBConv)(block, approximate)
     if img_size is not None:
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         _precompute_for_size(fused, size)
     fused.requires_grad_(False)
     fused.grad_checkpointing = False
     fused.optimized_for_inference = True
+    fused.gelu = gelu
     if channels_last is None:
         channels_last = _default_channels_last(param.device)
     if channels_last:

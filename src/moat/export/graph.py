@@ -12,6 +12,9 @@ kernels want it (measured with `moat benchmark --runtime onnxruntime`):
 * GELU spelled `(x * 0.5) * (1 + erf(x / sqrt(2)))`, the pattern ONNX Runtime's GeluFusion
   replaces by one Gelu kernel (PyTorch's exporter spells it in an order that is not fused:
   five element-wise passes over the widest tensors of the network);
+* the tanh GELU (`optimize_for_inference(..., gelu="tanh")`) as `F.gelu(x, approximate="tanh")`,
+  which `moat.export.formats.export_onnx` writes as ONNX Runtime's one-kernel FastGelu
+  (com.microsoft; the decomposed tanh formula is not fused by ONNX Runtime's optimiser);
 * attention as plain matrix products on [B, T, C] tokens: one Transpose into tokens and one
   back per block (the residual added on tokens), plus the head split and merge; the 1/sqrt(d) scale is folded into the
   query weights; the position bias is a constant for every size known at export time;
@@ -27,6 +30,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.export.fused import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
@@ -39,14 +43,21 @@ __all__ = ["GraphGelu", "for_graph_runtime", "graph_gelu"]
 _SQRT_2 = math.sqrt(2.0)
 
 
-def graph_gelu(x: Tensor) -> Tensor:
-    """Exact (erf) GELU in the operator order ONNX Runtime fuses into one Gelu kernel."""
+def graph_gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Exact (erf) GELU in the operator order ONNX Runtime fuses into one Gelu kernel; the
+    tanh form as the one aten.gelu call that the ONNX export maps to FastGelu."""
+    if approximate == "tanh":
+        return F.gelu(x, approximate="tanh")
     return (x * 0.5) * (torch.erf(x / _SQRT_2) + 1.0)
 
 
 class GraphGelu(nn.Module):
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = approximate
+
     def forward(self, x: Tensor) -> Tensor:
-        return graph_gelu(x)
+        return graph_gelu(x, self.approximate)
 
 
 class GraphMBConv(nn.Module):
@@ -54,6 +65,7 @@ class GraphMBConv(nn.Module):
 
     def __init__(self, fused: FusedMBConv) -> None:
         super().__init__()
+        self.approximate = fused.approximate
         self.stride, self.pool_size = fused.stride, fused.pool_size
         self.shortcut_conv = fused.shortcut_conv
         self.expand_conv, self.depthwise_conv = fused.expand_conv, fused.depthwise_conv
@@ -65,7 +77,8 @@ class GraphMBConv(nn.Module):
         return x if self.shortcut_conv is None else self.shortcut_conv(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = graph_gelu(self.depthwise_conv(graph_gelu(self.expand_conv(x))))
+        y = graph_gelu(self.expand_conv(x), self.approximate)
+        y = graph_gelu(self.depthwise_conv(y), self.approximate)
         if self.se is not None:
             y = self.se(y)
         return self.shortcut(x) + self.shrink_conv(y)
@@ -122,7 +135,7 @@ def for_graph_runtime(fused: MoatNet) -> MoatNet:
     graph = copy.deepcopy(fused).to(memory_format=torch.contiguous_format)
     stem = graph.stem
     if isinstance(stem.conv_0, ConvGelu):
-        stem.conv_0, stem.act_0 = stem.conv_0[0], GraphGelu()
+        stem.conv_0, stem.act_0 = stem.conv_0[0], GraphGelu(stem.conv_0.approximate)
     for stage in graph.stages:
         for index, block in enumerate(stage):
             stage[index] = (GraphMoatBlock if isinstance(block, FusedMoatBlock)

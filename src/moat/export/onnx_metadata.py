@@ -1,13 +1,15 @@
 """The metadata moat records in an ONNX file (its ``metadata_props``): the one module that
 writes and reads these keys, as ``moat.weights.metadata`` owns the weights header.
 
-* ``moat.data.preprocessing`` (every ``moat export onnx`` file): ``input_size`` (3, H, W), like
+* ``moat.preprocessing`` (every ``moat export onnx`` file): ``input_size`` (3, H, W), like
   every ``input_size`` in moat, ``crop_pct``, ``interpolation``, ``mean`` and ``std``: what an
   image needs to become the graph's input (``moat quantize`` calibrates with it, the app
   and ``moat eval`` preprocess with it);
 * ``moat.config`` and ``moat.task_metadata`` (a file exported from a training run): the
   run's ``TrainConfig`` and its task's metadata (class names), so ``moat eval FILE.onnx``
   rebuilds the task;
+* ``moat.gelu`` (every ``moat export onnx`` file): the GELU form, "exact" or "tanh";
+  ``moat.gelu_cost``: what the tanh form was measured to change (``moat.export.gelu``);
 * ``moat.quantization``: how ``moat quantize`` made the file.
 """
 
@@ -21,13 +23,15 @@ from typing import Any
 
 from moat.data.preprocessing import imagenet_data_config
 
-PREPROCESSING_KEY = "moat.data.preprocessing"
+PREPROCESSING_KEY = "moat.preprocessing"  # a file-format key: never renamed
 CONFIG_KEY = "moat.config"
 TASK_KEY = "moat.task_metadata"
+GELU_KEY = "moat.gelu"
+GELU_COST_KEY = "moat.gelu_cost"
 QUANTIZATION_KEY = "moat.quantization"
 
-__all__ = ["CONFIG_KEY", "PREPROCESSING_KEY", "QUANTIZATION_KEY", "TASK_KEY", "OnnxMetadata",
-           "read_preprocessing"]
+__all__ = ["CONFIG_KEY", "GELU_COST_KEY", "GELU_KEY", "PREPROCESSING_KEY", "QUANTIZATION_KEY",
+           "TASK_KEY", "OnnxMetadata", "copy_metadata", "read_preprocessing", "write"]
 
 
 def _input_size(size: Sequence[int]) -> tuple[int, int, int]:
@@ -43,6 +47,8 @@ class OnnxMetadata:
     preprocessing: dict[str, Any] | None = None
     config: dict[str, Any] | None = None
     task_metadata: dict[str, Any] = field(default_factory=dict)
+    gelu: str | None = None
+    gelu_cost: dict[str, Any] | None = None
     quantization: str | None = None
 
     @property
@@ -65,6 +71,10 @@ class OnnxMetadata:
             out[CONFIG_KEY] = json.dumps(self.config)
         if self.task_metadata:
             out[TASK_KEY] = json.dumps(self.task_metadata)
+        if self.gelu is not None:
+            out[GELU_KEY] = self.gelu
+        if self.gelu_cost is not None:
+            out[GELU_COST_KEY] = json.dumps(self.gelu_cost)
         if self.quantization is not None:
             out[QUANTIZATION_KEY] = self.quantization
         return out
@@ -77,7 +87,9 @@ class OnnxMetadata:
         return cls(preprocessing=pre,
                    config=json.loads(props[CONFIG_KEY]) if CONFIG_KEY in props else None,
                    task_metadata=json.loads(props.get(TASK_KEY, "{}")),
-                   quantization=props.get(QUANTIZATION_KEY))
+                   gelu=props.get(GELU_KEY), quantization=props.get(QUANTIZATION_KEY),
+                   gelu_cost=json.loads(props[GELU_COST_KEY]) if GELU_COST_KEY in props
+                   else None)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> OnnxMetadata:
@@ -101,6 +113,12 @@ def write(path: str | os.PathLike, props: Mapping[str, str]) -> None:
     proto = onnx.load(os.fspath(path))
     onnx.helper.set_model_props(proto, {**_props(proto), **props})
     onnx.save(proto, os.fspath(path))
+
+
+def copy_metadata(source: str | os.PathLike, target: str | os.PathLike, **changes: Any) -> None:
+    """Every metadata entry of the ONNX file `source` into `target`, with `changes`
+    (`OnnxMetadata` fields) set; `target` is rewritten in place."""
+    write(target, {**_props(_load(source)), **OnnxMetadata(**changes).props()})
 
 
 def read_preprocessing(path: str | os.PathLike,

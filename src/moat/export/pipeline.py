@@ -88,7 +88,7 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
                opset: int = DEFAULT_OPSET,
                check: bool = True, static_size: bool = False, dynamic_size: bool = False,
                layout: str = "onnxruntime", metadata: dict[str, str] | None = None,
-               preprocessing: dict | None = None) -> str:
+               preprocessing: dict | None = None, gelu: str = "exact") -> str:
     """Export `model` in format `fmt` ("onnx", "torchscript", "torch-export"); a summary.
 
     `img_size` defaults to the variant's native resolution. ONNX: fixed height and width
@@ -97,21 +97,24 @@ def run_export(model, fmt: str, out: str | os.PathLike, *,
     width (multiples of 32) for a globally attending model unless `static_size`.
     TorchScript traces are always fixed-size. An ONNX file records `preprocessing`
     (input_size, crop_pct, interpolation, mean, std; default: the variant's release) and
-    `metadata` in its metadata_props, for `moat quantize` and `moat eval`.
+    `metadata` in its metadata_props, for `moat quantize` and `moat eval`. `gelu` "tanh"
+    (ONNX only): GELU's tanh approximation; measure its cost first (`moat.export.gelu`).
     """
+    if gelu != "exact" and fmt != "onnx":
+        raise ValueError(f"--gelu {gelu} is offered for ONNX exports only, not {fmt}")
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     size = size_pair(img_size or model.cfg.native_resolution)
     with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
         return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,
                           static_size=static_size, dynamic_size=dynamic_size, layout=layout,
-                          metadata=metadata, preprocessing=preprocessing)
+                          metadata=metadata, preprocessing=preprocessing, gelu=gelu)
 
 
 def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[int, int], *,
                batch: int, opset: int, check: bool, static_size: bool, dynamic_size: bool,
                layout: str, metadata: dict[str, str] | None,
-               preprocessing: dict | None) -> str:
+               preprocessing: dict | None, gelu: str = "exact") -> str:
     if fmt == "torchscript":
         export_torchscript(model, tmp, size, batch=batch)
         return (f"wrote {out}: TorchScript trace, dynamic batch, fixed {size[0]}x{size[1]}; "
@@ -138,9 +141,9 @@ def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[i
                      "input_size": (3, *size)}
     metadata = {**(metadata or {}), **OnnxMetadata(preprocessing=preprocessing).props()}
     report = export_onnx(model, tmp, size, opset=opset, batch=batch, dynamic_size=dynamic,
-                         check=check, layout=layout, metadata=metadata)
+                         check=check, layout=layout, metadata=metadata, gelu=gelu)
     lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}, "
-             f"{layout} layout"]
+             f"{layout} layout, {gelu} GELU"]
     lines += [f"  onnxruntime vs PyTorch, batch {r['batch']}, {r['img_size'][0]}x"
               f"{r['img_size'][1]}: max abs error {r['max_abs_err']:.2e}"
               for r in report.get("check", [])]

@@ -16,13 +16,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from moat.data.images import IMAGE_SUFFIXES
-from moat.export.onnx_metadata import OnnxMetadata, read_preprocessing, write
+from moat.export.onnx_metadata import copy_metadata, read_preprocessing
 
 __all__ = ["calibration_batches", "quantize_onnx", "read_preprocessing"]
 
@@ -96,8 +95,7 @@ def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                         calibrate_method=CalibrationMethod.MinMax)
-        write(written, replace(OnnxMetadata.read(model),
-                               quantization="int8 static QDQ, per-channel weights").props())
+        copy_metadata(model, written, quantization="int8 static QDQ, per-channel weights")
         os.replace(written, out)
     return {"path": str(out), "calibration_images": reader.count}
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from moat.models.moat import ARCHITECTURE_ARGS, MoatNet
+from moat.models.config import ARCHITECTURE_ARGS
+from moat.models.moat import MoatNet
 from moat.models.registry import build_model
 from moat.weights.cache import pretrained_file
 from moat.weights.catalogue import release, split_name

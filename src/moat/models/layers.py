@@ -12,6 +12,19 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import flex_attention
+
+# The attention kernel, the one speed switch of `Attention` (`set_attention_kernel`):
+#   "sdpa": scaled_dot_product_attention with the position bias as an additive mask (default;
+#           on the CPU with a bias that needs a gradient: three plain ops, see `forward`);
+#   "flex": FlexAttention, the bias added by a score modification inside the kernel, so the
+#           [heads, T, T] bias is read, never broadcast to a [B*windows, heads, T, T] mask.
+#           For GPUs (compiled on first use, Triton kernels), where benchmarks/gpu.py
+#           compares it with sdpa; equal to sdpa up to rounding. On the CPU FlexAttention
+#           has no backward: there it runs its unfused reference, without gradients only
+#           (tests), and training steps keep the sdpa path.
+ATTENTION_KERNELS = ("sdpa", "flex")
+_attention = {"kernel": "sdpa"}
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -192,6 +205,40 @@ def pointwise(linear: nn.Linear, x: Tensor) -> Tensor:
     return y.permute(0, 2, 3, 1).reshape(*lead, tokens, linear.out_features)
 
 
+def set_attention_kernel(kernel: str) -> str:
+    """Make every `Attention` use `kernel` ("sdpa" or "flex"); returns the previous one."""
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    previous, _attention["kernel"] = _attention["kernel"], kernel
+    return previous
+
+
+def attention_kernel() -> str:
+    """The attention kernel in use ("sdpa" or "flex")."""
+    return _attention["kernel"]
+
+
+@functools.cache
+def _compiled_flex_attention():
+    # FlexAttention is only fast compiled; inside a compiled model this compiles inline.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                             scale: float, compiled: bool = True) -> Tensor:
+    """softmax(q k^T * scale + bias) v by FlexAttention; bias [1, heads, T, T] or None.
+    `compiled` False runs its unfused reference implementation (tests)."""
+    run = _compiled_flex_attention() if compiled else flex_attention
+    if bias is None:
+        return run(q, k, v, scale=scale)
+    table = bias[0]
+
+    def add_bias(score, batch, head, q_idx, kv_idx):
+        return score + table[head, q_idx, kv_idx]
+
+    return run(q, k, v, score_mod=add_bias, scale=scale)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention within windows, with a 2-D relative position bias.
 
@@ -238,8 +285,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         """x: [B, windows, T, C], bias: [1, heads, T, T] or None -> [B, windows, T, C]."""
         batch, windows, tokens, _ = x.shape
-        qkv = pointwise(self.qkv, x).view(batch * windows, tokens, 3, self.num_heads,
-                                          self.head_size)
+        qkv = self.project(self.qkv, x).view(batch * windows, tokens, 3, self.num_heads,
+                                             self.head_size)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B*windows, heads, T, K]
         scale = self.head_size ** -0.5
         if bias is not None:
@@ -250,10 +297,16 @@ class Attention(nn.Module):
             probs = (logits if bias is None else logits + bias).softmax(-1)
             self.recorded_probs.append(probs)
             out = probs @ v
+        elif _attention["kernel"] == "flex" and (q.is_cuda or not q.requires_grad):
+            out = flex_attention_with_bias(q, k, v, bias, scale, compiled=q.is_cuda)
         elif bias is not None and bias.requires_grad and q.device.type == "cpu":
             # SDPA's fused CPU kernel cannot return a bias gradient; its fallback is slower
             # than these three ops (it adds masking passes for fully masked rows).
             out = torch.matmul(q * scale, k.transpose(-1, -2)).add_(bias).softmax(-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-        return pointwise(self.proj, out.transpose(1, 2).reshape(batch, windows, tokens, -1))
+        return self.project(self.proj, out.transpose(1, 2).reshape(batch, windows, tokens, -1))
+
+    def project(self, linear: nn.Linear, x: Tensor) -> Tensor:
+        """The q/k/v and output projections (`pointwise`; an inference copy may choose)."""
+        return pointwise(linear, x)

@@ -15,16 +15,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from moat.models.blocks import MBConvBlock, MoatBlock, batch_norm
-from moat.models.config import MoatConfig
+from moat.models.config import MoatConfig, check_model_args
 from moat.models.layers import Attention, Conv2dSame
 
 ENDPOINTS = ("stage1", "stage2", "stage3", "stage4", "stage5")
 Window = tuple[int, int]
-# MoatNet's keywords that change the attention layout (a dense task's backbone preset)
-LAYOUT_ARGS = ("window_size", "global_attention_at_end", "pool_size")
-# ... and every keyword that shapes the network beyond the variant's name: what a saved model
-# records (config.json's model_args) to be rebuilt; num_classes is recorded on its own
-ARCHITECTURE_ARGS = ("position_embedding", *LAYOUT_ARGS, "in_chans")
 
 
 class FeatureInfo(list):
@@ -244,8 +239,9 @@ class MoatNet(nn.Module):
         return endpoints
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Stage-5 feature map [B, C, H/32, W/32], before pooling and the head."""
-        return self.forward_endpoints(x)["stage5"]
+        """Stage-5 feature map [B, C, H/32, W/32], before pooling and the head (the last
+        stage kept by `prune_intermediate_layers`)."""
+        return self.forward_endpoints(x)[ENDPOINTS[len(self.stages)]]
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.final_layer_norm(x.mean((2, 3)))
@@ -257,15 +253,74 @@ class MoatNet(nn.Module):
             return [endpoints[ENDPOINTS[i]] for i in self.out_indices]
         return self.forward_head(self.forward_features(x))
 
+    # --- timm's intermediate-features API (code written for timm backbones) ------------
 
-def check_model_args(*, pool_size: int | None = None, frozen_stages: int | None = None) -> None:
-    """The model's rules for these arguments; `TrainConfig` applies them before a run starts."""
-    if pool_size is not None and pool_size < 1:
-        raise ValueError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
-    stages = len(ENDPOINTS) - 1  # the stem's endpoint, then one per stage
-    if frozen_stages is not None and not -1 <= frozen_stages <= stages:
-        raise ValueError(f"frozen_stages must be -1 (none), 0 (stem) .. {stages} (all), "
-                         f"got {frozen_stages}")
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """timm's `forward_intermediates`: the feature maps at `indices` (0 = the stem,
+        1..4 = the stages, i.e. ENDPOINTS stage1..stage5; an int n takes the last n, None
+        all, negative indices count from the end), NCHW.
+
+        Returns `intermediates` with `intermediates_only`, else `(final, intermediates)`
+        where `final` is `forward_features`'s output (after the last stage run: with
+        `stop_early` the pass ends at the last index taken). `norm` is accepted for timm's
+        signature and changes nothing: MOAT's final LayerNorm acts on pooled features.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, max_index = take_indices(len(self.stages) + 1, indices)
+        last = max_index if stop_early else len(self.stages)
+        endpoints = self.forward_endpoints(x, last=last)
+        intermediates = [endpoints[ENDPOINTS[i]] for i in take]
+        if intermediates_only:
+            return intermediates
+        return endpoints[ENDPOINTS[last]], intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True,
+                                  ) -> list[int]:
+        """timm's `prune_intermediate_layers`: drop the stages after the last index of
+        `indices` (as in `forward_intermediates`) and, with `prune_head` or when stages were
+        dropped, the head (the final LayerNorm too, as timm's `reset_other`); returns the
+        absolute indices taken."""
+        take, max_index = take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        self.stages = self.stages[:max_index]
+        if prune_end:
+            self.num_features = ([self.cfg.stem_size[1]] + list(self.cfg.hidden_size))[max_index]
+        if not self.features_only:
+            if prune_norm or prune_head or prune_end:
+                self.final_layer_norm = nn.Identity()
+            if prune_head or prune_end:
+                self.num_classes = 0
+                self.logits_head = nn.Identity()
+        return take
+
+
+def take_indices(count: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's `feature_take_indices`: (absolute indices, their maximum) of `count` features;
+    None: all, an int n: the last n, a sequence: those (negative from the end)."""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {count})")
+        taken = list(range(count - indices, count))
+    else:
+        taken = []
+        for i in indices:
+            index = count + i if i < 0 else i
+            if not 0 <= index < count:
+                raise ValueError(f"feature index {index} is out of range (0 to {count - 1})")
+            taken.append(index)
+    return taken, max(taken)
 
 
 def check_input(x: Tensor, channels: int, weight: Tensor) -> None:

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moat.models.config import MODEL_CONFIGS
 from moat.models.blocks import set_batch_norm_momentum
+from moat.models.config import LAYOUT_ARGS, MODEL_CONFIGS
 from moat.models.layers import Conv2dSame
-from moat.models.moat import ENDPOINTS, LAYOUT_ARGS, MoatNet, Window
+from moat.models.moat import ENDPOINTS, MoatNet, Window
 from moat.train.checkpoint import load_pretrained
 from moat.weights.loader import load_weights
 

@@ -6,9 +6,10 @@ its model, data, loss, metrics and predictions.
 Order of calls in `moat train`: `moat.train.assemble` calls `Task(config)`,
 `build_datasets()`, then `build_training_model(info, resume)` (so the model may use what the
 data found, e.g. `num_classes`, which the run records in its config), and
-`moat.train.loop` per step `loss(...)` under autocast, per epoch `evaluate(...)` under
-autocast and no_grad on every rank (each sees a shard; called for the model and again for
-its EMA), and `metadata()` whenever a checkpoint is written. A batch may carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop
+`moat.train.loop` per step `loss(...)` under autocast, per epoch `evaluate_models(...)` under
+autocast and no_grad on every rank (each sees a shard; the model and its EMA in one pass),
+and `metadata()` whenever a checkpoint is written. A batch may carry `.bad` (a list of
+`moat.data.bad_images.BadSample`): the loop
 logs those files; a training batch whose `batch_size()` is 0 (or 1 with bad files) adds no
 gradient: in a distributed run that process calls `loss(...)` on a batch of readable training
 images instead and multiplies it by 0, so that it takes part in DDP's collectives (see
@@ -33,6 +34,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import moat.tasks
+from moat.data.preflight import DataReport, dataset_report
 from moat.models.moat import MoatNet
 from moat.train import distributed as dist_utils
 from moat.train.checkpoint import load_pretrained
@@ -87,7 +89,22 @@ class Task:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         """Metrics over the whole validation set, reduced across processes when distributed."""
-        raise NotImplementedError
+        if type(self).evaluate_models is Task.evaluate_models:
+            raise NotImplementedError(f"task {self.name!r} implements neither evaluate nor "
+                                      "evaluate_models")
+        return self.evaluate_models({"model": model}, loader, device)["model"]
+
+    @torch.no_grad()
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """{name: `evaluate`'s metrics} of several models (the training loop: the raw weights
+        and the EMA). Tasks override it to run every model on each batch in one pass over
+        `loader`, so each image is read and transformed once; this default makes one pass per
+        model (the loop's loader can be iterated again)."""
+        if type(self).evaluate is Task.evaluate:
+            raise NotImplementedError(f"task {self.name!r} implements neither evaluate nor "
+                                      "evaluate_models")
+        return {name: self.evaluate(model, loader, device) for name, model in models.items()}
 
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
                 output_dir: str | None = None, **options: Any) -> list[dict]:
@@ -114,6 +131,12 @@ class Task:
         """The number of training samples, counted before the run is assembled (the recipe
         adapts to the schedule's length, moat.train.recipes); None: unknown."""
         return None
+
+    def check_data(self) -> list[DataReport]:
+        """The pre-flight reports of the config's data (`moat data check`): what it holds,
+        warnings and errors, not raised. Default: open the datasets (`build_datasets` refuses
+        what cannot train) and count their samples."""
+        return [dataset_report(*self.build_datasets())]
 
     def build_eval_dataset(self) -> Dataset:
         """The dataset `moat eval --data DIR` measures (config.data = DIR). Default: the

@@ -15,14 +15,16 @@ import torch
 from torch import nn
 
 from moat.data.bad_images import BadImageLog
+from moat.device import configure_device, pins_memory
 from moat.tasks.base import get_task
 from moat.train import distributed as dist_utils
+from moat.train.auto import AUTO_FIELDS
 from moat.train.checkpoint import CheckpointManager
 from moat.train.config import TrainConfig, micro_batch
 from moat.train.loaders import eval_loader, full_batches, train_loader
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
-from moat.train.precision import amp_dtype, precision_name
+from moat.train.precision import amp_dtype, grad_scaler, precision_name
 from moat.train.recipes import RECIPE_FIELDS
 from moat.train.run import Progress, Run, restore, resume_point, seed_everything
 
@@ -38,8 +40,9 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     _warn_if_cpu_busy(info.device)
     seed_everything(config.seed + info.rank)
-    set_deterministic(config.deterministic)
     amp = amp_dtype(config.precision, info.device)
+    # TF32 only where a mixed precision already rounds more: precision fp32 means float32
+    configure_device(info.device, tf32=amp is not None, deterministic=config.deterministic)
 
     # the task builds the data, then the model (which may depend on the data's classes)
     task = get_task(config.task)(config)
@@ -49,14 +52,17 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     model = model.to(info.device, memory_format=task.memory_format)  # BN, freezing, SyncBN
     ema = ModelEma(model, config.ema_decay) if config.ema else None
     optimizer = build_optimizer(model, config, task.backbone(model))
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    scaler = grad_scaler(amp, info.device)
 
     micro = micro_batch(config.batch_size, config.accum_steps, info.world_size)
-    pin = info.device.type == "cuda"
+    pin = pins_memory(info.device)
     train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
-                                 workers=config.workers, seed=config.seed, pin_memory=pin)
+                                 workers=config.workers, seed=config.seed, pin_memory=pin,
+                                 accum_steps=config.accum_steps)
+    # Evaluation keeps no activations for backward: twice the training batch fits in the
+    # memory training needs, and runs with fewer per-batch overheads.
     val_batches = None if val_set is None or config.eval_every_epochs == 0 else \
-        eval_loader(val_set, micro, collate_fn=task.collate_fn(False),
+        eval_loader(val_set, 2 * micro, collate_fn=task.collate_fn(False),
                     workers=min(config.workers, 2), pin_memory=pin)
     steps_per_epoch = full_batches(train_batches) // config.accum_steps
     if steps_per_epoch == 0:
@@ -93,16 +99,6 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     return run, progress
 
 
-def set_deterministic(enabled: bool) -> None:
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    # warn_only on CUDA: a few backward kernels (e.g. the bilinear resize of position tables
-    # at a non-native resolution) have no deterministic CUDA version; they warn instead.
-    torch.use_deterministic_algorithms(enabled, warn_only=torch.cuda.is_available())
-    torch.backends.cudnn.deterministic = enabled
-    torch.backends.cudnn.benchmark = not enabled
-
-
 def _warn_if_cpu_busy(device: torch.device) -> None:
     if device.type == "cpu" and "OMP_WAIT_POLICY" not in os.environ \
             and hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
@@ -126,3 +122,9 @@ def _log_header(run: Run, micro: int) -> None:
              c.sources.get("recipe", c.recipe))
     for name in RECIPE_FIELDS:
         log.info("  %-16s %-14s %s", name, getattr(c, name), c.sources.get(name, "default"))
+    chosen = [name for name in AUTO_FIELDS if c.sources.get(name, "").startswith("auto")]
+    if chosen:
+        log.info("chosen from the data and this machine, as nobody set them (set them to "
+                 "override; moat.train.auto):")
+    for name in chosen:
+        log.info("  %-19s %-11s %s", name, getattr(c, name), c.sources[name])

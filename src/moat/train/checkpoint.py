@@ -20,14 +20,17 @@ never a half-written checkpoint; leftovers of an interrupted write are removed o
 save (and at once when the write fails, e.g. on a full disk). Only the last `keep_last`
 checkpoints are kept, plus the best one.
 
-meta.json lists the size and sha256 of every other file and is sealed with the sha256 of its
-own content (moat.integrity). Loading verifies them: `CheckpointManager.latest_intact` skips a
+meta.json lists the size and digest of every other file (a weights file: the sha256 of its
+header, which holds its tensors' digest; state.pt: its sha256), all computed while the files
+are written, and is sealed with the sha256 of its own content (moat.integrity). Loading
+reads each file once and verifies those bytes: `CheckpointManager.latest_intact` skips a
 damaged newest checkpoint with a warning and falls back to the previous intact one, and a
 checkpoint folder named explicitly that is damaged raises DamagedFileError naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -36,6 +39,7 @@ import random
 import shutil
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from moat.integrity import DamagedFileError, atomic_write_text, \
-    check_sealed_json, fsync_dir, manifest, read_safetensors, safetensors_bytes, \
-    seal_json, torch_save_bytes, verify_manifest, write_synced
+from moat.integrity import DamagedFileError, HashingWriter, atomic_write_text, \
+    check_sealed_json, fsync_dir, load_safetensors, read_verified, seal_json, \
+    verify_manifest, verify_safetensors, write_safetensors, write_synced
 from moat.weights.files import TORCH_SUFFIXES, load_state_dict
 from moat.weights.loader import load_file
 from moat.weights.metadata import WeightsMetadata
@@ -135,14 +139,34 @@ class CheckpointManager:
     def _write_files(tmp: Path, name: str, step: int, model: Mapping[str, torch.Tensor],
                      ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
                      meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> None:
-        contents = {MODEL_FILE: safetensors_bytes(model, weights_metadata),
-                    STATE_FILE: torch_save_bytes(dict(state))}
+        weights = {MODEL_FILE: (model, weights_metadata)}
         if ema is not None:  # weights files carry their tensors' digest (see read_weights)
-            contents[EMA_FILE] = safetensors_bytes(ema, {**weights_metadata, "weights": "ema"})
-        for file, data in contents.items():
-            write_synced(tmp / file, data)
+            weights[EMA_FILE] = (ema, {**weights_metadata, "weights": "ema"})
+        # Each file is hashed while it is written (no copy in memory, no second read), and
+        # the files are written at the same time, each in a thread of its own: sha256 runs at
+        # about 1 GB/s on one core, so hashing them one after the other would take longer
+        # than writing them (hashlib, file writes and fsync release the GIL).
+        def weights_file(file: str, tensors: Mapping[str, torch.Tensor],
+                         header: Mapping[str, str]) -> dict[str, Any]:
+            with open(tmp / file, "wb") as f:
+                record = write_safetensors(f, tensors, header)
+                _sync(f)
+            return record
+
+        def state_file() -> dict[str, Any]:
+            with open(tmp / STATE_FILE, "wb") as f:
+                writer = HashingWriter(f)
+                torch.save(dict(state), writer)
+                _sync(f)
+            return writer.record()
+
+        with ThreadPoolExecutor(len(weights) + 1, thread_name_prefix="moat-save") as pool:
+            pending = {file: pool.submit(weights_file, file, *args)
+                       for file, args in weights.items()}
+            pending[STATE_FILE] = pool.submit(state_file)
+            files = {file: job.result() for file, job in pending.items()}
         meta = seal_json({**meta, "step": step, "name": name, "saved_at": time.time(),
-                          "versions": versions(), "files": manifest(contents)})
+                          "versions": versions(), "files": dict(sorted(files.items()))})
         write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
         fsync_dir(tmp)
 
@@ -215,6 +239,11 @@ class CheckpointManager:
                     missing_ok=True)
 
 
+def _sync(f: Any) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def is_complete(path: Path) -> bool:
     """Cheap test that a checkpoint was written completely (files exist; no hashing)."""
     meta = path / META_FILE
@@ -271,11 +300,13 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
 
 
 def read_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The optimiser/RNG state, loaded with weights_only=True (no arbitrary code)."""
+    """The optimiser/RNG state, loaded with weights_only=True (no arbitrary code), from the
+    bytes its manifest record was checked on (one read)."""
     path = checkpoint / STATE_FILE
+    data = read_verified(path, _record(checkpoint, STATE_FILE))
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, MemoryError):  # the disk or the machine, not the file's content
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except MemoryError:  # the machine, not the file's content
         raise
     except Exception as err:  # noqa: BLE001 - the unpickler raises many types, all "damaged"
         # not its own text: it suggests weights_only=False, never right for a damaged file
@@ -285,7 +316,8 @@ def read_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> di
 
 def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, 'model'|'ema') from a checkpoint folder; `which` = model, ema or auto
-    (the weights that scored better on validation, else EMA if present)."""
+    (the weights that scored better on validation, else EMA if present). The file is read
+    once and verified on those bytes (its manifest record and the tensors' digest)."""
     if path.is_file():
         return _read_weights_file(path), "model"
     meta = read_meta(path)
@@ -296,7 +328,17 @@ def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tenso
     file = path / (EMA_FILE if which == "ema" else MODEL_FILE)
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no {which} weights ({file.name})")
-    return read_safetensors(file)[0], which
+    record = _record(path, file.name, meta)
+    data = read_verified(file, record)
+    if not isinstance(record, Mapping):  # a checkpoint older than manifests: the digest only
+        verify_safetensors(file, data)
+    return load_safetensors(file, data), which
+
+
+def _record(checkpoint: Path, name: str, meta: Mapping[str, Any] | None = None) -> Any:
+    """The manifest record of file `name` in a checkpoint (None: not listed or no record)."""
+    files = (meta if meta is not None else read_meta(checkpoint)).get("files")
+    return files.get(name) if isinstance(files, dict) else None
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:

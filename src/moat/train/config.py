@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from moat.data.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION
-from moat.models.moat import check_model_args
-from moat.train import recipes
+from moat.models.config import check_model_args
+from moat.train import auto, recipes
 from moat.train.recipes import RECIPES, UNSET, RunFacts
 from moat.train.typed import coerce, jsonable, parse_scalar
 
@@ -51,6 +51,10 @@ class TrainConfig:
     model: str = "moat_0"
     data: str | None = None        # folder with train/ + val/ (or train.csv + val.csv), or a split
     val_data: str | None = None    # a separate validation split (folder or .csv)
+    # shards and Hugging Face datasets: the image member/column and the label member/column
+    # (or json field); None: found (moat.data.shards, moat.data.hf)
+    image_key: str | None = None
+    label_key: str | None = None
     output: str | None = None      # RUN_DIR: config, logs, metrics, checkpoints
     num_classes: int | None = None  # None: from the data
     img_size: int = 224
@@ -115,6 +119,8 @@ class TrainConfig:
     save_every_steps: int = 0        # also save mid-epoch every N optimiser steps (0: epoch ends)
     keep_last: int = 3
     eval_every_epochs: int = 1
+    ema_eval_from_epoch: int | None = None  # evaluations include the EMA from this epoch on
+    #                                          (and at the last); None: all (moat.train.auto)
     log_every_steps: int = 20
     progress: bool = True            # tqdm bar on rank 0
     tensorboard: bool = True
@@ -210,6 +216,8 @@ class TrainConfig:
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         need(self.save_every_steps >= 0, "save_every_steps must be >= 0 (0: only at epoch ends)")
         need(self.eval_every_epochs >= 0, "eval_every_epochs must be >= 0 (0: never)")
+        need(self.ema_eval_from_epoch is None or self.ema_eval_from_epoch >= 1,
+             f"ema_eval_from_epoch must be >= 1 or null, got {self.ema_eval_from_epoch}")
         need(self.log_every_steps >= 1, "log_every_steps must be >= 1")
         try:  # the model's own rules, before anything is built
             check_model_args(pool_size=self.pool_size, frozen_stages=self.frozen_stages)
@@ -331,15 +339,22 @@ def apply_recipe(config: TrainConfig, explicit: dict[str, str], task_cls) -> Tra
     """`config` with its recipe's values in the fields that `explicit` lacks, and `sources`."""
     name, why = recipes.choose(config.recipe, bool(config.init_from or config.pretrained),
                                bool(task_cls.config_defaults))
-    needs_data = name != "imagenet" and not set(recipes.RECIPE_FIELDS) <= explicit.keys()
+    needs_data = (name != "imagenet" and not set(recipes.RECIPE_FIELDS) <= explicit.keys()) \
+        or not {"batch_size", "epochs"} <= explicit.keys()
+    train_size = task_cls(config).train_size() if needs_data and config.data else None
+    chosen = auto.before_recipe(config, explicit, name, train_size)  # from data and machine
+    config = dataclasses.replace(config, **{k: c.value for k, c in chosen.items()})
     facts = recipes.RunFacts(
         batch_size=config.batch_size, epochs=config.epochs, model=config.model,
-        train_size=task_cls(config).train_size() if needs_data and config.data else None,
-        lr_base=config.lr_base, lr_base_batch=config.lr_base_batch)
+        train_size=train_size, lr_base=config.lr_base, lr_base_batch=config.lr_base_batch)
     values, rules = recipes.resolve(name, facts, explicit)
     sources = {k: v for k, v in explicit.items() if not k.startswith("task_options.")}
     sources.update(recipe=f"{name} ({why})", **rules)
-    return dataclasses.replace(config, recipe=name, sources=sources, **values)
+    config = dataclasses.replace(config, recipe=name, **values)
+    chosen.update(auto.after_recipe(config, explicit, train_size))
+    sources.update({k: c.rule for k, c in chosen.items()})
+    return dataclasses.replace(config, sources=sources,
+                               **{k: c.value for k, c in chosen.items()})
 
 
 # --- typed assignment ------------------------------------------------------------------------

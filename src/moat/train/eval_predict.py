@@ -18,6 +18,7 @@ from torch import nn
 
 from moat.data.folders import describe_skipped, walk_files
 from moat.data.images import IMAGE_SUFFIXES
+from moat.device import configure_device, pick_device, pins_memory
 from moat.export.onnx_metadata import OnnxMetadata
 from moat.integrity import atomic_write_text, read_safetensors
 from moat.tasks.base import Task, get_task
@@ -166,6 +167,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     from moat.train.precision import amp_dtype, autocast
 
     info = dist_utils.setup(device)
+    amp = amp_dtype(precision, info.device)
+    configure_device(info.device, tf32=amp is not None)  # fp32 means float32 (no TF32)
     try:
         settings = {"data": str(data), "strict_data": strict_data, "eval_img_size": img_size}
         expected = task
@@ -175,9 +178,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
             raise ValueError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
         dataset = task.build_eval_dataset()
         loader = eval_loader(dataset, batch_size, collate_fn=task.collate_fn(False),
-                             workers=workers, pin_memory=info.device.type == "cuda")
+                             workers=workers, pin_memory=pins_memory(info.device))
         bad = BadImageLog(log)
-        with torch.no_grad(), autocast(info.device, amp_dtype(precision, info.device)):
+        with torch.no_grad(), autocast(info.device, amp):
             metrics = task.evaluate(model, track_bad(loader, bad), info.device)
         report: list[str] = []
         if info.is_main:
@@ -211,8 +214,6 @@ def predict_checkpoint(images: Sequence[str | os.PathLike], checkpoint: str | os
                        output_dir: str | os.PathLike | None = None,
                        task: str | None = None) -> list[dict]:
     """The task's predictions for image files (and folders of them), optionally as JSON."""
-    from moat.train.distributed import pick_device
-
     dev = pick_device(device)
     expected = task
     task, model, _ = load_task_and_model(checkpoint, weights=weights, device=dev)

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moat.data.bad_images import BadImageLog, BadSample
-from moat.data.samplers import EpochSampler, ResumableSampler, ShardSampler
+from moat.data.samplers import (PAD, EpochSampler, ExactEpochSampler, ResumableSampler,
+                                ShardSampler)
 
 
 class SeededDataset(Dataset):
@@ -35,6 +36,8 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         epoch, index = item
+        if index == PAD:
+            return None  # an ExactSampler slot without a sample: the collate drops it
         in_main = torch.utils.data.get_worker_info() is None
         if in_main:
             saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
@@ -52,9 +55,18 @@ class SeededDataset(Dataset):
 
 
 def train_loader(dataset: Dataset, batch_size: int, *, collate_fn: Callable | None, workers: int,
-                 seed: int, pin_memory: bool) -> DataLoader:
-    """Per-process batches of `batch_size`, incomplete last batch dropped, shuffled per epoch."""
-    sampler = EpochSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+                 seed: int, pin_memory: bool, accum_steps: int = 1) -> DataLoader:
+    """Per-process batches of `batch_size`, shuffled per epoch. A dataset marked
+    `exact_epochs` (shards, Hugging Face datasets) gets every sample once per epoch
+    (`ExactEpochSampler`, in shard order when it has `shard_sizes()`); others drop the
+    incomplete last batch."""
+    if getattr(dataset, "exact_epochs", False):
+        sizes = dataset.shard_sizes() if hasattr(dataset, "shard_sizes") else None
+        sampler: ResumableSampler = ExactEpochSampler(
+            dataset, batch_size=batch_size, accum_steps=accum_steps, seed=seed,
+            shard_sizes=sizes)
+    else:
+        sampler = EpochSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       drop_last=True, collate_fn=collate_fn, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0,
@@ -99,10 +111,19 @@ def readable_batch(loader: DataLoader, epoch: int) -> Any:
                      "the batch size of one process")
 
 
-def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterator[Any]:
-    """Pass batches through, recording the files a collate skipped (`batch.bad`)."""
-    for batch in batches:
-        bad = getattr(batch, "bad", None)
-        if bad:
-            log.add(bad)
-        yield batch
+def track_bad(batches: Iterable[Any], log: BadImageLog) -> Iterable[Any]:
+    """Pass batches through, recording the files a collate skipped (`batch.bad`); iterable
+    again as often as `batches` is."""
+    return _Tracked(batches, log)
+
+
+class _Tracked:
+    def __init__(self, batches: Iterable[Any], log: BadImageLog) -> None:
+        self.batches, self.log = batches, log
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            bad = getattr(batch, "bad", None)
+            if bad:
+                self.log.add(bad)
+            yield batch

@@ -5,6 +5,8 @@ metrics.jsonl has one JSON object per line, with "event" saying what it is:
   {"event": "train", "epoch", "step", "loss", "lr", "images_per_s", "time", ...task scalars}
   {"event": "eval", "epoch", "step", "<metric>": value, "ema/<metric>": value, ...}
   {"event": "bad_images", "epoch", "step", "count", "files": [...]}
+  {"event": "epoch", "epoch", "step", "train_samples", "dataset_size"}: the images the epoch
+      trained on over all processes (with shards and datasets, every sample once)
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
         for each optimiser step:  accum_steps micro-batches of forward (autocast), backward
                                   -> NaN check -> unscale, clip -> step -> EMA -> log
                                   -> checkpoint every save_every_steps
-        evaluate (model and EMA; the better is reported and kept) -> checkpoint (+ best)
+        evaluate (model and, once it can matter, EMA, in one pass over the validation
+                  images; the better is reported and kept) -> checkpoint (+ best)
 
 `batch_size` is global: each of the N processes sees batch_size / (N * accum_steps) images per
 micro-batch. A loss (or, without a grad scaler, a gradient) that is NaN or infinite stops the
@@ -93,6 +94,7 @@ class Trainer:
         try:
             for p.epoch in range(p.epoch, c.epochs):
                 self._train_epoch()
+                self._report_train_samples()
                 p.batch_in_epoch = 0
                 evaluate = c.eval_every_epochs and ((p.epoch + 1) % c.eval_every_epochs == 0
                                                    or p.epoch + 1 == c.epochs)
@@ -160,11 +162,32 @@ class Trainer:
         # Every file of this batch was unreadable, or all but one: BatchNorm cannot normalise
         # a single image whose last feature map is 1x1 ("expected more than one value per
         # channel"), so that image is skipped with the bad ones.
-        if size == 0 or (size == 1 and getattr(batch, "bad", None)):
+        if size == 0 or (size == 1 and (getattr(batch, "bad", None) or self._padded(size))):
             return self._skipped_loss(), {}
+        self.progress.samples_in_epoch += size
         with autocast(r.device, r.amp):
             loss, scalars = r.task.loss(r.train_model, batch, r.device)
         return loss, scalars
+
+    def _padded(self, size: int) -> bool:
+        """Whether a batch of `size` is short because ExactSampler padded it."""
+        return size < (self.run.train_loader.batch_size or 1) and \
+            getattr(self.run.train_loader.dataset.dataset, "exact_epochs", False)
+
+    def _report_train_samples(self) -> None:
+        """Log and record how many images the epoch trained on, over all processes: with
+        shards and datasets, the training set's size less the skipped images."""
+        r, p = self.run, self.progress
+        count = torch.tensor([p.samples_in_epoch], dtype=torch.float64, device=r.device)
+        dist_utils.all_reduce_sum(count)
+        p.samples_in_epoch = 0
+        total, size = int(count.item()), len(r.train_loader.dataset)
+        log.info("epoch %d/%d: trained on %d of the %d training samples%s", p.epoch + 1,
+                 r.config.epochs, total, size,
+                 "" if total == size else " (the others: unreadable, in a one-image "
+                 "micro-batch, or, from folders, in the incomplete last batch)")
+        r.metrics.write("epoch", p.step, {"epoch": p.epoch + 1, "train_samples": total,
+                                          "dataset_size": size})
 
     def _skipped_loss(self) -> torch.Tensor:
         """A zero loss with zero gradients, for a batch that has nothing to train on.
@@ -259,17 +282,27 @@ class Trainer:
 
     # --- evaluation -----------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, float]:
-        """Metrics of the raw weights and, with an EMA, of the averaged ones. The better of
-        the two (by the task's main metric; the EMA on a tie) is reported, and is what the
-        checkpoint marks as its preferred weights for eval, predict, export and --init-from."""
-        r, p = self.run, self.progress
-        metrics = self._evaluate_model(r.model)
-        values = dict(metrics)
+        """Metrics of the raw weights and, with an EMA where it can matter, of the averaged
+        ones, in one pass over the validation images (each decoded once, both models run on
+        the same batch). The better of the two (by the task's main metric; the EMA on a tie)
+        is reported, and is what the checkpoint marks as its preferred weights for eval,
+        predict, export and --init-from.
+
+        The EMA is evaluated from epoch `ema_eval_from_epoch` on (moat.train.auto: once it
+        has averaged over its horizon; before, it loses to the raw weights) and always at the
+        last epoch; an epoch without it prefers the raw weights."""
+        r, p, c = self.run, self.progress, self.run.config
+        models = {"model": r.model}
+        if r.ema is not None and (c.ema_eval_from_epoch is None or p.epoch + 1 == c.epochs
+                                  or p.epoch + 1 >= c.ema_eval_from_epoch):
+            models["ema"] = r.ema.module
+        results = self._evaluate_models(models)
+        metrics = values = results["model"]
         main = r.task.main_metric
         p.preferred = "model"
-        if r.ema is not None:
-            ema_metrics = self._evaluate_model(r.ema.module)
-            values.update({f"ema/{k}": v for k, v in ema_metrics.items()})
+        if "ema" in results:
+            ema_metrics = results["ema"]
+            values = {**metrics, **{f"ema/{k}": v for k, v in ema_metrics.items()}}
             if main in ema_metrics and ema_metrics[main] >= metrics.get(main, float("-inf")):
                 metrics, p.preferred = ema_metrics, "ema"
         r.metrics.write("eval", p.step, {"epoch": p.epoch + 1, **values}, prefix="val")
@@ -278,15 +311,17 @@ class Trainer:
         p.last_metrics = metrics
         return metrics
 
-    def _evaluate_model(self, model: nn.Module) -> dict[str, float]:
+    def _evaluate_models(self, models: dict[str, nn.Module]) -> dict[str, dict[str, float]]:
         r = self.run
-        was_training = model.training
-        model.eval()
+        was_training = {name: model.training for name, model in models.items()}
+        for model in models.values():
+            model.eval()
         try:
             with torch.no_grad(), autocast(r.device, r.amp):
-                return r.task.evaluate(model, track_bad(r.val_loader, r.bad), r.device)
+                return r.task.evaluate_models(models, track_bad(r.val_loader, r.bad), r.device)
         finally:
-            model.train(was_training)
+            for name, model in models.items():
+                model.train(was_training[name])
 
     def _report_bad_images(self) -> None:
         """Gather the files every process skipped; rank 0 logs new ones and the total count."""

@@ -1,5 +1,11 @@
-"""Mixed precision: the autocast dtype a `precision` setting means on a device, and the
-context that applies it (training, evaluation and `moat eval` share both)."""
+"""Mixed precision: the autocast dtype a `precision` setting means on a device, the context
+that applies it (training, evaluation and `moat eval` share both), and the gradient scaler
+float16 training needs.
+
+float16 runs on the CPU too (autocast and `torch.amp.GradScaler("cpu")`), through the same
+code as on CUDA: that is how the loss-scaling path is tested without a GPU. It is slower
+than bf16 or fp32 on most CPUs; use it there to test, not to train.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,6 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device (it relies on a gradient scaler); "
-                         "use bf16 or fp32 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -24,6 +27,16 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def grad_scaler(dtype: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler of float16 training on `device` (None for any other precision).
+
+    It multiplies the loss before backward so that small float16 gradients do not flush to
+    zero; a step whose unscaled gradients hold an inf or NaN is skipped (the weights and the
+    optimiser state unchanged) and the scale halved; after 2000 good steps it doubles.
+    """
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
 
 def precision_name(dtype: torch.dtype | None) -> str:

@@ -32,9 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moat.models import MODEL_CONFIGS
-from moat.weights.catalogue import split_name
-from moat.weights.hub import is_hub_name
+from moat.models.config import MODEL_CONFIGS
 
 class _Unset:
     """TrainConfig's default for a field a recipe owns: nobody set it yet."""
@@ -130,6 +128,10 @@ def _adaptive(f: RunFacts, lr_base: float, s: float, why: str) -> dict[str, Sett
     strength = f"strength {s:.2f} at {at}{why}"
     lr = lr_base * math.sqrt(f.batch_size / min(max(f.batch_size, 32), f.lr_base_batch))
     magnitude = round(15 * s)
+    # here, not at the top: `moat train --help` reads this module and must not import torch
+    from moat.weights.catalogue import split_name
+    from moat.weights.hub import is_hub_name
+
     variant = None if is_hub_name(f.model) else split_name(f.model)[0]
     survival = MODEL_CONFIGS[variant].survival_prob if variant in MODEL_CONFIGS else 1.0
     if steps is None:

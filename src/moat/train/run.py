@@ -73,6 +73,8 @@ class Progress:
     last_metrics: dict[str, float] = field(default_factory=dict)
     last_checkpoint: Path | None = None
     bad_reported: int = 0          # unreadable files already reported
+    samples_in_epoch: int = 0      # images of `epoch` trained on by this process (rank 0: plus
+                                   # those of every process before a resume)
 
 
 def seed_everything(seed: int) -> None:
@@ -120,7 +122,9 @@ def restore(run: Run, checkpoint: Path) -> Progress:
     progress = Progress(epoch=int(meta["epoch"]), step=int(meta["step"]),
                         batch_in_epoch=int(meta["batch_in_epoch"]), best=state.get("best"),
                         preferred=meta.get("preferred_weights", "model"),
-                        last_metrics=meta.get("metrics") or {}, last_checkpoint=checkpoint)
+                        last_metrics=meta.get("metrics") or {}, last_checkpoint=checkpoint,
+                        samples_in_epoch=int(meta.get("samples_in_epoch", 0))
+                        if run.info.is_main else 0)
     if meta.get("steps_per_epoch") != run.steps_per_epoch:
         log.warning("steps per epoch changed from %s to %d (batch size, data or processes "
                     "differ): the position in the epoch is approximate",
@@ -155,9 +159,10 @@ def save_checkpoint(run: Run, progress: Progress, epoch_done: bool,
                     metrics: dict[str, float] | None = None) -> None:
     """Write a checkpoint of the run at `progress` (rank 0; every rank must call: the random
     generators of all processes are gathered). Marks it best when `metrics` improve."""
-    rngs = dist_utils.all_gather_objects(rng_state())
+    gathered = dist_utils.all_gather_objects((rng_state(), progress.samples_in_epoch))
     if not run.info.is_main:
         return
+    rngs = [rng for rng, _ in gathered]
     epoch, batch = (progress.epoch + 1, 0) if epoch_done else \
         (progress.epoch, progress.batch_in_epoch)
     state = {"optimizer": run.optimizer.state_dict(), "schedule": run.schedule.state_dict(),
@@ -169,7 +174,8 @@ def save_checkpoint(run: Run, progress: Progress, epoch_done: bool,
             "metrics": metrics or {}, "main_metric": run.task.main_metric,
             "preferred_weights": progress.preferred, "task": run.task.name,
             "task_metadata": run.task.metadata(), "config": run.config.to_dict(),
-            "bad_images": len(run.bad.paths)}
+            "bad_images": len(run.bad.paths),
+            "samples_in_epoch": 0 if epoch_done else sum(n for _, n in gathered)}
     path = run.checkpoints.save(
         progress.step, model=run.model.state_dict(),
         ema=run.ema.state_dict() if run.ema else None, state=state, meta=meta,

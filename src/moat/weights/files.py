@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moat.integrity import atomic_write_bytes, file_sha256, read_safetensors, safetensors_bytes
+from moat.integrity import file_sha256, read_safetensors, save_safetensors
 from moat.weights.metadata import WeightsMetadata
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -45,7 +45,7 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are saved as .safetensors only")
     # the header also gets the tensors' sha256 and size, verified by load_state_dict
-    atomic_write_bytes(path, safetensors_bytes(state, (metadata or WeightsMetadata()).to_header()))
+    save_safetensors(path, state, (metadata or WeightsMetadata()).to_header())
     return path
 
 

@@ -22,11 +22,11 @@ from moat.train.demo import train_evaluate_predict
 # the main process (2 cores). Measured with benchmarks/demo.py on the idle 2-core machine:
 # 94.2% top-1 in 186 s wall (96.2% in 523 s while the machine was shared).
 DEMO_SETTINGS: dict[str, Any] = {
-    "model": "tiny_moat_0", "img_size": 64, "crop_pct": 1.0, "epochs": 10, "batch_size": 32,
+    "model": "tiny_moat_0", "img_size": 64, "crop_pct": 1.0, "epochs": 8, "batch_size": 32,
     "lr": 1e-3, "warmup_epochs": 0.5, "min_lr": 1e-5, "weight_decay": 0.05,
     "label_smoothing": 0.1, "mixup": 0.0, "cutmix": 0.0, "randaugment": None,
     "scale": (0.8, 1.0), "ema": True, "ema_decay": 0.99, "bn_momentum": 0.1, "workers": 0,
-    "eval_every_epochs": 5, "log_every_steps": 10, "keep_last": 1,
+    "eval_every_epochs": 4, "log_every_steps": 10, "keep_last": 1,
 }
 DEMO_DATA = {"num_classes": 10, "train_per_class": 200, "val_per_class": 50, "img_size": 64}
 

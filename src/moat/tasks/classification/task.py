@@ -20,9 +20,11 @@ from torch import nn
 
 import moat
 from moat.data.checks import check_classification_splits, check_readable
-from moat.data.classification import SkipBadCollate, classification_datasets, open_split
+from moat.data.classification import SkipBadCollate
+from moat.data.sources import classification_datasets, eval_dataset
 from moat.data.images import BadImageError, load_rgb
 from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
+from moat.device import to_device
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.base import Task, register_task
 from moat.tasks.classification.demo import run_demo
@@ -73,23 +75,25 @@ class ClassificationTask(Task):
                              "val/<class>/ (or train.csv and val.csv), or a training split")
         train_tf, val_tf = self._transforms()
         train, val = classification_datasets(c.data, c.val_data, train_transform=train_tf,
-                                             val_transform=val_tf, strict=c.strict_data)
+                                             val_transform=val_tf, strict=c.strict_data,
+                                             **self._keys())
         check_classification_splits(train, val)  # refuse data that cannot train, now
         self._set_classes(train.classes)
         return train, val
 
     def train_size(self) -> int:
-        return len(classification_datasets(self.config.data, self.config.val_data)[0])
+        return len(classification_datasets(self.config.data, self.config.val_data,
+                                           **self._keys())[0])
 
     def build_eval_dataset(self):
-        data = Path(self.config.data)
-        for candidate in (data / "val", data / "val.csv", data):
-            if candidate.exists():
-                dataset = open_split(candidate, self.eval_transform(), self.classes,
-                                     strict=self.config.strict_data)
-                check_readable(dataset, "evaluation")
-                return dataset
-        raise FileNotFoundError(f"--data {str(data)!r} does not exist")
+        dataset = eval_dataset(self.config.data, self.eval_transform(), self.classes,
+                               self.config.strict_data, **self._keys())
+        check_readable(dataset, "evaluation")
+        return dataset
+
+    def _keys(self) -> dict[str, str | None]:
+        return {"image_key": getattr(self.config, "image_key", None),
+                "label_key": getattr(self.config, "label_key", None)}
 
     def _set_classes(self, classes: Sequence[str]) -> None:
         c = self.config
@@ -122,8 +126,8 @@ class ClassificationTask(Task):
         return model
 
     def loss(self, model: nn.Module, batch: Any, device: torch.device):
-        images = batch[0].to(device, non_blocking=True, memory_format=self.memory_format)
-        targets = batch[1].to(device, non_blocking=True)
+        images = to_device(batch[0], device, self.memory_format)
+        targets = to_device(batch[1], device)
         logits = model(images)
         if targets.ndim == 2:  # soft targets from Mixup/CutMix, smoothing already folded in
             loss = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
@@ -134,31 +138,40 @@ class ClassificationTask(Task):
 
     # --- evaluation -----------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """top-1, top-5, loss, mean per-class accuracy of each model, all run on each batch
+        (one pass over the images); `confusion` is the first model's."""
         k = self.num_classes
         # bincount runs on the CPU: its CUDA kernel is not deterministic (--deterministic).
-        confusion = ConfusionMatrix(k, ignore_index=None)
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-5 hits, count
+        confusions = {name: ConfusionMatrix(k, ignore_index=None) for name in models}
+        # loss, top-5 hits, count
+        sums = {name: torch.zeros(3, dtype=torch.float64, device=device) for name in models}
         for batch in loader:
             images, targets = batch[0], batch[1]
             if len(targets) == 0:
                 continue
-            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
-            targets = targets.to(device, non_blocking=True)
-            logits = model(images).float()
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum").double()
-            top = logits.topk(min(5, k), dim=-1).indices
-            sums[1] += (top == targets[:, None]).any(-1).sum()
-            sums[2] += len(targets)
-            confusion.update(top[:, 0].cpu(), targets.cpu())
-        self.confusion = confusion.all_reduce(device)
-        all_reduce_sum(sums)
-        n = max(float(sums[2]), 1.0)
-        present = [a for a in self.per_class_accuracy() if not math.isnan(a)]
-        return {"top-1": float(self.confusion.diag().sum()) / n * 100,
-                "top-5": float(sums[1]) / n * 100, "loss": float(sums[0]) / n,
+            images = to_device(images, device, self.memory_format)
+            targets = to_device(targets, device)
+            for name, model in models.items():
+                logits = model(images).float()
+                sums[name][0] += F.cross_entropy(logits, targets, reduction="sum").double()
+                top = logits.topk(min(5, k), dim=-1).indices
+                sums[name][1] += (top == targets[:, None]).any(-1).sum()
+                sums[name][2] += len(targets)
+                confusions[name].update(top[:, 0].cpu(), targets.cpu())
+        results = {}
+        for name in reversed(list(models)):  # the first one's confusion stays
+            self.confusion = confusions[name].all_reduce(device)
+            all_reduce_sum(sums[name])
+            n = max(float(sums[name][2]), 1.0)
+            present = [a for a in self.per_class_accuracy() if not math.isnan(a)]
+            results[name] = {
+                "top-1": float(self.confusion.diag().sum()) / n * 100,
+                "top-5": float(sums[name][1]) / n * 100, "loss": float(sums[name][0]) / n,
                 "mean-class-acc": sum(present) / max(len(present), 1),
-                "images": int(sums[2])}
+                "images": int(sums[name][2])}
+        return {name: results[name] for name in models}
 
     def per_class_accuracy(self) -> list[float]:
         """Accuracy (percent) of each class in the last evaluation; NaN for a class without

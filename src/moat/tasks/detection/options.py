@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moat.data.coco import BOX_FORMATS
 from moat.tasks.backbone import PRESETS
 from moat.tasks.detection.model import ARCHITECTURES
 from moat.tasks.options import TaskOptions, need
@@ -61,6 +62,7 @@ class DetectionOptions(TaskOptions):
     scale_range: tuple[float, float] = (0.8, 1.25)  # training scale jitter
     jitter: str = "multiscale"          # or "lsj" (large-scale jitter)
     skip_empty: bool = False            # False: images without objects train as negatives
+    box_format: str = "xywh"            # COCO JSON boxes: "xywh" (COCO's) or "xyxy" (corners)
     class_names: list | None = None     # None: the dataset's categories
     train_images: str | None = None     # explicit paths instead of `data`'s COCO layout
     train_annotations: str | None = None
@@ -74,6 +76,8 @@ class DetectionOptions(TaskOptions):
              f"arch {self.arch!r} is unknown; choose one of {list(ARCHITECTURES)}")
         need(self.preset in PRESETS,
              f"preset {self.preset!r} is unknown; choose one of {list(PRESETS)}")
+        need(self.box_format in BOX_FORMATS,
+             f"box_format {self.box_format!r} is unknown; choose one of {BOX_FORMATS}")
         need(self.jitter in JITTERS, f"jitter {self.jitter!r} is unknown; choose one of {JITTERS}")
         need(0 < self.scale_range[0] <= self.scale_range[1],
              f"scale_range must be [min, max] with 0 < min <= max, got {list(self.scale_range)}")

@@ -5,9 +5,10 @@ detections of every process (`metrics.py`), drawn predictions (`drawing.py`)."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -15,9 +16,12 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
 from moat.data.coco import (CocoDetection, collate_detection, detections_to_coco,
-                            eval_transforms, train_transforms)
+                            eval_transforms, load_coco, prepare_coco, read_json,
+                            train_transforms)
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
+from moat.data.preflight import DataReport, check_detection
+from moat.data.yolo import SPLIT_NAMES, find_yolo_split, read_yolo_names, yolo_to_coco
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.base import Task, register_task
@@ -27,22 +31,47 @@ from moat.tasks.detection.metrics import coco_dataset, coco_metrics
 from moat.tasks.detection.model import build_detector
 from moat.tasks.detection.options import DETECTOR_OPTIONS, DetectionOptions
 
+log = logging.getLogger("moat")
 
-def _find_split(root: Path, split: str) -> tuple[Path, Path]:
-    """(image folder, instances JSON) of a split in COCO's layout:
-    root/annotations/instances_<name>.json with images in root/<name> or root/images/<name>,
-    where <name> starts with the split ("train", "train2017", ...)."""
-    anns = sorted((root / "annotations").glob(f"instances_{split}*.json"))
-    for ann in anns:
+
+class DetectionSplit(NamedTuple):
+    """A split's image folder and its annotations as a COCO dict (read, not yet prepared)."""
+
+    images: Path
+    annotations: dict
+    source: str  # the file or folder the annotations came from
+
+
+def _find_split(root: Path, split: str) -> DetectionSplit:
+    """A split of a detection dataset folder, in the first layout found:
+
+    * COCO: annotations/instances_<name>.json with images in root/<name> or
+      root/images/<name>, where <name> starts with the split ("train", "train2017", ...);
+    * a COCO JSON per split folder (Roboflow's export): <split>/_annotations.coco.json
+      (or annotations.json) next to the images (split "val" also as "valid");
+    * YOLO text labels (`moat.data.yolo`): images/<split> + labels/<split>,
+      <split>/images + <split>/labels, or one images/ + labels/ pair.
+    """
+    for ann in sorted((root / "annotations").glob(f"instances_{split}*.json")):
         name = ann.stem[len("instances_"):]
         for folder in (root / name, root / "images" / name):
             if folder.is_dir():
-                return folder, ann
+                return DetectionSplit(folder, read_json(ann), str(ann))
+    for name in SPLIT_NAMES.get(split, (split,)):
+        for file_name in ("_annotations.coco.json", "annotations.json"):
+            ann = root / name / file_name
+            if ann.is_file():
+                return DetectionSplit(ann.parent, read_json(ann), str(ann))
+    found = find_yolo_split(root, split)
+    if found is not None:
+        names = read_yolo_names(root, found[1])
+        return DetectionSplit(found[0], yolo_to_coco(*found, names), str(found[1]))
     raise FileNotFoundError(
-        f"no COCO {split!r} split under {str(root)!r}: expected "
-        f"annotations/instances_{split}*.json with images in a folder of the same name "
-        f"(e.g. annotations/instances_{split}2017.json + {split}2017/), or set "
-        f"task_options {split}_images / {split}_annotations")
+        f"no detection {split!r} split under {str(root)!r}: expected COCO's layout "
+        f"(annotations/instances_{split}*.json with images in a folder of the same name, e.g. "
+        f"annotations/instances_{split}2017.json + {split}2017/), {split}/_annotations.coco.json "
+        f"beside the images, or YOLO labels (images/{split} + labels/{split}, and classes.txt); "
+        f"or set task_options {split}_images / {split}_annotations")
 
 
 @register_task
@@ -116,15 +145,28 @@ class DetectionTask(Task):
         set_batch_norm_momentum(model, c.bn_momentum)
         return model
 
-    def _split(self, split: str) -> tuple[Path, Path]:
+    def _split(self, split: str) -> DetectionSplit:
         images, anns = getattr(self.options, f"{split}_images"), \
             getattr(self.options, f"{split}_annotations")
         if images and anns:
-            return Path(images), Path(anns)
+            return DetectionSplit(Path(images), read_json(anns), str(anns))
         if self.config.data is None:
-            raise ValueError("detection needs a COCO-format dataset folder (data) or "
-                             f"{split}_images + {split}_annotations")
+            raise ValueError("detection needs a dataset folder (data: COCO JSON or YOLO "
+                             f"labels) or task_options {split}_images + {split}_annotations")
         return _find_split(Path(self.config.data), split)
+
+    def _checked_split(self, split: str) -> tuple[Path, Any, DataReport]:
+        """(image folder, prepared pycocotools COCO, pre-flight report) of a split."""
+        found = self._split(split)
+        data, notes = prepare_coco(found.annotations, self.options.box_format, found.images)
+        coco = load_coco(data)
+        name = {"train": "training", "val": "validation"}[split]
+        report = check_detection(coco, found.images, name, [f"from {found.source}", *notes])
+        return found.images, coco, report
+
+    def check_data(self) -> list[DataReport]:
+        """The pre-flight reports of the training and validation splits (not raised)."""
+        return [self._checked_split(split)[2] for split in ("train", "val")]
 
     def _set_classes(self, dataset) -> None:
         if self.classes and list(self.classes) != dataset.classes:
@@ -133,22 +175,40 @@ class DetectionTask(Task):
         self.classes = dataset.classes
         self.label_to_category = dict(dataset.label_to_category)
 
+    def _box_only(self, report: DataReport) -> None:
+        """A dataset without instance masks trains the box-only form of a mask detector."""
+        if self.with_masks and not report.notes.get("with_masks"):
+            box_arch = self.arch.replace("mask_rcnn", "rcnn")
+            log.warning("the training annotations have boxes but no masks: training %s "
+                        "instead of %s", box_arch, self.arch)
+            self.options.arch = box_arch
+            self.config.task_options = {**dict(self.config.task_options or {}),
+                                        "arch": box_arch}
+
     def build_datasets(self):
         o = self.options
         tf = train_transforms(self.min_size, self.max_size, scale_range=tuple(o.scale_range),
                               jitter=o.jitter, hflip=float(self.config.hflip))
-        images, anns = self._split("train")
-        train = CocoDetection(images, anns, tf, train=True, masks=self.with_masks,
+        images, coco, report = self._checked_split("train")
+        report.log()
+        report.raise_if_errors()
+        self._box_only(report)
+        train = CocoDetection(images, coco, tf, train=True, masks=self.with_masks,
                               skip_empty=o.skip_empty)
         self._set_classes(train)
         val = self.build_eval_dataset()
         if val.classes != train.classes:
             raise ValueError(f"train and val categories differ: {train.classes} vs {val.classes}")
+        if Path(val.image_dir) == Path(images):
+            log.warning("no validation split found: evaluating on the training images "
+                        "(add images/val + labels/val, or a val/ folder)")
         return train, val
 
     def build_eval_dataset(self):
-        images, anns = self._split("val")
-        val = CocoDetection(images, anns, eval_transforms(), masks=False)
+        images, coco, report = self._checked_split("val")
+        report.log()
+        report.raise_if_errors()
+        val = CocoDetection(images, coco, eval_transforms(), masks=False)
         if self.classes is None:
             self._set_classes(val)
         self._eval_dataset = val
@@ -175,22 +235,28 @@ class DetectionTask(Task):
         return total, {k: float(v.detach()) for k, v in losses.items()}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        dataset = getattr(loader, "dataset", None)  # the loop passes a generator
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """COCO metrics of each model, all run on each batch (one pass over the images)."""
+        dataset = getattr(loader, "dataset", None)  # the loop passes a tracking iterable
         dataset = coco_dataset(self._eval_dataset if dataset is None else dataset)
-        was_training = model.training
-        model.eval()
-        per_image: dict[int, list[dict]] = {}
+        was_training = {name: model.training for name, model in models.items()}
+        for model in models.values():
+            model.eval()
+        per_image: dict[str, dict[int, list[dict]]] = {name: {} for name in models}
         for batch in loader:
             images, targets = self._to_device(batch, device)
             if not images:
                 continue
-            for output, target in zip(model(images), targets):
-                image_id = int(target["image_id"])
-                per_image[image_id] = detections_to_coco(output, image_id,
-                                                         dataset.label_to_category)
-        model.train(was_training)
-        return coco_metrics(per_image, dataset.coco, self.with_masks)
+            for name, model in models.items():
+                for output, target in zip(model(images), targets):
+                    image_id = int(target["image_id"])
+                    per_image[name][image_id] = detections_to_coco(
+                        output, image_id, dataset.label_to_category)
+        for name, model in models.items():
+            model.train(was_training[name])
+        return {name: coco_metrics(per_image[name], dataset.coco, self.with_masks)
+                for name in models}
 
     @torch.no_grad()
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
@@ -256,6 +322,8 @@ class DetectionTask(Task):
                 "label_to_category": {str(k): v for k, v in (self.label_to_category or {}).items()}}
 
     def load_metadata(self, metadata: Mapping[str, Any]) -> None:
+        if metadata.get("arch"):  # a box-only dataset may have changed it (_box_only)
+            self.options.arch = str(metadata["arch"])
         if metadata.get("classes"):
             self.classes = list(metadata["classes"])
         if metadata.get("label_to_category"):
@@ -264,4 +332,10 @@ class DetectionTask(Task):
 
     def format_metrics(self, metrics: Mapping[str, float]) -> str:
         keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "mask_AP", "mask_AP50", "mask_AP75"]
-        return "  ".join(f"{k}: {metrics[k]:.4f}" for k in keys if k in metrics)
+        line = "  ".join(f"{k}: {metrics[k]:.4f}" for k in keys if k in metrics)
+        for prefix in ("AP/", "mask_AP/"):
+            per_class = [(k[len(prefix):], v) for k, v in metrics.items() if k.startswith(prefix)]
+            if per_class:
+                line += f"\nper-category {prefix[:-1]}: " + ", ".join(f"{n} {v:.3f}"
+                                                                     for n, v in per_class)
+        return line

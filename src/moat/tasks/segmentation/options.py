@@ -32,7 +32,10 @@ class SegmentationOptions(TaskOptions):
     ignore_index: int = IGNORE_INDEX    # mask value that is no class: no loss, no metric
     layout: str = "auto"                # "ade20k", "folder" (images/ + masks/) or "auto"
     reduce_zero_label: bool | None = None  # None: the layout's (ADE20K true, folders false)
-    class_names: list | None = None     # None: classes.txt or segmentation.json of the data
+    class_names: list | None = None     # None: classes.json, classes.txt or segmentation.json
+    class_colors: list | None = None    # [[R, G, B], ...] per class: colour-coded (RGB) masks;
+    #                                     None: the colours of classes.json, if any
+    binary: bool = False                # 0 -> class 0, other values (0/255 masks: > 127) -> 1
     scale_range: tuple[float, float] = (0.5, 2.0)  # training rescale range of the crop side
     base_size: int | None = None        # None: the crop side
     photometric: bool = True            # colour jitter in training
@@ -50,6 +53,11 @@ class SegmentationOptions(TaskOptions):
         need(self.dropout is None or 0 <= self.dropout < 1,
              f"dropout must be in [0, 1), got {self.dropout}")
         need(0 <= self.ignore_index, f"ignore_index must be >= 0, got {self.ignore_index}")
+        need(self.class_colors is None or all(
+            isinstance(c, (list, tuple)) and len(c) == 3 for c in self.class_colors),
+            "class_colors must be a list of [R, G, B] colours, one per class")
+        need(not (self.binary and self.class_colors),
+             "binary and class_colors exclude each other: binary masks have no colours")
         need(self.layout in LAYOUTS, f"layout {self.layout!r} is unknown; choose one of {LAYOUTS}")
         need(0 < self.scale_range[0] <= self.scale_range[1],
              f"scale_range must be [min, max] with 0 < min <= max, got {list(self.scale_range)}")

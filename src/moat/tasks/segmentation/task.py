@@ -5,8 +5,9 @@ inference (`sliding_window.py`), mask PNGs and overlays (`drawing.py`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,34 +21,24 @@ from torchvision.transforms.v2 import functional as TF
 from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
+from moat.data.preflight import DataReport, check_segmentation
 from moat.data.preprocessing import size_pair
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.base import Task, register_task
 from moat.tasks.confusion import ConfusionMatrix, write_report
 from moat.tasks.segmentation.demo import run_demo
-from moat.tasks.segmentation.drawing import overlay, save_mask_png
+from moat.tasks.segmentation.drawing import add_legend, color_palette, overlay, save_mask_png
 from moat.tasks.segmentation.metrics import metrics_from_confusion
 from moat.tasks.segmentation.model import deeplabv3plus
 from moat.tasks.segmentation.options import SegmentationOptions
 from moat.tasks.segmentation.sliding_window import segment
 
+log = logging.getLogger("moat")
+
 # deeplabv3plus arguments that the options may set (None there: the builder's default)
 _MODEL_OPTIONS = ("output_stride", "aspp_channels", "decoder_channels", "low_level_channels",
                   "dropout", "global_attention_at_end")
-
-
-def _read_class_names(root: str | os.PathLike) -> list[str] | None:
-    """Class names stored with a dataset: `classes.txt` (one per line) or the "classes" list
-    of `segmentation.json` (written by the synthetic dataset)."""
-    root = Path(root)
-    if (root / "classes.txt").is_file():
-        names = [line.strip() for line in (root / "classes.txt").read_text().splitlines()]
-        return [n for n in names if n]
-    if (root / "segmentation.json").is_file():
-        names = json.loads((root / "segmentation.json").read_text()).get("classes")
-        return list(names) if names else None
-    return None
 
 
 @register_task
@@ -76,6 +67,10 @@ class SegmentationTask(Task):
         self.options: SegmentationOptions
         self.class_names: list[str] | None = self.options.class_names
         self.found_classes: int | None = None  # the data's or a checkpoint's count
+        self.class_colours: list[tuple[int, int, int]] | None = None if \
+            self.options.class_colors is None else [tuple(c) for c in self.options.class_colors]
+        if self.options.binary and self.class_names is None:
+            self.class_names = ["background", "foreground"]
         self.confusion: Tensor | None = None  # of the last evaluate()
 
     # settings -------------------------------------------------------------------------
@@ -84,9 +79,15 @@ class SegmentationTask(Task):
         return self.options.ignore_index
 
     @property
-    def num_classes(self) -> int:
-        n = self.config.num_classes or self.found_classes or \
+    def known_classes(self) -> int | None:
+        """`num_classes` when set, else the data's or a checkpoint's count, else the class
+        names'; None while none of them is known."""
+        return self.config.num_classes or self.found_classes or \
             (len(self.class_names) if self.class_names else None)
+
+    @property
+    def num_classes(self) -> int:
+        n = self.known_classes
         if not n or int(n) < 1:
             raise ValueError("segmentation needs the number of classes: set num_classes (150 for "
                              "ADE20K), or put classes.txt (one name per line) in the data folder")
@@ -123,44 +124,94 @@ class SegmentationTask(Task):
         val_tf = data.eval_transform(self.config.eval_img_size, mean=mean, std=std)
         return train_tf, val_tf
 
-    def build_datasets(self):
+    def _read_class_table(self, root) -> None:
+        """Names and colours from the dataset's classes.json / classes.txt (options win)."""
+        table = data.read_class_table(root)
+        if table is None:
+            return
+        if self.class_names is None:
+            self.class_names = table.names
+        if self.class_colours is None and table.colours and not self.options.binary:
+            self.class_colours = table.colours
+        if self.class_colours and len(self.class_colours) != len(self.class_names):
+            raise ValueError(f"{len(self.class_colours)} class colours but "
+                             f"{len(self.class_names)} class names; give one colour per class")
+
+    def _common(self) -> dict[str, Any]:
+        return dict(layout=self.options.layout, reduce_zero_label=self.options.reduce_zero_label,
+                    ignore_index=self.ignore_index, strict=bool(self.config.strict_data),
+                    colours=self.class_colours, binary=self.options.binary)
+
+    def _open(self):
         root = self.config.data
         if root is None:
             raise ValueError("segmentation needs a dataset folder: --data DIR (ADE20K layout, "
                              "or images/ + masks/ folders)")
+        self._read_class_table(root)
         train_tf, val_tf = self._transforms()
-        common = dict(layout=self.options.layout, reduce_zero_label=self.options.reduce_zero_label,
-                      ignore_index=self.ignore_index, strict=bool(self.config.strict_data))
-        train, val = data.segmentation_datasets(root, train_tf, val_tf, **common)
+        train, val = data.segmentation_datasets(root, train_tf, val_tf, **self._common())
         if self.config.val_data is not None:
-            val = data.segmentation_datasets(self.config.val_data, None, val_tf, **common)[0]
-        if self.class_names is None:
-            self.class_names = _read_class_names(root)
+            val = data.segmentation_datasets(self.config.val_data, None, val_tf,
+                                             **self._common())[0]
         if self.config.num_classes is None and not self.class_names:
             found = data.find_segmentation_splits(root, self.options.layout)
             if found.name == "ade20k":
                 self.found_classes = data.ADE20K_CLASSES
         return train, val
 
+    def check_data(self, splits=None) -> list[DataReport]:
+        """Pre-flight reports of the training and validation splits (`splits`: those opened
+        already), not raised. Without num_classes or class names, the masks' largest label
+        + 1 becomes num_classes."""
+        train, val = splits or self._open()
+        known = self.known_classes
+        reports = [check_segmentation(train, known, "training", self.class_names)]
+        if known is None and reports[0].notes.get("max_label") is not None \
+                and not reports[0].errors:
+            self.found_classes = int(reports[0].notes["max_label"]) + 1
+            reports[0].facts.append(f"num_classes {self.found_classes}: the masks' largest "
+                                    "label + 1 (set num_classes or write classes.txt to change)")
+        if val is not None:
+            reports.append(check_segmentation(val, self.known_classes, "validation",
+                                              self.class_names))
+        return reports
+
+    def build_datasets(self):
+        train, val = self._open()
+        for report in self.check_data((train, val)):
+            report.log()
+            report.raise_if_errors()
+        return train, val
+
     def build_eval_dataset(self):
         _, val_tf = self._transforms()
+        self._read_class_table(self.config.data)
         found = data.find_segmentation_splits(self.config.data, self.options.layout)
         split = found.val or found.train  # a folder of images/ + masks/ is the split itself
-        reduce = self.options.reduce_zero_label
-        return data.SegmentationDataset.from_folders(
-            *split, val_tf, reduce_zero_label=found.reduce_zero_label if reduce is None else reduce,
-            ignore_index=self.ignore_index, strict=bool(self.config.strict_data))
+        common = self._common()
+        del common["layout"]
+        if common["reduce_zero_label"] is None:
+            common["reduce_zero_label"] = found.reduce_zero_label
+        dataset = data.SegmentationDataset.from_folders(*split, val_tf, **common)
+        report = check_segmentation(dataset, self.num_classes, "evaluation", self.class_names)
+        report.log()
+        report.raise_if_errors()
+        return dataset
 
     def collate_fn(self, train: bool):
         return data.SegmentationCollate()
 
     def metadata(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "class_names": self.class_names,
-                "ignore_index": self.ignore_index}
+                "ignore_index": self.ignore_index,
+                "class_colors": None if self.class_colours is None else
+                [list(c) for c in self.class_colours]}
 
     def load_metadata(self, metadata) -> None:
         if metadata.get("class_names"):
             self.class_names = list(metadata["class_names"])
+        if metadata.get("class_colors"):
+            self.class_colours = [tuple(c) for c in metadata["class_colors"]]
         if metadata.get("num_classes"):
             self.found_classes = int(metadata["num_classes"])
 
@@ -195,9 +246,13 @@ class SegmentationTask(Task):
         return options
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
-        """mIoU, pixel_acc, mAcc and IoU/<class> over the whole loader (all processes)."""
-        cm = ConfusionMatrix(self.num_classes, self.ignore_index, device=device)
+    def evaluate_models(self, models: Mapping[str, nn.Module], loader: Any,
+                        device: torch.device) -> dict[str, dict[str, float]]:
+        """mIoU, pixel_acc, mAcc and IoU/<class> of each model over the whole loader (all
+        processes), all run on each batch (one pass over the images); `confusion` is the
+        first model's."""
+        cms = {name: ConfusionMatrix(self.num_classes, self.ignore_index, device=device)
+               for name in models}
         options = self._inference_options()
         for batch in loader:
             images, masks = batch[0], batch[1]
@@ -209,10 +264,14 @@ class SegmentationTask(Task):
                 x = torch.stack([images[i] for i in group]).to(device,
                                                                memory_format=self.memory_format)
                 y = torch.stack([masks[i] for i in group]).to(device)
-                logits = segment(model, x, output_size=y.shape[-2:], **options)
-                cm.update(logits.argmax(1), y)
-        self.confusion = cm.all_reduce()
-        return metrics_from_confusion(self.confusion, self.class_names)
+                for name, model in models.items():
+                    logits = segment(model, x, output_size=y.shape[-2:], **options)
+                    cms[name].update(logits.argmax(1), y)
+        results = {}
+        for name in reversed(list(models)):  # the first one's confusion stays
+            self.confusion = cms[name].all_reduce()
+            results[name] = metrics_from_confusion(self.confusion, self.class_names)
+        return {name: results[name] for name in models}
 
     def write_report(self, metrics, output_dir: str) -> list[str]:
         """metrics.json, per_class.csv (IoU, accuracy and labelled pixels per class; empty
@@ -229,6 +288,14 @@ class SegmentationTask(Task):
         return write_report(output_dir, metrics, self.confusion, names,
                             "class,IoU,accuracy,pixels", rows)
 
+    def palette(self) -> np.ndarray:
+        """Colours of the classes: the dataset's colour table when it has one (so predicted
+        masks look like the labels), else the PASCAL VOC pattern."""
+        palette = color_palette(self.num_classes)
+        if self.class_colours:
+            palette[:len(self.class_colours)] = np.asarray(self.class_colours, np.uint8)
+        return palette
+
     def format_metrics(self, metrics) -> str:
         main = {k: v for k, v in metrics.items() if not k.startswith("IoU/")}
         line = "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}"
@@ -242,7 +309,8 @@ class SegmentationTask(Task):
     def predict(self, model: nn.Module, paths: Sequence[str], device: torch.device,
                 output_dir: str | None = None, **options: Any) -> list[dict]:
         """Per image: `<name>_mask.png` (a palette PNG whose pixel indices are the class ids)
-        and `<name>_overlay.png` (class colours blended over the image) in `output_dir`, and
+        and `<name>_overlay.png` (class colours blended over the image, and a legend of the
+        predicted classes below it) in `output_dir`, and
         the share of pixels of each predicted class; <name> is the file's stem, made unique
         among `paths` (`moat.data.folders.output_names`). An unreadable file gives {"path",
         "error"} instead. Options: mode, flip, crop_size, stride, eval_size or img_size
@@ -276,9 +344,11 @@ class SegmentationTask(Task):
             if out_dir:
                 mask_path = out_dir / f"{out_name}_mask.png"
                 overlay_path = out_dir / f"{out_name}_overlay.png"
-                save_mask_png(mask, mask_path, self.num_classes)
-                Image.fromarray(overlay(np.asarray(rgb), mask, self.num_classes,
-                                        ignore_index=self.ignore_index)).save(overlay_path)
+                save_mask_png(mask, mask_path, self.num_classes, palette=self.palette())
+                present = {int(i): names[i] if i < len(names) else str(i) for i in ids}
+                drawn = overlay(np.asarray(rgb), mask, self.num_classes,
+                                ignore_index=self.ignore_index, palette=self.palette())
+                Image.fromarray(add_legend(drawn, present, self.palette())).save(overlay_path)
                 result |= {"mask": str(mask_path), "overlay": str(overlay_path)}
             results.append(result)
         return results
