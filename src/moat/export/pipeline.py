@@ -40,7 +40,7 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None,
         if weights is not None:
             raise ValueError(f"MODEL is already a weights file ({model}); drop --weights")
         name, classes = _variant_of_file(path)
-        if num_classes is not None and num_classes != classes:
+        if num_classes is not None and classes is not None and num_classes != classes:
             raise ValueError(f"{model} holds a {classes}-class classifier, not {num_classes}")
         return moat.create_model(name, weights=path, num_classes=classes, **options).eval()
     if num_classes is not None:
@@ -49,8 +49,9 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None,
                              **options).eval()
 
 
-def _variant_of_file(path: Path) -> tuple[str, int]:
-    """(model name, classes) recorded in a weights file."""
+def _variant_of_file(path: Path) -> tuple[str, int | None]:
+    """(model name, classes) recorded in a weights file (None: not recorded, the file's head
+    decides)."""
     from moat.weights.metadata import WeightsMetadata
 
     if path.suffix == ".safetensors":
@@ -58,7 +59,7 @@ def _variant_of_file(path: Path) -> tuple[str, int]:
         if meta.variant is None:
             raise ValueError(f"{path} records no variant; pass the variant as MODEL and the "
                              "file with --weights")
-        return meta.model_name, meta.num_classes or 1000
+        return meta.model_name, meta.num_classes
     if path.suffix in (".pt", ".pth", ".bin", ".npz"):
         raise ValueError(f"{path} does not record its variant; pass the variant as MODEL and "
                          "the file with --weights, e.g. `moat export onnx moat_0 out.onnx "

@@ -106,7 +106,8 @@ def official_tensors(model: nn.Module) -> list[OfficialTensor]:
                 "depthwise" if depthwise else "conv")
             if module.bias is not None:
                 add("bias", "bias")
-        elif isinstance(module, nn.Linear) and module_name == "logits_head":
+        elif isinstance(module, nn.Linear) and \
+                module_name == getattr(model, "classifier_module", None):
             add("weight", "kernel", "head")
             add("bias", "bias")
     return entries
