@@ -64,7 +64,8 @@ def configure_device(device: torch.device, *, tf32: bool = False,
     torch.use_deterministic_algorithms(deterministic, warn_only=torch.cuda.is_available())
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
-    set_tf32(tf32)
+    if device.type == "cuda":  # TF32 is CUDA's: on other devices the flags stay untouched,
+        set_tf32(tf32)         # as torch.export reads them the old way (mixed flags: an error)
 
 
 def set_tf32(enabled: bool) -> None:
