@@ -19,8 +19,8 @@ from moat.train.demo import train_evaluate_predict
 # crops (80-100% of the area: smaller crops cut shapes off), no Mixup/CutMix/RandAugment (they
 # slow short runs down), BatchNorm momentum 0.1 so that evaluation statistics keep up with a
 # few hundred steps (with the official 0.01 a 300-step run evaluates at chance), data loading in
-# the main process (2 cores). Measured with benchmarks/demo.py on the idle 2-core machine:
-# 94.2% top-1 in 186 s wall (96.2% in 523 s while the machine was shared).
+# the main process (2 cores), 8 epochs (10 reached 99.6% in 221 s; 8 reach 98.8%, about
+# 3 minutes). Measured with benchmarks/demo.py on the 2-core machine (README, Training).
 DEMO_SETTINGS: dict[str, Any] = {
     "model": "tiny_moat_0", "img_size": 64, "crop_pct": 1.0, "epochs": 8, "batch_size": 32,
     "lr": 1e-3, "warmup_epochs": 0.5, "min_lr": 1e-5, "weight_decay": 0.05,
