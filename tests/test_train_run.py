@@ -97,12 +97,12 @@ def test_nan_loss_stops_with_last_good_checkpoint(data, tmp_path, capsys, monkey
 
     calls, loss = [], ClassificationTask.loss
 
-    def nan_at_step_3(self, *args, **kwargs):  # one micro-batch per step here
+    def nan_from_step_3(self, *args, **kwargs):  # one micro-batch per step here
         value, scalars = loss(self, *args, **kwargs)
         calls.append(1)
-        return (value * float("nan") if len(calls) == 3 else value), scalars
+        return (value * float("nan") if len(calls) >= 3 else value), scalars
 
-    monkeypatch.setattr(ClassificationTask, "loss", nan_at_step_3)
+    monkeypatch.setattr(ClassificationTask, "loss", nan_from_step_3)
     run = tmp_path / "nan"
     code = cli(["train", "--data", str(data), "--output", str(run), "--epochs", "2",
                 *_flags(dict(TINY, save_every_steps=1, ema=False,

@@ -156,7 +156,8 @@ def test_num_classes_from_the_masks_and_custom_ignore_index(tmp_path):
     root = seg_folder(tmp_path, {"astronaut": Image.fromarray(ids)})
     task = seg_task(root, "task_options.ignore_index=9")
     reports = task.check_data()
-    assert not reports[0].errors and task.config.num_classes == 4
+    assert not reports[0].errors and task.num_classes == 4  # the config is not rewritten
+    assert task.config.num_classes is None
     assert any("class 3 '3'" in f for f in reports[0].facts)
     assert any("class(es) without any pixel" in w and "'1', '2'" in w for w in reports[0].warnings)
 

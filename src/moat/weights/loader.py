@@ -58,7 +58,8 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
                 **options: Any) -> Adapted:
     if any(str(k).startswith("moat/") for k in state):  # official names, e.g. a TF export
         options.pop("extra")
-        return load_official(model, {k: v.numpy() for k, v in state.items()}, **options)
+        return load_official(model, {k: v.numpy() if isinstance(v, torch.Tensor) else v
+                                     for k, v in state.items()}, **options)
     return load_into(model, state, source=source, **options)
 
 
