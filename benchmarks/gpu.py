@@ -43,15 +43,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see moat.benchmark
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see moat.bench.pytorch
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import moat  # noqa: E402
-from moat import parity  # noqa: E402
-from moat.benchmark import BenchSpec, build_model, count_macs, environment  # noqa: E402
+from moat.weights import parity  # noqa: E402
+from moat.bench.pytorch import BenchSpec, build_model, count_macs, environment  # noqa: E402
 from moat.data.synthetic import write_shapes_dataset  # noqa: E402
 from moat.device import configure_device, tf32_enabled  # noqa: E402
 from moat.integrity import atomic_write_text  # noqa: E402

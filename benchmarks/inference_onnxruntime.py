@@ -1,7 +1,7 @@
 """The issue's judged ONNX Runtime configuration: MOAT against its peers, side by side.
 
 CPU, float32, ONNX Runtime with intra_op_num_threads=2, every model exported the same way
-(`moat.benchmark_onnx`: MOAT by `moat export onnx` at a fixed size, timm's peers by
+(`moat.bench.onnx_runtime`: MOAT by `moat export onnx` at a fixed size, timm's peers by
 `torch.onnx.export`, opset 18) and timed interleaved in one process, median of the repeats:
 
 * MOAT-0 at 224x224 against CoAtNet-0, ConvNeXt-T and MaxViT-T: batch-8 throughput
@@ -33,8 +33,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from moat.benchmark import format_table, write_csv  # noqa: E402
-from moat.benchmark_onnx import run_onnx_benchmark  # noqa: E402
+from moat.bench.onnx_runtime import run_onnx_benchmark  # noqa: E402
+from moat.bench.pytorch import format_table, write_csv  # noqa: E402
 
 GROUPS = (("moat_0", ["moat_0"], 224), ("tiny_moat", ["tiny_moat_0", "tiny_moat_1"], 256))
 

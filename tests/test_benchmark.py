@@ -7,8 +7,8 @@ import csv
 import pytest
 
 import moat
-from moat import runtime
-from moat.benchmark import count_macs, run_benchmark
+from moat.cli import runtime
+from moat.bench.pytorch import count_macs, run_benchmark
 from moat.cli import main
 
 

@@ -251,7 +251,7 @@ def test_training_from_shards_counts_every_sample(shard_run):
 
 
 def test_moat_eval_on_shards_counts_every_validation_sample(shard_run, shards):
-    from moat.train.inference import evaluate_checkpoint
+    from moat.train.eval_predict import evaluate_checkpoint
 
     final = read_meta(CheckpointManager(shard_run).latest())["metrics"]
     for data in (shards, shards / "val-{000000..000001}.tar"):

@@ -517,7 +517,7 @@ def test_training_loop_evaluates_coco_metrics(trained_run):
 
 @pytest.mark.slow
 def test_checkpoint_reloads_and_predicts_identically(trained_run, synthetic):
-    from moat.train.inference import load_task_and_model
+    from moat.train.eval_predict import load_task_and_model
 
     run_dir, trained, _ = trained_run
     task, model, _ = load_task_and_model(run_dir)
@@ -536,7 +536,7 @@ def test_checkpoint_reloads_and_predicts_identically(trained_run, synthetic):
 
 @pytest.mark.slow
 def test_predict_writes_png_and_coco_json(trained_run, synthetic, tmp_path):
-    from moat.train.inference import predict_checkpoint
+    from moat.train.eval_predict import predict_checkpoint
 
     out = tmp_path / "pred"
     results = predict_checkpoint([synthetic.images("val") / "000001.png"], trained_run[0],
@@ -553,7 +553,7 @@ def test_predict_writes_png_and_coco_json(trained_run, synthetic, tmp_path):
 def test_predict_names_same_stems_apart_and_reports_bad_images(trained_run, synthetic, tmp_path,
                                                                capsys):
     from moat.cli import main
-    from moat.train.inference import predict_checkpoint
+    from moat.train.eval_predict import predict_checkpoint
 
     originals = [synthetic.images("val") / f"00000{i}.png" for i in (1, 2)]
     for sub, original in zip("ab", originals):  # two different images, both named img.png

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import moat
-from moat.export.inference import InferenceAttention, is_optimized
+from moat.export.fused import InferenceAttention, is_optimized
 from moat.models import MoatConfig, MoatNet
 from moat.models.layers import relative_position_bias, window_attention, window_partition, \
     window_reverse
@@ -100,7 +100,7 @@ def test_features_only_model_is_optimized_too():
 
 
 def test_large_batches_run_in_parts_with_the_same_results(monkeypatch):
-    from moat.export import inference
+    from moat.export import fused as inference
 
     fused = moat.optimize_for_inference(_randomize_bn(MoatNet(MICRO, num_classes=10)).eval())
     x = torch.randn(3, 3, 64, 64)

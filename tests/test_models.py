@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import moat
 from moat.cli import main as cli
 from moat.models.layers import pointwise, relative_position_bias, window_partition, window_reverse
-from moat.parity import load_reference_case
+from moat.weights.parity import load_reference_case
 
 # ARCHITECTURE.md §1: trainable parameters of the official models, with and without PE.
 OFFICIAL_PARAMS = {

@@ -19,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from moat.benchmark import count_macs
+from moat.bench.pytorch import count_macs
 from moat.cli import main as cli
 from moat.export import export_onnx
 from moat.models import MoatConfig, MoatNet
@@ -169,8 +169,8 @@ def test_app_shows_an_exported_run_as_moat_predict_does(trained_run, tmp_path):
     from PIL import Image
 
     from moat.app.exported import ExportedClassifier
-    from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD
-    from moat.train.inference import predict_checkpoint
+    from moat.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+    from moat.train.eval_predict import predict_checkpoint
 
     _, run = trained_run
     exported = tmp_path / "run.onnx"
@@ -193,13 +193,14 @@ def test_app_shows_an_exported_run_as_moat_predict_does(trained_run, tmp_path):
 
 
 def test_quantized_model_stays_close_to_float(sample_images, tmp_path, capsys):
-    from moat.export.quantize import calibration_batches, read_preprocessing
+    from moat.export.onnx_metadata import read_preprocessing
+    from moat.export.quantize import calibration_batches
 
     fp32, int8 = tmp_path / "tiny.onnx", tmp_path / "tiny.int8.onnx"
     assert cli(["export", "onnx", "tiny_moat_0", str(fp32), "--img-size", "64"]) == 0
     assert cli(["quantize", str(fp32), str(int8), "--calibration", str(sample_images)]) == 0
     preprocessing = read_preprocessing(int8)
-    assert preprocessing["input_size"] == [64, 64] and preprocessing["crop_pct"] == 0.875
+    assert preprocessing["input_size"] == (3, 64, 64) and preprocessing["crop_pct"] == 0.875
     x = next(calibration_batches(sample_images, preprocessing))
     assert x.shape == (3, 3, 64, 64)
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
@@ -228,8 +229,8 @@ def test_onnxruntime_benchmark_rows_and_csv(sample_images, tmp_path, capsys):
 
 
 def test_peers_follow_the_models():
-    from moat.benchmark import PEERS
-    from moat.benchmark_onnx import MOBILE_PEERS, peers_for
+    from moat.bench.onnx_runtime import MOBILE_PEERS, peers_for
+    from moat.bench.pytorch import PEERS
 
     assert peers_for(["moat_0"]) == PEERS
     assert peers_for(["tiny_moat_0", "tiny_moat_1"]) == MOBILE_PEERS
@@ -249,13 +250,33 @@ def test_executorch_program_matches_pytorch(tmp_path):
                                    atol=1e-4, rtol=1e-4)
 
 
+def test_onnx_metadata_has_one_owner_and_reads_old_sizes():
+    """moat.export.onnx_metadata writes and reads every key; files that recorded the input
+    size as (H, W) read as (3, H, W) like every input_size in moat."""
+    import json
+
+    from moat.export.onnx_metadata import PREPROCESSING_KEY, OnnxMetadata
+
+    meta = OnnxMetadata(preprocessing={"input_size": (40, 48), "crop_pct": 1.0},
+                        config={"task": "classification"}, task_metadata={"classes": ["a"]},
+                        quantization="int8")
+    props = meta.props()
+    assert PREPROCESSING_KEY == "moat.preprocessing"  # in every exported file: never renamed
+    assert json.loads(props[PREPROCESSING_KEY])["input_size"] == [3, 40, 48]
+    back = OnnxMetadata.from_props(props)
+    assert back.preprocessing["input_size"] == (3, 40, 48)
+    assert (back.task, back.class_names, back.quantization) == ("classification", ["a"], "int8")
+    old = OnnxMetadata.from_props({PREPROCESSING_KEY: json.dumps({"input_size": [64, 64]})})
+    assert old.preprocessing["input_size"] == (3, 64, 64) and old.config is None
+
+
 def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
     """A file without moat's metadata: ImageNet defaults at its fixed size, or at the size
     given when its height and width are dynamic (refused without one)."""
     from onnx import TensorProto, helper
 
-    from moat.export.quantize import read_preprocessing
-    from moat.preprocessing import CROP_PCT, IMAGENET_MEAN
+    from moat.data.preprocessing import CROP_PCT, IMAGENET_MEAN
+    from moat.export.onnx_metadata import read_preprocessing
 
     def identity(path, dims):
         x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
@@ -265,9 +286,9 @@ def test_preprocessing_of_a_foreign_onnx_file(tmp_path):
         return path
 
     fixed = read_preprocessing(identity(tmp_path / "fixed.onnx", ["b", 3, 40, 48]))
-    assert fixed["input_size"] == (40, 48) and fixed["crop_pct"] == CROP_PCT
+    assert fixed["input_size"] == (3, 40, 48) and fixed["crop_pct"] == CROP_PCT
     assert tuple(fixed["mean"]) == IMAGENET_MEAN
     dynamic = identity(tmp_path / "dynamic.onnx", ["b", 3, "h", "w"])
     with pytest.raises(ValueError, match="no fixed input size"):
         read_preprocessing(dynamic)
-    assert read_preprocessing(dynamic, 56)["input_size"] == (56, 56)
+    assert read_preprocessing(dynamic, 56)["input_size"] == (3, 56, 56)

@@ -19,7 +19,8 @@ def _run(code: str) -> str:
 def test_import_moat_is_lazy_and_timm_registers_on_import():
     out = _run("""
 import sys, moat
-heavy = ("moat.weights", "moat.export", "moat.flops", "moat.timm_registry", "timm")
+heavy = ("moat.weights", "moat.export", "moat.models.flops", "moat.models.factory",
+         "moat.integrations.timm_registry", "timm")
 print(sorted(m for m in sys.modules if m.startswith(heavy)))
 assert "create_model" in dir(moat) and "save_pretrained" in moat.__all__
 model = moat.create_model("tiny_moat_0")            # a public name imports what it needs
@@ -31,3 +32,85 @@ print(type(timm.create_model("tiny_moat_0_no_pe")).__name__, "moat.export" in sy
 
 def test_timm_imported_first_also_sees_moat():
     assert _run("import timm, moat; print(timm.create_model('tiny_moat_1').num_classes)") == "1000"
+
+
+# --- import structure (read from the source, nothing imported) ----------------------------
+
+# Each package may import its own layer and those below, never one above: data flows from
+# files and names through the model out to tasks, training, export and the command line.
+LAYERS = [
+    ("moat._lazy", "moat._version", "moat.cpu", "moat.device", "moat.errors", "moat.integrity",
+     "moat.kernels", "moat.models"),
+    # create_model lives where models users look for it, but loads weights: it is the top
+    # of the weights layer (moat.models resolves it on first use)
+    ("moat.weights", "moat.data", "moat.models.factory"),
+    ("moat.tasks", "moat.train", "moat.export"),
+    # cli.runtime: settings of a process a program owns (the moat command, `moat benchmark`)
+    ("moat.explain", "moat.app", "moat.bench", "moat.integrations", "moat.cli.runtime"),
+    ("moat.cli", "moat"),
+]
+
+
+def _imports() -> dict[str, set[str]]:
+    """{module: moat modules it imports anywhere in its file (functions included)}."""
+    import ast
+
+    files = {}
+    for path in (SRC / "moat").rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def owner(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package upwards
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                continue
+            found |= {owner(n) for n in names if n.split(".")[0] == "moat"} - {None, module}
+        graph[module] = found
+    return graph
+
+
+def _layer(module: str) -> int:
+    best = max((p for layer in LAYERS for p in layer
+                if module == p or module.startswith(p + ".")), key=len)
+    return next(i for i, layer in enumerate(LAYERS) if best in layer)
+
+
+def test_no_import_circle():
+    graph, done, path = _imports(), set(), []
+
+    def visit(module: str) -> None:
+        if module in path:
+            raise AssertionError("import circle: " + " -> ".join(
+                path[path.index(module):] + [module]))
+        if module in done:
+            return
+        path.append(module)
+        for other in sorted(graph[module]):
+            visit(other)
+        path.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+
+
+def test_imports_go_one_way():
+    upward = sorted(f"{m} -> {o}" for m, others in _imports().items() for o in others
+                    if _layer(o) > _layer(m) and not m.startswith(o + "."))
+    assert not upward, "imports from a lower layer up:\n" + "\n".join(upward)

@@ -390,8 +390,8 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
 # --- task -----------------------------------------------------------------------------------
 
 def _task(tmp_path, **task_options):
+    from moat.tasks.base import get_task
     from moat.train.config import TrainConfig
-    from moat.train.task import get_task
 
     data = write_segmentation_dataset(tmp_path / "data", train_size=6, val_size=3, img_size=48)
     options = dict(aspp_channels=16, decoder_channels=16, low_level_channels=8) | task_options
@@ -456,7 +456,7 @@ def _same_stem_folder(root: Path, images: list[Path]) -> Path:
 
 
 def test_task_predict_names_same_stems_apart_and_reports_bad_images(tmp_path):
-    from moat.train.inference import expand_images
+    from moat.train.eval_predict import expand_images
 
     task, data = _task(tmp_path)
     task.build_datasets()
@@ -486,7 +486,7 @@ def test_task_predict_names_same_stems_apart_and_reports_bad_images(tmp_path):
 def test_short_training_run_through_the_shared_loop(tmp_path):
     from moat.cli import main
     from moat.train.config import load_config
-    from moat.train.inference import evaluate_checkpoint, predict_checkpoint
+    from moat.train.eval_predict import evaluate_checkpoint, predict_checkpoint
     from moat.train.loop import train
 
     data = write_segmentation_dataset(tmp_path / "data", train_size=4, val_size=2, img_size=40)
@@ -538,8 +538,8 @@ def _eval_batches():
 
 
 def _seg_task(num_classes: int = 3):
-    from moat.train.config import TrainConfig
     from moat.tasks.segmentation import SegmentationTask
+    from moat.train.config import TrainConfig
 
     return SegmentationTask(TrainConfig(task="segmentation", num_classes=num_classes))
 

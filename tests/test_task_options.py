@@ -105,3 +105,23 @@ def test_position_embedding_follows_the_model_name_unless_set(name, expected):
                                               num_classes=3))
     assert not any(n.endswith("relative_position_embedding")
                    for n, _ in explicit.build_model().named_parameters())
+
+
+def test_tasks_read_the_class_count_without_writing_the_config(tmp_path):
+    """The data (or a checkpoint) gives the count; the user's config is never rewritten by
+    the task (the run records the count in its own config.yaml)."""
+    from moat.data.synthetic import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path, num_classes=3, train_per_class=2, val_per_class=1,
+                         img_size=32)
+    config = TrainConfig(model="tiny_moat_0", data=str(tmp_path), img_size=32)
+    task = ClassificationTask(config)
+    task.build_datasets()
+    assert task.num_classes == 3 and config.num_classes is None
+    assert task.build_model().num_classes == 3
+    reloaded = ClassificationTask(TrainConfig(model="tiny_moat_0"))
+    reloaded.load_metadata(task.metadata())
+    assert reloaded.num_classes == 3 and reloaded.config.num_classes is None
+    seg = SegmentationTask(TrainConfig(task="segmentation"))
+    seg.load_metadata({"num_classes": 150})
+    assert seg.num_classes == 150 and seg.config.num_classes is None

@@ -14,7 +14,7 @@ import moat
 from moat.train.auto import Machine, batch_size, ema_eval_from_epoch, epochs, workers
 from moat.train.config import load_config
 from moat.train.loop import train
-from moat.train.task import get_task
+from moat.tasks.base import get_task
 
 CPU2 = Machine(cores=2, memory=24 << 30, gpus=0)
 

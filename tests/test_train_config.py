@@ -90,7 +90,7 @@ def test_parse_overrides_keeps_strings():
 
 
 def test_task_defaults_apply_before_file(monkeypatch):
-    from moat.train.task import TASKS, Task
+    from moat.tasks.base import TASKS, Task
 
     class Dummy(Task):
         name = "dummy-test-task"

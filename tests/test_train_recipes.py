@@ -3,13 +3,15 @@ the imagenet recipe pinned to the defaults it replaced; explicit settings always
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 from moat.train.config import TrainConfig, load_config
 from moat.train.optim import ModelEma
-from moat.train.recipes import RECIPE_FIELDS, RECIPES, RunFacts, choose
+from moat.train.recipes import RECIPE_FIELDS, RECIPES, UNSET, RunFacts, choose
 
 # The defaults before recipes existed (TrainConfig's fields at commit 7116033), at batch 1024.
 IMAGENET_1024 = dict(lr=1e-3, min_lr=1e-5, warmup_epochs=5.0, label_smoothing=0.1, mixup=0.8,
@@ -26,9 +28,11 @@ def test_imagenet_recipe_is_pinned_exactly():
     assert c.peak_lr == pytest.approx(2.5e-4)  # linear scaling, as before
     assert {k: getattr(c, k) for k in IMAGENET_1024 if k != "lr"} == \
         {k: v for k, v in IMAGENET_1024.items() if k != "lr"}
-    # the dataclass defaults are the same recipe: a TrainConfig built by hand trains as before
+    # a TrainConfig built by hand takes the same recipe, whose values live in the recipe alone
     assert {k: getattr(TrainConfig(), k) for k in IMAGENET_1024 if k != "lr"} == \
         {k: v for k, v in IMAGENET_1024.items() if k != "lr"}
+    assert all(f.default is UNSET for f in dataclasses.fields(TrainConfig)
+               if f.name in RECIPE_FIELDS)
 
 def test_every_recipe_sets_the_same_fields():
     for name, recipe in RECIPES.items():

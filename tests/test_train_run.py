@@ -92,10 +92,20 @@ def test_killed_and_resumed_run_matches_uninterrupted(data, tmp_path):
     assert "resumed from" in log
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(data, tmp_path, capsys):
+def test_nan_loss_stops_with_last_good_checkpoint(data, tmp_path, capsys, monkeypatch):
+    from moat.tasks.classification.task import ClassificationTask
+
+    calls, loss = [], ClassificationTask.loss
+
+    def nan_from_step_3(self, *args, **kwargs):  # one micro-batch per step here
+        value, scalars = loss(self, *args, **kwargs)
+        calls.append(1)
+        return (value * float("nan") if len(calls) >= 3 else value), scalars
+
+    monkeypatch.setattr(ClassificationTask, "loss", nan_from_step_3)
     run = tmp_path / "nan"
     code = cli(["train", "--data", str(data), "--output", str(run), "--epochs", "2",
-                *_flags(dict(TINY, save_every_steps=1, debug_nan_step=3, ema=False,
+                *_flags(dict(TINY, save_every_steps=1, ema=False,
                              precision="bf16"))])  # bf16 autocast on the CPU too
     err = capsys.readouterr().err
     assert code == 2
@@ -167,7 +177,7 @@ def test_eval_and_predict_output(trained, data, tmp_path, capsys):
         assert {t["label"] for t in r["top_k"]} <= {"circle", "square", "triangle", "cross"}
 
     # a checkpoint's weights file works alone: classes and preprocessing are in its header
-    from moat.train.inference import predict_checkpoint
+    from moat.train.eval_predict import predict_checkpoint
 
     file = CheckpointManager(trained).latest() / "model.safetensors"
     again = predict_checkpoint(images[:1], file, top_k=3)

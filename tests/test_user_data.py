@@ -24,7 +24,7 @@ from moat.data.coco import (CocoDetection, coco_evaluate, detections_to_coco,  #
 from moat.data.preflight import check_detection  # noqa: E402
 from moat.data.yolo import yolo_to_coco  # noqa: E402
 from moat.train.config import load_config  # noqa: E402
-from moat.train.task import get_task  # noqa: E402
+from moat.tasks.base import get_task  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 SIZE = 64
@@ -156,7 +156,8 @@ def test_num_classes_from_the_masks_and_custom_ignore_index(tmp_path):
     root = seg_folder(tmp_path, {"astronaut": Image.fromarray(ids)})
     task = seg_task(root, "task_options.ignore_index=9")
     reports = task.check_data()
-    assert not reports[0].errors and task.config.num_classes == 4
+    assert not reports[0].errors and task.num_classes == 4  # the config is not rewritten
+    assert task.config.num_classes is None
     assert any("class 3 '3'" in f for f in reports[0].facts)
     assert any("class(es) without any pixel" in w and "'1', '2'" in w for w in reports[0].warnings)
 

@@ -258,6 +258,34 @@ class _NotWeights:
     pass
 
 
+def test_one_adapter_keeps_replaces_or_drops_the_classifier():
+    """Every loader's adapter: the head is kept (must fit), replaced (another number of
+    classes, fine-tuning) or dropped (a model without one); nothing else is exempt."""
+    from moat.weights.adapt import adapt_state_dict
+
+    source = moat.create_model("tiny_moat_0", num_classes=5).state_dict()
+    same = adapt_state_dict(moat.create_model("tiny_moat_0", num_classes=5), source)
+    assert same.state.keys() == source.keys() and not same.replaced + same.dropped
+    seven = moat.create_model("tiny_moat_0", num_classes=7)
+    with pytest.raises(ValueError, match=r"(?s)wrong shape \(2\).*logits_head.bias \[5\] -> \[7\]"):
+        adapt_state_dict(seven, source)
+    new = adapt_state_dict(seven, source, classifier="new")
+    assert new.replaced == ["logits_head.weight [5, 256] -> [7, 256]", "logits_head.bias [5] -> [7]"]
+    assert "final_layer_norm.weight" in new.state and "logits_head.weight" not in new.state
+    heads = ["final_layer_norm.bias", "final_layer_norm.weight", "logits_head.bias",
+             "logits_head.weight"]
+    backbone = moat.create_model("tiny_moat_0", features_only=True)
+    assert sorted(adapt_state_dict(backbone, source).dropped) == heads
+    pooled = moat.create_model("tiny_moat_0", num_classes=0)
+    assert sorted(adapt_state_dict(pooled, source).dropped) == heads[2:]
+    broken = {k: v for k, v in source.items() if k != "stem.conv_0.weight"}
+    with pytest.raises(ValueError, match=r"(?s)missing \(1\).*stem.conv_0.weight"):
+        adapt_state_dict(seven, broken, classifier="new")
+    extra = {**source, "decoder.weight": torch.ones(1)}
+    assert adapt_state_dict(seven, extra, classifier="new", extra="ignore").unused == \
+        ["decoder.weight"]
+
+
 def test_arbitrary_pickles_are_refused(tmp_path: Path) -> None:
     torch.save({"stem.conv_0.weight": torch.ones(1), "payload": _NotWeights()}, tmp_path / "p.pt")
     with pytest.raises(ValueError, match="arbitrary pickles are refused"):

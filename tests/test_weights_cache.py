@@ -250,7 +250,7 @@ def test_train_pretrained_fine_tunes_from_the_release(bucket, home, tmp_path, mo
 
 
 def test_export_and_benchmark_build_the_pretrained_model(bucket, home, monkeypatch):
-    from moat.benchmark import BenchSpec, build_model
+    from moat.bench.pytorch import BenchSpec, build_model
     from moat.export import load_model
 
     monkeypatch.setenv("MOAT_WEIGHTS_URL", bucket.as_uri())

@@ -69,14 +69,11 @@ def configure_device(device: torch.device, *, tf32: bool = False,
 
 def set_tf32(enabled: bool) -> None:
     """Allow (or forbid) TF32 in float32 matrix products and cuDNN convolutions on CUDA."""
-    precision = "tf32" if enabled else "ieee"
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # PyTorch >= 2.9; the old flags must not be mixed in
-        matmul.fp32_precision = precision
-        torch.backends.cudnn.conv.fp32_precision = precision
-    else:
-        matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled
+    # The old flags, on every PyTorch: torch.export still reads them, and a value they cannot
+    # express (the new API's cuDNN conv "ieee" beside RNN "tf32") makes that read an error,
+    # so an export after fp32 training in the same process failed.
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def tf32_enabled() -> bool:

@@ -10,7 +10,6 @@ given."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,13 +19,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from moat.data.preprocessing import imagenet_data_config
 from moat.data.transforms import eval_transform
 from moat.errors import InvalidInputError
 from moat.explain.explainer import Explanation
+from moat.export.onnx_metadata import OnnxMetadata, read_preprocessing
 from moat.export.ort import OnnxRuntimeModel
-from moat.export.quantize import read_preprocessing
-from moat.preprocessing import imagenet_data_config
-from moat.train.inference import ONNX_CONFIG_KEY, ONNX_TASK_KEY
 
 EXPORTED_SUFFIXES = (".onnx", ".pt2", ".pt")
 NO_MAPS = "no maps for an exported model: use --checkpoint RUN or --model NAME for them"
@@ -46,7 +44,7 @@ class ExportedClassifier:
             raise FileNotFoundError(f"exported model {str(path)!r} does not exist")
         self.model, pre, names = self._load(img_size or 224)
         mean, std = mean or pre["mean"], std or pre["std"]
-        self.transform = eval_transform(img_size or pre["input_size"], mean=mean, std=std,
+        self.transform = eval_transform(img_size or pre["input_size"][-2:], mean=mean, std=std,
                                         crop_pct=pre["crop_pct"],
                                         interpolation=pre["interpolation"])
         self.mean, self.std = (np.array(v, dtype=np.float32) for v in (mean, std))
@@ -56,15 +54,13 @@ class ExportedClassifier:
         """(batch [1, 3, H, W] -> logits, the preprocessing it records (else ImageNet's at
         `img_size`), the class names it records)."""
         if self.path.suffix == ".onnx":
-            model = OnnxRuntimeModel(self.path)
-            props = model.session.get_modelmeta().custom_metadata_map
-            task = json.loads(props.get(ONNX_CONFIG_KEY, "{}")).get("task", self.task)
-            if task != self.task:
-                raise InvalidInputError(f"{self.path.name} is a {task} model: the page shows "
-                                        f"exported classifiers only; use --checkpoint RUN_DIR for "
-                                        f"it")
-            names = json.loads(props.get(ONNX_TASK_KEY, "{}")).get("classes") or []
-            return model, read_preprocessing(self.path, img_size), names
+            meta = OnnxMetadata.read(self.path)
+            if meta.task not in (None, self.task):
+                raise InvalidInputError(f"{self.path.name} is a {meta.task} model: the page shows "
+                                        "exported classifiers only; use --checkpoint RUN_DIR for "
+                                        "it")
+            return (OnnxRuntimeModel(self.path), read_preprocessing(self.path, img_size),
+                    meta.class_names)
         if self.path.suffix == ".pt2":
             module = torch.export.load(str(self.path)).module()
         elif self.path.suffix == ".pt":

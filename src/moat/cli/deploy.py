@@ -53,7 +53,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                            default="onnxruntime", help="module path to export: the one ONNX "
                            "Runtime runs fastest (default) or optimize_for_inference's")
             f.add_argument("--gelu", choices=["exact", "tanh"], default="exact",
-                           help="tanh: GELU's tanh approximation (ONNX Runtime's FastGelu, "
+                           help="tanh: GELU's tanh approximation (ONNX Gelu with approximate=tanh, opset 20; "
                            "faster on CPU); its cost is measured and printed first (largest "
                            "logit deviation, top-1) and the export refused if top-1 moves by "
                            "more than 0.1 points. Measured on a training run's validation "
@@ -71,7 +71,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     metadata = preprocessing = task = None
     if Path(args.model).is_dir():  # a training run or checkpoint: its model and its data
-        from moat.train.inference import load_task_and_model, onnx_metadata
+        from moat.train.eval_predict import load_task_and_model, onnx_metadata
 
         ignored = [flag for flag, value in (
             ("--weights", args.weights), ("--pretrained", args.pretrained),
@@ -106,17 +106,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _gelu_cost(args: argparse.Namespace, model, task, preprocessing: dict | None) -> dict:
     """Measure, print and check what --gelu tanh costs; the metadata entry recording it."""
-    import json
-
+    from moat.data.preprocessing import size_pair
     from moat.errors import MoatError
-    from moat.export import _release_preprocessing
     from moat.export.gelu import check_gelu_cost, format_gelu_cost, gelu_cost
+    from moat.export.onnx_metadata import OnnxMetadata
+    from moat.export.pipeline import _release_preprocessing
     from moat.export.quantize import calibration_batches
-    from moat.preprocessing import size_pair
 
     if args.gelu_check:
         prep = {**(preprocessing or _release_preprocessing(model)),
-                "input_size": size_pair(args.img_size or model.cfg.native_resolution)}
+                "input_size": (3, *size_pair(args.img_size or model.cfg.native_resolution))}
         batches = calibration_batches(args.gelu_check, prep, max_images=10_000, batch=16)
         where = args.gelu_check
     elif task is not None and task.name == "classification":
@@ -134,7 +133,7 @@ def _gelu_cost(args: argparse.Namespace, model, task, preprocessing: dict | None
     cost = gelu_cost(model, batches)
     print(f"{format_gelu_cost(cost)} ({where})")
     check_gelu_cost(cost)
-    return {"moat.gelu_cost": json.dumps(cost)}
+    return OnnxMetadata(gelu_cost=cost).props()
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
@@ -179,10 +178,10 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from moat.benchmark import format_table, run_benchmark, write_csv
+    from moat.bench.pytorch import format_table, run_benchmark, write_csv
 
     if args.runtime == "onnxruntime":
-        from moat.benchmark_onnx import run_onnx_benchmark
+        from moat.bench.onnx_runtime import run_onnx_benchmark
 
         if (args.device != "cpu" or args.mode != ["inference"] or args.dtype != ["float32"]
                 or args.pretrained):

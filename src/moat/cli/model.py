@@ -14,7 +14,7 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from moat.summary import models_table
+    from moat.models.summary import models_table
 
     print(models_table(with_flops=not args.no_flops))
     return 0
@@ -48,7 +48,7 @@ def _add_summary(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from moat.summary import model_summary
+    from moat.models.summary import model_summary
 
     print(model_summary(args.name, img_size=args.img_size, window_size=args.window_size,
                         position_embedding=not args.no_position_embedding,

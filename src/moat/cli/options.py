@@ -48,7 +48,6 @@ _TRAIN_HELP = {
     "grad_checkpointing": "recompute blocks in backward (less memory)",
     "channels_last": "channels-last memory format (default: on)",
     "progress": "progress bar (default: on)",
-    "debug_nan_step": argparse.SUPPRESS,
 }
 
 

@@ -78,7 +78,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import math
 
-    from moat.train.inference import evaluate_checkpoint
+    from moat.train.eval_predict import evaluate_checkpoint
 
     result = evaluate_checkpoint(_checkpoint(args), args.data, img_size=args.img_size,
                                  batch_size=args.batch_size, workers=args.workers,
@@ -111,7 +111,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from moat.train.inference import predict_checkpoint
+    from moat.train.eval_predict import predict_checkpoint
 
     results = predict_checkpoint(args.images, _checkpoint(args), top_k=args.top_k,
                                  img_size=args.img_size, weights=args.weights,
@@ -170,7 +170,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from moat.train.task import get_task
+    from moat.tasks.base import get_task
 
     result = get_task(args.task).demo(args.output, epochs=args.epochs, overrides=args.set,
                                       progress=args.progress)
@@ -220,7 +220,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from moat.data.checks import DataError
     from moat.train.config import load_config
-    from moat.train.task import get_task
+    from moat.tasks.base import get_task
 
     config = load_config(args.config, args.set, task=args.task, data=args.data)
     reports = get_task(config.task)(config).check_data()

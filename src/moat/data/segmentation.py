@@ -6,7 +6,7 @@ Layouts (`find_segmentation_splits` detects them):
 * **ADE20K** (ADEChallengeData2016): `images/{training,validation}/*.jpg` and
   `annotations/{training,validation}/*.png`. Masks hold 0 = "other" and 1..150 = classes;
   with `reduce_zero_label` (the ADE20K convention) 0 becomes the ignore index and k becomes
-  k-1, giving 150 classes 0..149.
+  k-1, giving 150 classes 0..149 (`ADE20K_CLASSES`).
 * **folder**: `images/` and `masks/` whose files are matched by stem (`a.jpg` <-> `a.png`),
   either directly under the root (one split) or under `train/` and `val/`.
 
@@ -46,8 +46,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
+from moat.data.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
 from moat.errors import InvalidInputError
-from moat.preprocessing import IMAGENET_MEAN, IMAGENET_STD, size_pair
+
+ADE20K_CLASSES = 150  # SceneParsing-150; the masks' 0 ("other") is not a class
 
 IGNORE_INDEX = 255
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff", ".pgm", ".ppm")

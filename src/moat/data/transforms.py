@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.transforms import v2
 
+from moat.data.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
 from moat.errors import InvalidInputError
-from moat.preprocessing import CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION, size_pair
 from moat.weights.loader import data_config
 
 Size = int | tuple[int, int]

@@ -107,7 +107,7 @@ class Explainer:
     def from_checkpoint(cls, checkpoint: str | os.PathLike, *, device: str = "cpu",
                         img_size: int | None = None) -> Explainer:
         """Any `moat train` checkpoint (run directory, checkpoint folder or weights file)."""
-        from moat.train.inference import load_task_and_model
+        from moat.train.eval_predict import load_task_and_model
 
         task, model, _ = load_task_and_model(checkpoint, device=device)
         config = task.config

@@ -72,7 +72,7 @@ def explain_files(images: Sequence[str | os.PathLike], output_dir: str | os.Path
     "target", "predictions", "files"}, or {"path", "error"} for an unreadable image or one
     with no detection to explain."""
     from moat.data.images import BadImageError
-    from moat.train.inference import expand_images
+    from moat.train.eval_predict import expand_images
 
     if (model is None) == (checkpoint is None):
         raise InvalidInputError("give exactly one of --model NAME or --checkpoint RUN")

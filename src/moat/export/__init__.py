@@ -1,165 +1,28 @@
 """Deployment: a fused inference copy of a model, and exporters.
 
 * `optimize_for_inference(model)`: BatchNorm folded, fused attention with precomputed
-  position biases, channels-last where faster (see `moat.export.inference`);
+  position biases, channels-last where faster (see `moat.export.fused`);
 * `export_onnx`, `export_torchscript`, `export_program` (torch.export .pt2): see
-  `moat.export.formats`; `moat export FORMAT MODEL OUT` on the command line;
+  `moat.export.formats`; `moat export FORMAT MODEL OUT` on the command line
+  (`moat.export.pipeline`: `load_model`, `run_export`);
 * ONNX Runtime: `moat.export.graph` (the module path its optimiser fuses),
+  `moat.export.onnx_metadata` (what an ONNX file records, one owner),
   `moat.export.quantize` (static int8), `moat.export.ort` (sessions, `.onnx` as a model);
 * ExecuTorch (XNNPACK): `moat.export.edge`.
+
+Names below are imported on first use, so `import moat.export.onnx_metadata` stays cheap.
 """
 
-from __future__ import annotations
+from moat._lazy import lazy_exports
 
-import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
-
-from moat.errors import InvalidInputError
-from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, TANH_GELU_OPSET,
-                                 check_dynamic_size, check_onnx,
-                                 export_onnx, export_program, export_torchscript,
-                                 prepare_for_export, supports_dynamic_size)
-from moat.export.inference import is_optimized, optimize_for_inference
-from moat.export.quantize import PREPROCESSING_KEY
-from moat.integrity import atomic_output
-from moat.models.config import MODEL_CONFIGS
-from moat.preprocessing import size_pair
-from moat.weights.hub import is_hub_name
-
-__all__ = ["DEFAULT_OPSET", "SIZE_MULTIPLE", "TANH_GELU_OPSET", "check_dynamic_size",
-           "check_onnx", "export_onnx",
-           "export_program", "export_torchscript", "is_optimized", "load_model",
-           "optimize_for_inference", "prepare_for_export", "run_export", "supports_dynamic_size"]
-
-FORMATS = ("onnx", "torchscript", "torch-export", "executorch")
-
-
-def load_model(model: str, *, weights: str | os.PathLike | None = None,
-               pretrained: bool = False, window_size: Sequence | None = None, global_attention_at_end: bool = False,
-               pool_size: int | None = None, num_classes: int | None = None):
-    """A model to export, from a variant / pretrained tag or from a weights file.
-
-    `model` is a name (`moat_0`, `moat_0_no_pe`, `moat_0.in1k_224`; `weights` optionally
-    loads a file into it) or a file that records its variant: a `.safetensors` file written
-    by `moat convert` / `moat.weights.save_weights`, or a TensorFlow checkpoint.
-    """
-    import moat
-
-    options = dict(window_size=window_size, global_attention_at_end=global_attention_at_end)
-    if pool_size is not None:
-        options["pool_size"] = pool_size
-    path = Path(model)
-    if path.exists() and not is_hub_name(model):
-        if weights is not None:
-            raise InvalidInputError(f"MODEL is already a weights file ({model}); drop --weights")
-        name, classes = _variant_of_file(path)
-        if num_classes is not None and num_classes != classes:
-            raise InvalidInputError(f"{model} holds a {classes}-class classifier, not "
-                                    f"{num_classes}")
-        return moat.create_model(name, weights=path, num_classes=classes, **options).eval()
-    if num_classes is not None:
-        options["num_classes"] = num_classes
-    return moat.create_model(model, weights=weights, pretrained=pretrained or None,
-                             **options).eval()
-
-
-def _variant_of_file(path: Path) -> tuple[str, int]:
-    """(model name, classes) recorded in a weights file."""
-    from moat.weights.metadata import WeightsMetadata
-
-    if path.suffix == ".safetensors":
-        meta = WeightsMetadata.read(path)
-        if meta.variant is None:
-            raise InvalidInputError(f"{path} records no variant; pass the variant as MODEL and the "
-                                    "file with --weights")
-        return meta.model_name, meta.num_classes or 1000
-    if path.suffix in (".pt", ".pth", ".bin", ".npz"):
-        raise InvalidInputError(f"{path} does not record its variant; pass the variant as MODEL "
-                                f"and the file with --weights, e.g. `moat export onnx moat_0 "
-                                f"out.onnx --weights {path}`")
-    from moat.weights.info import checkpoint_info
-
-    variant = checkpoint_info(path)["variant"]
-    if isinstance(variant, str):
-        raise InvalidInputError(f"{path}: {variant}")
-    return variant.model_name, variant.num_classes
-
-
-def _release_preprocessing(model) -> dict:
-    """Crop, interpolation, mean and std of the model's weights (its pretrained_cfg), else
-    of its variant's release (ImageNet's for a custom configuration)."""
-    from moat.preprocessing import variant_data_config
-    from moat.weights.variant import model_variant
-
-    name = model_variant(model).name
-    config = {**variant_data_config(name if name in MODEL_CONFIGS else "moat_0"),
-              **(getattr(model, "pretrained_cfg", None) or {})}
-    return {k: config[k] for k in ("crop_pct", "interpolation", "mean", "std")}
-
-
-def run_export(model, fmt: str, out: str | os.PathLike, *,
-               img_size: int | Sequence[int] | None = None, batch: int = 1,
-               opset: int = DEFAULT_OPSET,
-               check: bool = True, static_size: bool = False, dynamic_size: bool = False,
-               layout: str = "onnxruntime", metadata: dict[str, str] | None = None,
-               preprocessing: dict | None = None, gelu: str = "exact") -> str:
-    """Export `model` in format `fmt` ("onnx", "torchscript", "torch-export"); a summary.
-
-    `img_size` defaults to the variant's native resolution. ONNX: fixed height and width
-    (position biases as constants, the fastest graph) unless `dynamic_size`, in the module
-    path `layout` (see `moat.export.formats.LAYOUTS`). torch.export: dynamic height and
-    width (multiples of 32) for a globally attending model unless `static_size`.
-    TorchScript traces are always fixed-size. An ONNX file records `preprocessing`
-    (input_size, crop_pct, interpolation, mean, std; default: the variant's release) and
-    `metadata` in its metadata_props, for `moat quantize` and `moat eval`. `gelu` "tanh"
-    (ONNX only): GELU's tanh approximation; measure its cost first (`moat.export.gelu`).
-    """
-    if gelu != "exact" and fmt != "onnx":
-        raise InvalidInputError(f"--gelu {gelu} is offered for ONNX exports only, not {fmt}")
-    if fmt not in FORMATS:
-        raise InvalidInputError(f"format must be one of {FORMATS}, got {fmt!r}")
-    size = size_pair(img_size or model.cfg.native_resolution)
-    with atomic_output(out) as tmp:  # a failed export (or check) leaves no file behind
-        return _export_to(model, fmt, tmp, out, size, batch=batch, opset=opset, check=check,
-                          static_size=static_size, dynamic_size=dynamic_size, layout=layout,
-                          metadata=metadata, preprocessing=preprocessing, gelu=gelu)
-
-
-def _export_to(model, fmt: str, tmp: Path, out: str | os.PathLike, size: tuple[int, int], *,
-               batch: int, opset: int, check: bool, static_size: bool, dynamic_size: bool,
-               layout: str, metadata: dict[str, str] | None,
-               preprocessing: dict | None, gelu: str = "exact") -> str:
-    if fmt == "torchscript":
-        export_torchscript(model, tmp, size, batch=batch)
-        return (f"wrote {out}: TorchScript trace, dynamic batch, fixed {size[0]}x{size[1]}; "
-                "load with torch.jit.load")
-    if fmt == "executorch":
-        from moat.export.edge import export_executorch
-
-        report = export_executorch(model, tmp, size, batch=batch, check=check)
-        return (f"wrote {out}: ExecuTorch program, XNNPACK delegate ({report['delegated_calls']} "
-                f"delegated calls), batch {batch}, fixed {size[0]}x{size[1]}"
-                + (f"; ExecuTorch runtime vs PyTorch: max abs error {report['max_abs_err']:.2e}"
-                   if check else ""))
-    if fmt == "onnx":
-        dynamic = check_dynamic_size(model, size, dynamic_size)
-    else:
-        dynamic = check_dynamic_size(model, size, False if static_size else None)
-    shape = (f"dynamic height/width (multiples of {SIZE_MULTIPLE}, traced at "
-             f"{size[0]}x{size[1]})" if dynamic else f"fixed {size[0]}x{size[1]}")
-    if fmt == "torch-export":
-        export_program(model, tmp, size, batch=batch, dynamic_size=dynamic)
-        return (f"wrote {out}: torch.export program, dynamic batch, {shape}; load with "
-                "torch.export.load(path).module()")
-    preprocessing = {**(preprocessing or _release_preprocessing(model)), "input_size": size}
-    metadata = {**(metadata or {}), PREPROCESSING_KEY: json.dumps(preprocessing)}
-    report = export_onnx(model, tmp, size, opset=opset, batch=batch, dynamic_size=dynamic,
-                         check=check, layout=layout, metadata=metadata, gelu=gelu)
-    lines = [f"wrote {out}: ONNX opset {report['opset']}, dynamic batch, {shape}, "
-             f"{layout} layout, {gelu} GELU"]
-    lines += [f"  onnxruntime vs PyTorch, batch {r['batch']}, {r['img_size'][0]}x"
-              f"{r['img_size'][1]}: max abs error {r['max_abs_err']:.2e}"
-              for r in report.get("check", [])]
-    return "\n".join(lines)
+_EXPORTS = {
+    "DEFAULT_OPSET": "moat.export.formats", "SIZE_MULTIPLE": "moat.export.formats",
+    "check_dynamic_size": "moat.export.formats", "check_onnx": "moat.export.formats",
+    "export_onnx": "moat.export.formats", "export_program": "moat.export.formats",
+    "export_torchscript": "moat.export.formats", "prepare_for_export": "moat.export.formats",
+    "supports_dynamic_size": "moat.export.formats", "TANH_GELU_OPSET": "moat.export.formats",
+    "is_optimized": "moat.export.fused", "optimize_for_inference": "moat.export.fused",
+    "load_model": "moat.export.pipeline", "run_export": "moat.export.pipeline",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -30,8 +30,8 @@ def export_executorch(model: nn.Module, path: str | os.PathLike, img_size: int |
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
+    from moat.data.preprocessing import size_pair
     from moat.export.formats import _example, prepare_for_export
-    from moat.preprocessing import size_pair
 
     size = size_pair(img_size)
     fused, _ = prepare_for_export(model, size, dynamic_size=False, layout=layout)

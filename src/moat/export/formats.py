@@ -25,21 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
+from moat.export.fused import (SamePaddingConv2d, is_optimized, optimize_for_inference,
+                               portable_ops)
 from moat.export.graph import for_graph_runtime
-from moat.export.inference import (SamePaddingConv2d, is_optimized,
-                                   optimize_for_inference, portable_ops)
+from moat.export.onnx_metadata import OnnxMetadata
+from moat.export.onnx_metadata import write as write_metadata
 from moat.integrity import atomic_output
 from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
-from moat.preprocessing import size_pair
 
-__all__ = ["DEFAULT_OPSET", "GELU_KEY", "LAYOUTS", "TANH_GELU_OPSET", "SIZE_MULTIPLE",
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "SIZE_MULTIPLE", "TANH_GELU_OPSET",
            "check_dynamic_size", "check_onnx",
            "downgrade_onnx_to_opset17", "export_onnx", "export_program", "export_torchscript",
            "prepare_for_export", "supports_dynamic_size"]
 
-DEFAULT_OPSET = 17  # the oldest opset the export writes (a downgrade of the exporter's 18)
+EXPORTER_OPSET = 18  # the torch.export-based exporter's first opset
+DEFAULT_OPSET = 17  # the oldest opset the export writes (a downgrade of the exporter's)
 SIZE_MULTIPLE = 32  # input sizes of a dynamic-size export: the network's total stride
 # The module path an exporter traces: "pytorch", the `optimize_for_inference` model (what
 # PyTorch runtimes run best); "onnxruntime", its NCHW, fusion-friendly spelling
@@ -254,10 +257,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     `export_program` returned for the same model, size and `dynamic_size` (saves tracing
     the model a second time; it holds the "pytorch" layout, so pass that `layout` too).
     `metadata`: string entries for the file's metadata_props
-    (`moat export onnx` records the preprocessing, see `moat.export.quantize`); the GELU
-    form is always recorded (GELU_KEY). `gelu` "tanh": GELU's tanh approximation (see
-    `optimize_for_inference`), written as ONNX's Gelu(approximate="tanh"), so at opset 20
-    at least (TANH_GELU_OPSET); the check then compares with the tanh model in PyTorch
+    (`moat export onnx` records the preprocessing, see `moat.export.onnx_metadata`); the
+    GELU form is always recorded (`OnnxMetadata.gelu`). `gelu` "tanh": GELU's tanh
+    approximation (see `optimize_for_inference`), written as ONNX's Gelu(approximate="tanh"),
+    so at opset 20 at least (TANH_GELU_OPSET); the check then compares with the tanh model
+    in PyTorch
     (`moat.export.gelu` measures what the approximation itself changes). Returns a report
     dict.
     """
@@ -281,14 +285,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     with atomic_output(path) as tmp:  # `path` appears once written and checked, or not at all
         with torch.no_grad():
             torch.onnx.export(program, (), os.fspath(tmp), dynamo=True,
-                              opset_version=max(opset, 18), input_names=["x"],
+                              opset_version=max(opset, EXPORTER_OPSET), input_names=["x"],
                               output_names=_output_names(model), external_data=False,
                               verbose=False)
         if opset == 17:
             downgrade_onnx_to_opset17(tmp)
-        proto = onnx.load(os.fspath(tmp))
-        onnx.helper.set_model_props(proto, {**(metadata or {}), GELU_KEY: gelu})
-        onnx.save(proto, os.fspath(tmp))
+        write_metadata(tmp, {**(metadata or {}), **OnnxMetadata(gelu=gelu).props()})
         report = {"path": str(path), "opset": _onnx_opset(tmp), "dynamic_batch": True,
                   "dynamic_size": dynamic, "img_size": size}
         if check:
@@ -299,7 +301,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     return report
 
 
-GELU_KEY = "moat.gelu"  # metadata_props entry: the GELU form of the file ("exact", "tanh")
 # ONNX's Gelu operator (with approximate="tanh") arrived in opset 20. A tanh GELU is exported
 # as that one operator: ONNX Runtime runs it in its blocked NCHWc layout like its fused exact
 # Gelu, where its contrib FastGelu (and the decomposed formula) cost a layout reorder on

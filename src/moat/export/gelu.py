@@ -2,7 +2,7 @@
 
 `optimize_for_inference(model, gelu="tanh")` (and `moat export onnx --gelu tanh`) replaces
 the exact erf GELU by 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), which oneDNN and
-ONNX Runtime (FastGelu) compute about twice as fast; it is not the model's function, so it
+ONNX Runtime (opset-20 Gelu, approximate="tanh") compute about twice as fast; it is not the model's function, so it
 is offered only with its cost measured:
 
 * the largest logit deviation from the exact model on the images;
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from moat.errors import InvalidInputError, MoatError
-from moat.export.inference import optimize_for_inference
+from moat.export.fused import optimize_for_inference
 
 __all__ = ["TOP1_LIMIT", "GeluApproximationRefused", "check_gelu_cost", "format_gelu_cost",
            "gelu_cost"]

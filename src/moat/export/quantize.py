@@ -1,7 +1,7 @@
 """Static int8 quantization of an exported ONNX file with ONNX Runtime (`moat quantize`).
 
 `quantize_onnx(model, out, calibration_dir)`: activations are calibrated on real images
-(the file's own preprocessing, see `PREPROCESSING_KEY`), weights are quantized per output
+(the file's own preprocessing, see `moat.export.onnx_metadata`), weights are quantized per output
 channel, and the result is a QDQ graph (QuantizeLinear/DequantizeLinear pairs around each
 quantized operator) that ONNX Runtime runs as int8 kernels on CPU. Convolutions and matrix
 products are quantized; GELU, LayerNorm and Softmax stay float (ONNX Runtime has no exact
@@ -13,10 +13,9 @@ weights): x86 CPUs without VNNI multiply u8 x s8 pairs into a saturating 16-bit 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,34 +23,9 @@ import numpy as np
 from moat.data.folders import walk_files
 from moat.data.images import IMAGE_SUFFIXES, BadImageError, load_rgb
 from moat.errors import InvalidInputError
+from moat.export.onnx_metadata import copy_metadata, read_preprocessing
 
-__all__ = ["PREPROCESSING_KEY", "calibration_batches", "quantize_onnx", "read_preprocessing"]
-
-# Metadata entry (JSON) of every `moat export onnx` file: input_size, crop_pct,
-# interpolation, mean, std: what an image needs to become the graph's input.
-PREPROCESSING_KEY = "moat.preprocessing"
-
-
-def read_preprocessing(path: str | os.PathLike,
-                       img_size: int | Sequence[int] | None = None) -> dict:
-    """The preprocessing recorded in an exported file, or, for a file without it (e.g. an
-    ONNX file from elsewhere), ImageNet defaults at its fixed input size or else `img_size`."""
-    import onnx
-
-    from moat.preprocessing import imagenet_data_config
-
-    model = onnx.load(os.fspath(path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if PREPROCESSING_KEY in meta:
-        return json.loads(meta[PREPROCESSING_KEY])
-    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    if len(dims) == 4 and dims[2] and dims[3]:
-        return imagenet_data_config(dims[2:])
-    if img_size:
-        return imagenet_data_config(img_size)
-    raise InvalidInputError(f"{path} has no fixed input size and no {PREPROCESSING_KEY} metadata: "
-                            "give the input size, or export it with `moat export onnx` (fixed "
-                            "size)")
+__all__ = ["calibration_batches", "quantize_onnx", "read_preprocessing"]
 
 
 def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
@@ -77,7 +51,7 @@ def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
         raise InvalidInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}: "
                                 "calibration needs a few hundred images like those the model "
                                 "will see")
-    transform = eval_transform(tuple(preprocessing["input_size"]),
+    transform = eval_transform(tuple(preprocessing["input_size"][-2:]),
                                mean=preprocessing["mean"], std=preprocessing["std"],
                                interpolation=preprocessing["interpolation"],
                                crop_pct=preprocessing["crop_pct"])
@@ -122,7 +96,7 @@ def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
                                 "input")
     preprocessing = read_preprocessing(model, img_size)
     if img_size is not None:
-        preprocessing["input_size"] = list(img_size)
+        preprocessing["input_size"] = (3, *img_size)
     skipped: dict[str, str] = {}
     batches = calibration_batches(calibration, preprocessing, max_images=max_images,
                                   skipped=skipped)
@@ -151,7 +125,7 @@ def quantize_onnx(model: str | os.PathLike, out: str | os.PathLike,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                         calibrate_method=CalibrationMethod.MinMax)
-        _copy_metadata(model, written)
+        copy_metadata(model, written, quantization="int8 static QDQ, per-channel weights")
         os.replace(written, out)
     return {"path": str(out), "calibration_images": reader.count, "skipped": skipped}
 
@@ -172,14 +146,3 @@ def _fuse_for_quantization(model: Path, out: Path) -> None:
     options.optimized_model_filepath = os.fspath(out)
     ort.InferenceSession(os.fspath(model), options, providers=["CPUExecutionProvider"])
 
-
-def _copy_metadata(source: Path, target: Path) -> None:
-    import onnx
-
-    meta = {p.key: p.value for p in onnx.load(os.fspath(source),
-                                              load_external_data=False).metadata_props}
-    if meta:
-        proto = onnx.load(os.fspath(target))
-        onnx.helper.set_model_props(proto, {**meta, "moat.quantization": "int8 static QDQ, "
-                                            "per-channel weights"})
-        onnx.save(proto, os.fspath(target))

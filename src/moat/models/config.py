@@ -10,6 +10,21 @@ from dataclasses import dataclass
 from moat.errors import InvalidInputError
 
 BLOCK_TYPES = ("mbconv", "mbconv", "moat", "moat")
+# MoatNet's keywords that change the attention layout (a dense task's backbone preset)
+LAYOUT_ARGS = ("window_size", "global_attention_at_end", "pool_size")
+# ... and every keyword that shapes the network beyond the variant's name: what a saved model
+# records (config.json's model_args) to be rebuilt; num_classes is recorded on its own
+ARCHITECTURE_ARGS = ("position_embedding", *LAYOUT_ARGS, "in_chans")
+
+
+def check_model_args(*, pool_size: int | None = None, frozen_stages: int | None = None) -> None:
+    """MoatNet's rules for these arguments; `TrainConfig` applies them before a run starts."""
+    if pool_size is not None and pool_size < 1:
+        raise InvalidInputError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
+    stages = len(BLOCK_TYPES)
+    if frozen_stages is not None and not -1 <= frozen_stages <= stages:
+        raise InvalidInputError(f"frozen_stages must be -1 (none), 0 (stem) .. {stages} (all), "
+                         f"got {frozen_stages}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from moat.errors import InvalidInputError
 from moat.models.blocks import MBConvBlock, MoatBlock, batch_norm
-from moat.models.config import MoatConfig
+from moat.models.config import MoatConfig, check_model_args
 from moat.models.layers import Attention, Conv2dSame
 
 ENDPOINTS = ("stage1", "stage2", "stage3", "stage4", "stage5")
@@ -63,7 +63,29 @@ def _check_window_size(cfg: MoatConfig, window_size) -> list[Window | None]:
 
 
 class MoatNet(nn.Module):
-    """MOAT network. Build it with `moat.create_model(name, ...)`."""
+    """MOAT network. Build it with `moat.create_model(name, ...)`.
+
+    Args:
+        cfg: the variant (`moat.models.config.MODEL_CONFIGS`).
+        num_classes: classifier outputs; 0 for pooled features.
+        in_chans: input channels.
+        position_embedding: False builds the official "no PE" variant.
+        window_size: None for global attention everywhere, or one entry per stage
+            (4 entries; MBConv stages must be None), each None, N or (h, w).
+        global_attention_at_end: the last block of each MOAT stage attends globally.
+        pool_size: shortcut average-pool size: 2 (classification) or 3 (official
+            downstream default).
+        drop_path_rate: stochastic depth of the last block; None takes the official
+            per-variant default (MOAT-0: 0.2, ..., tiny-MOAT-0: 0).
+        features_only: return a list of feature maps instead of logits.
+        out_indices: with features_only, which of stage1..stage5 (0..4) to return.
+    """
+
+    # The head, after the last stage: what a features_only model lacks, and the only tensors
+    # whose shape depends on num_classes (moat.weights.adapt keeps, replaces or drops them).
+    classifier_module = "logits_head"  # timm's pretrained_cfg["classifier"]
+    head_modules = ("final_layer_norm", classifier_module)
+    first_conv = "stem.conv_0"         # timm's pretrained_cfg["first_conv"]
 
     def __init__(
         self,
@@ -79,8 +101,7 @@ class MoatNet(nn.Module):
         out_indices: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if pool_size < 1:
-            raise InvalidInputError(f"pool_size must be a positive int (2 or 3), got {pool_size}")
+        check_model_args(pool_size=pool_size)
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -160,9 +181,7 @@ class MoatNet(nn.Module):
         Frozen parameters get `requires_grad=False`, and frozen modules stay in eval mode
         (BatchNorm statistics fixed, no drop path) even when the model is put in train mode.
         """
-        if not -1 <= frozen_stages <= len(self.stages):
-            raise InvalidInputError(f"frozen_stages must be -1 (none), 0 (stem) .. "
-                                    f"{len(self.stages)} (all), got {frozen_stages}")
+        check_model_args(frozen_stages=frozen_stages)
         self.frozen_stages = frozen_stages
         for module in self.frozen_modules():
             module.requires_grad_(False)

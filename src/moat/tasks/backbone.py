@@ -7,7 +7,7 @@ the settings downstream training needs:
 * presets of the official downstream settings (`PRESETS`): "detection" (14x14 window
   attention in the third stage, global attention in the fourth, shortcut pool 3) and
   "segmentation" (global attention in both MOAT stages, pool 3). Any input size works:
-  windows that do not divide a feature map are padded and masked by the model;
+  windows that do not divide a feature map are cut to it by the model;
 * frozen stages (stem + first K stages get `requires_grad=False` and stay in eval mode,
   whatever `.train()` is called with);
 * frozen BatchNorm (every BN becomes `FrozenBatchNorm2d`: fixed statistics and affine,
@@ -16,14 +16,14 @@ the settings downstream training needs:
 * gradient checkpointing and weights loading.
 
 The state-dict keys are those of the classifier minus its head, so checkpoints of
-`moat.create_model(variant)` load directly (`strict=False` drops the head).
+`moat.create_model(variant)` load directly (`moat.weights.adapt` drops the head).
 This module depends on torch only; detection and segmentation heads build on it.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -34,9 +34,11 @@ from torch import Tensor, nn
 from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 from moat.models.blocks import set_batch_norm_momentum
+from moat.models.config import LAYOUT_ARGS
 from moat.models.layers import Conv2dSame
 from moat.models.moat import ENDPOINTS, MoatNet, Window
 from moat.train.checkpoint import load_pretrained
+from moat.weights.loader import load_weights
 
 __all__ = ["PRESETS", "BackbonePreset", "FrozenBatchNorm2d", "MoatBackbone", "build_backbone",
            "batch_norm_thawed", "freeze_batch_norm", "list_presets",
@@ -52,6 +54,10 @@ class BackbonePreset:
     global_attention_at_end: bool = False   # last block of each MOAT stage attends globally
     pool_size: int = 3                      # shortcut average pool (official downstream: 3)
     description: str = field(default="", compare=False)
+
+    def model_args(self) -> dict:
+        """The preset as `MoatNet` keywords (`LAYOUT_ARGS`)."""
+        return {name: getattr(self, name) for name in LAYOUT_ARGS}
 
 
 PRESETS: dict[str, BackbonePreset] = {
@@ -229,19 +235,7 @@ def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
     .tar.gz), or a mapping of tensors under our names or official names (`moat/...`).
     """
     with batch_norm_thawed(model):
-        if isinstance(weights, Mapping):
-            if any(str(k).startswith("moat/") for k in weights):
-                from moat.weights.official import load_official_weights
-
-                load_official_weights(model, weights)
-            else:
-                from moat.weights.loader import load_state
-
-                load_state(model, weights, "backbone weights")
-        else:
-            from moat.weights.loader import load_weights
-
-            load_weights(model, weights)
+        load_weights(model, weights)
     return model
 
 
@@ -297,12 +291,10 @@ def build_backbone(
             raise InvalidInputError(f"unknown backbone preset {preset!r}; choose one of "
                                     f"{list(PRESETS)}")
         preset = PRESETS[preset]
-    unknown = set(overrides) - {"window_size", "global_attention_at_end", "pool_size"}
+    unknown = set(overrides) - set(LAYOUT_ARGS)
     if unknown:
         raise TypeError(f"build_backbone() got unexpected arguments {sorted(unknown)}")
-    settings = dict(window_size=preset.window_size,
-                    global_attention_at_end=preset.global_attention_at_end,
-                    pool_size=preset.pool_size) | overrides
+    settings = preset.model_args() | overrides
     model = MoatBackbone(MODEL_CONFIGS[variant], out_indices=out_indices, in_chans=in_chans,
                          position_embedding=position_embedding, drop_path_rate=drop_path_rate,
                          **settings)

@@ -17,17 +17,17 @@ from torch import nn
 from moat.data.bad_images import BadImageLog
 from moat.device import configure_device, pins_memory
 from moat.errors import InvalidInputError
+from moat.tasks.base import get_task
 from moat.train import distributed as dist_utils
 from moat.train.auto import AUTO_FIELDS
 from moat.train.checkpoint import CheckpointManager
-from moat.train.config import TrainConfig
+from moat.train.config import TrainConfig, micro_batch
 from moat.train.loaders import eval_loader, full_batches, train_loader
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.precision import amp_dtype, grad_scaler, precision_name
 from moat.train.recipes import RECIPE_FIELDS
 from moat.train.run import Progress, Run, restore, resume_point, seed_everything
-from moat.train.task import get_task
 
 log = logging.getLogger("moat")
 
@@ -48,13 +48,14 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
     # the task builds the data, then the model (which may depend on the data's classes)
     task = get_task(config.task)(config)
     train_set, val_set = task.build_datasets()
+    config.num_classes = task.num_classes  # what the data says, in the run's config.yaml
     model = task.build_training_model(info, resume=start is not None)  # complete: weights,
     model = model.to(info.device, memory_format=task.memory_format)  # BN, freezing, SyncBN
     ema = ModelEma(model, config.ema_decay) if config.ema else None
     optimizer = build_optimizer(model, config, task.backbone(model))
     scaler = grad_scaler(amp, info.device)
 
-    micro = _micro_batch(config, info.world_size)
+    micro = micro_batch(config.batch_size, config.accum_steps, info.world_size)
     pin = pins_memory(info.device)
     train_batches = train_loader(train_set, micro, collate_fn=task.collate_fn(True),
                                  workers=config.workers, seed=config.seed, pin_memory=pin,
@@ -97,13 +98,6 @@ def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tu
         config.save(run_dir / "config.yaml")
         _log_header(run, micro)
     return run, progress
-
-
-def _micro_batch(config: TrainConfig, world_size: int) -> int:
-    if config.batch_size % (world_size * config.accum_steps):
-        raise InvalidInputError(f"batch_size {config.batch_size} must be divisible by processes "
-                                f"({world_size}) x accum_steps ({config.accum_steps})")
-    return config.batch_size // (world_size * config.accum_steps)
 
 
 def _warn_if_cpu_busy(device: torch.device) -> None:

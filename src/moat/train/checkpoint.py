@@ -52,8 +52,8 @@ from moat.integrity import DamagedFileError, HashingWriter, atomic_write_text, \
     check_sealed_json, fsync_dir, load_safetensors, read_verified, seal_json, \
     verify_manifest, verify_safetensors, write_safetensors, write_synced
 from moat.paths import regular_file
-from moat.weights.files import load_state_dict
-from moat.weights.loader import load_weights
+from moat.weights.files import TORCH_SUFFIXES, load_state_dict
+from moat.weights.loader import load_file
 from moat.weights.metadata import WeightsMetadata
 
 log = logging.getLogger("moat")
@@ -381,8 +381,7 @@ def file_metadata(path: Path) -> WeightsMetadata:
 
 # --- fine-tuning: weights from anywhere into a model whose head may differ --------------------------
 
-_PREFIXES = ("module.", "_orig_mod.", "backbone.")
-_HEADS = ("logits_head.",)
+_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, a dense task's model
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -398,16 +397,15 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
-@torch.no_grad()
 def load_pretrained(model: nn.Module, path: str | os.PathLike,
                     backbone: nn.Module | None = None) -> str:
     """Load weights for fine-tuning into `backbone` (a MoatNet inside `model`; `model` if None).
 
     Sources: a run directory or checkpoint folder (its preferred weights), a .safetensors or
     PyTorch state dict (ours, loaded safely), or official weights (TensorFlow checkpoint,
-    .tar.gz, .npz; via moat.weights.load_weights). Tensors whose shape differs (the classifier
-    of another number of classes) and the classifier of official weights are skipped and
-    stay freshly initialised; any other missing tensor is an error (wrong variant).
+    .tar.gz, .npz). Through `moat.weights.adapt` with a new classifier allowed: one of
+    another number of classes stays freshly initialised, tensors the model lacks (another
+    task's decoder) are unused, and any other missing tensor is an error (wrong variant).
     Position tables need no resizing: they are resized to the input at forward time.
     """
     target = backbone if backbone is not None else model
@@ -418,56 +416,20 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike,
             raise FileNotFoundError(f"--init-from {str(path)!r} does not exist")
     ours = path.is_dir() and (is_complete(path) or (path / "checkpoints").is_dir()
                               or path.name == "checkpoints")
-    if ours or path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
-        if ours:
-            state, which = read_weights(resolve_checkpoint(path))
-            source = f"{path} ({which} weights)"
-        else:
-            state, source = _read_weights_file(path), str(path)
-        if not any(k.startswith("moat/") for k in state):
-            return _load_matching(target, _strip_prefixes(state), source)
-        return _load_official(target, path)
-    return _load_official(target, path)
-
-
-def _load_matching(target: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> str:
-    own = target.state_dict()
-    loaded, skipped = {}, []
-    for name, value in state.items():
-        if name not in own:
-            continue
-        if tuple(value.shape) != tuple(own[name].shape):
-            skipped.append(f"{name} {list(value.shape)} -> {list(own[name].shape)}")
-            continue
-        loaded[name] = value
-    missing = [k for k in own if k not in loaded and not k.endswith("num_batches_tracked")
-               and not k.startswith(_HEADS)
-               and not any(s.startswith(k + " ") for s in skipped)]
-    if missing:
-        raise InvalidInputError(
-            f"--init-from {source} does not fit the model: {len(missing)} tensors missing, e.g. "
-            f"{missing[:5]}; check --model (the variant must match the weights)")
-    bad_shape = [s for s in skipped if not s.startswith(_HEADS)]
-    if bad_shape:
-        raise InvalidInputError(f"--init-from {source}: tensors of another shape (wrong variant?): "
-                                f"{bad_shape[:5]}")
-    target.load_state_dict(loaded, strict=False)
-    unused = len([k for k in state if k not in own])
-    head = f", classifier re-initialised ({skipped[0]})" if skipped else ""
-    return (f"initialised {len(loaded)} tensors from {source}{head}"
-            + (f", {unused} tensors of the source unused" if unused else ""))
-
-
-def _load_official(target: nn.Module, path: Path) -> str:
-    head = getattr(target, "logits_head", None)
-    # Official classifiers have 1000 classes; another head starts from scratch.
-    swap = isinstance(head, nn.Linear) and head.out_features != 1000
-    if swap:  # official names of the classifier are ignored by a model without one
-        target.logits_head = nn.Identity()
+    source: Any = path
+    if ours:
+        state, which = read_weights(resolve_checkpoint(path))
+        source, name = _strip_prefixes(state), f"{path} ({which} weights)"
+    elif path.suffix in (".safetensors", *TORCH_SUFFIXES):
+        source, name = _strip_prefixes(_read_weights_file(path)), str(path)
+    else:
+        name = f"official weights {path}"
     try:
-        load_weights(target, path)
-    finally:
-        if swap:
-            target.logits_head = head
-    return (f"initialised from official weights {path}"
-            + (" (classifier re-initialised)" if swap else ""))
+        adapted = load_file(target, source, classifier="new", extra="ignore")
+    except ValueError as err:
+        raise InvalidInputError(f"--init-from {name}: {err}\nCheck --model (the variant must "
+                                "match the weights).") from None
+    head = f", classifier re-initialised ({adapted.replaced[0]})" if adapted.replaced else ""
+    unused = len(adapted.unused)
+    return (f"initialised {len(adapted.state)} tensors from {name}{head}"
+            + (f", {unused} tensors of the source unused" if unused else ""))

@@ -7,17 +7,15 @@ command-line flags and `--set KEY=VALUE`. The recipe only fills what nobody set;
 records, for every value the recipe owns and every value set explicitly, the rule or the
 place it came from (config.yaml and train.log show it).
 
-The dataclass defaults below are the `imagenet` recipe, the paper-like one (a test pins it).
-Where they come from ([paper] = the MOAT paper, [model] = the variant's official setting,
-[practice] = common ImageNet practice of the closest models, CoAtNet / MaxViT / timm, because
-the paper's recipe details are not available):
+The fields a recipe owns (`recipes.RECIPE_FIELDS`) default to `UNSET` here: their values
+live in the recipes alone, and a config built by hand takes the `imagenet` recipe's. The
+other defaults below are the paper-like setting ([paper] = the MOAT paper, [practice] =
+common ImageNet practice of CoAtNet / MaxViT / timm, as the paper's details are not
+available; the recipe's values say their own sources in `moat.train.recipes.imagenet`):
 
     epochs 300, img_size 224 ......................................... [paper]
-    drop_path_rate = per-variant official value (None) ............... [model]
     AdamW, betas (0.9, 0.999), lr 1e-3 per 1024 images, wd 0.05 ...... [practice]
-    5 warm-up epochs then cosine to min_lr 1e-5 ...................... [practice]
-    label smoothing 0.1, RandAugment (2, 15), Mixup 0.8 / CutMix 1.0 . [practice]
-    EMA of weights (0.9999), gradient clipping at norm 1.0 ........... [practice]
+    gradient clipping at norm 1.0 .................................... [practice]
 """
 
 from __future__ import annotations
@@ -27,19 +25,20 @@ import difflib
 import json
 import math
 import os
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moat.data.preprocessing import (CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION,
+                                     INTERPOLATIONS)
 from moat.errors import InvalidInputError
+from moat.models.config import check_model_args
 from moat.paths import regular_file
-from moat.preprocessing import (CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATION,
-                                INTERPOLATIONS)
 from moat.train import auto, recipes
-from moat.train.recipes import RECIPES
+from moat.train.recipes import RECIPES, UNSET, RunFacts
+from moat.train.typed import coerce, jsonable, parse_scalar
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
@@ -70,11 +69,11 @@ class TrainConfig:
     std: tuple[float, float, float] = IMAGENET_STD
 
     # --- model options (moat.create_model) ----------------------------------------------------
-    drop_path_rate: float | None = None  # None: the variant's official default
+    drop_path_rate: float | None = UNSET  # None: the variant's official default
     position_embedding: bool | None = None  # None: as the model name says (`_no_pe`: without)
     window_size: list | None = None      # one entry per stage, e.g. [null, null, 14, null]
     pool_size: int = 2
-    bn_momentum: float | None = None     # None: the model's (official 0.01, i.e. Keras 0.99);
+    bn_momentum: float | None = UNSET    # None: the model's (official 0.01, i.e. Keras 0.99);
     #                                      higher (0.1) suits short runs: eval statistics catch up
 
     # --- optimisation -----------------------------------------------------------------------
@@ -82,32 +81,32 @@ class TrainConfig:
     batch_size: int = 1024
     accum_steps: int = 1
     optimizer: str = "adamw"
-    lr: float | None = None          # peak lr; None: lr_base * batch_size / lr_base_batch
+    lr: float | None = UNSET         # peak lr; None: lr_base * batch_size / lr_base_batch
     lr_base: float = 1e-3
     lr_base_batch: int = 1024
-    min_lr: float = 1e-5
-    warmup_epochs: float = 5.0
+    min_lr: float = UNSET
+    warmup_epochs: float = UNSET
     warmup_lr: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9            # sgd only
     weight_decay: float = 0.05       # not on norms, biases, position tables
     clip_grad: float | None = 1.0    # max global gradient norm; None or 0: off
-    layer_decay: float | None = None  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
+    layer_decay: float | None = UNSET  # e.g. 0.75 for fine-tuning: lr * decay^(depth from head)
     frozen_stages: int = -1          # -1 none, 0 stem, K stem + stages 0..K-1 (4: whole backbone)
     init_from: str | None = None     # weights to fine-tune from (.safetensors/.pt/official/RUN_DIR)
     pretrained: bool = False         # fine-tune from the released weights of `model` (a tag,
                                      # e.g. moat_0.in1k_224, or hf-hub:/local-dir:), downloaded once
 
     # --- regularisation and augmentation ------------------------------------------------------
-    label_smoothing: float = 0.1
-    randaugment: tuple[int, int] | None = (2, 15)  # (ops, magnitude on torchvision's 0..30)
-    mixup: float = 0.8
-    cutmix: float = 1.0
+    label_smoothing: float = UNSET
+    randaugment: tuple[int, int] | None = UNSET  # (ops, magnitude on torchvision's 0..30)
+    mixup: float = UNSET
+    cutmix: float = UNSET
     random_erasing: float = 0.0
     hflip: float = 0.5
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    ema: bool = True
-    ema_decay: float = 0.9999
+    scale: tuple[float, float] = UNSET  # RandomResizedCrop area range
+    ema: bool = UNSET
+    ema_decay: float = UNSET
 
     # --- hardware -----------------------------------------------------------------------------
     device: str = "auto"             # auto: cuda:LOCAL_RANK if available, else cpu
@@ -137,10 +136,17 @@ class TrainConfig:
     # --- written by load_config: {setting: the recipe rule or the place that set it} ------------
     sources: dict[str, str] = field(default_factory=dict, compare=False)
 
-    # --- fault injection for tests: the loss of this optimiser step (1-based) becomes NaN -----
-    debug_nan_step: int | None = None
-
     # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        # Built by hand rather than by load_config: the paper-like recipe fills what is unset.
+        unset = [name for name in recipes.RECIPE_FIELDS if getattr(self, name) is UNSET]
+        if unset:
+            facts = RunFacts(batch_size=self.batch_size, epochs=self.epochs, model=self.model,
+                             lr_base=self.lr_base, lr_base_batch=self.lr_base_batch)
+            values, _ = recipes.resolve("imagenet", facts, {})
+            for name in unset:
+                setattr(self, name, values[name])
+
     @property
     def peak_lr(self) -> float:
         """The learning rate after warm-up (linear scaling rule unless `lr` is given)."""
@@ -190,8 +196,7 @@ class TrainConfig:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
-        need(self.batch_size % self.accum_steps == 0,
-             f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        micro_batch(self.batch_size, self.accum_steps)
         need(self.optimizer in OPTIMIZERS,
              f"optimizer {self.optimizer!r} is unknown; choose one of {OPTIMIZERS}")
         need(self.lr_base > 0, f"lr_base must be > 0, got {self.lr_base}")
@@ -202,9 +207,6 @@ class TrainConfig:
         need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
         need(self.clip_grad is None or self.clip_grad >= 0,
              f"clip_grad must be >= 0 or null, got {self.clip_grad}")
-        need(-1 <= self.frozen_stages <= 4,
-             f"frozen_stages must be -1 (none), 0 (stem) .. 4 (whole backbone), "
-             f"got {self.frozen_stages}")
         need(0 <= self.random_erasing <= 1 and 0 <= self.hflip <= 1,
              "random_erasing and hflip are probabilities in [0, 1]")
         need(self.precision in PRECISIONS,
@@ -219,11 +221,12 @@ class TrainConfig:
         need(self.ema_eval_from_epoch is None or self.ema_eval_from_epoch >= 1,
              f"ema_eval_from_epoch must be >= 1 or null, got {self.ema_eval_from_epoch}")
         need(self.log_every_steps >= 1, "log_every_steps must be >= 1")
-        need(self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}")
+        try:  # the model's own rules (moat.models.config), before anything is built
+            check_model_args(pool_size=self.pool_size, frozen_stages=self.frozen_stages)
+        except ValueError as err:
+            raise InvalidInputError(f"config: {err}") from None
         need(self.num_classes is None or self.num_classes >= 1,
              f"num_classes must be >= 1 or null (from the data), got {self.num_classes}")
-        need(self.debug_nan_step is None or self.debug_nan_step >= 1,
-             f"debug_nan_step must be >= 1 or null, got {self.debug_nan_step}")
         if not recipe_fields:
             return self
         # the fields a recipe fills (moat.train.recipes.RECIPE_FIELDS)
@@ -249,7 +252,7 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(dataclasses.asdict(self))
+        return jsonable(dataclasses.asdict(self))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as YAML (or JSON when the name ends in .json), atomically."""
@@ -273,6 +276,14 @@ class TrainConfig:
         for key, value in values.items():
             _set(config, str(key), value, source)
         return config
+
+
+def micro_batch(batch_size: int, accum_steps: int, world_size: int = 1) -> int:
+    """Samples per forward pass: the global batch split over processes and accumulation."""
+    if batch_size % (world_size * accum_steps):
+        raise InvalidInputError(f"config: batch_size {batch_size} is not divisible by processes "
+                                f"({world_size}) x accum_steps ({accum_steps})")
+    return batch_size // (world_size * accum_steps)
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -332,7 +343,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     task = "classification"
     for _, values in layers:
         task = values.get("task", task)
-    from moat.train.task import get_task
+    from moat.tasks.base import get_task
 
     task_cls = get_task(str(task))
     layers.insert(0, ("task defaults", dict(task_cls.config_defaults)))
@@ -376,7 +387,7 @@ _HINTS = typing.get_type_hints(TrainConfig)
 def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
     if key.startswith("task_options."):
         name = key.split(".", 1)[1]
-        config.task_options[name] = _parse_scalar(value) if isinstance(value, str) else value
+        config.task_options[name] = parse_scalar(value) if isinstance(value, str) else value
         return
     if key not in _FIELDS:
         close = difflib.get_close_matches(key, _FIELDS, n=3)
@@ -385,7 +396,7 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         raise InvalidInputError(f"{source}: unknown setting {key!r}{hint}")
     if key == "task_options":
         if isinstance(value, str):
-            value = _parse_scalar(value)
+            value = parse_scalar(value)
         if not isinstance(value, dict):
             raise InvalidInputError(f"{source}: task_options must be a mapping, got {value!r}")
         config.task_options.update(value)
@@ -394,98 +405,3 @@ def _set(config: TrainConfig, key: str, value: Any, source: str) -> None:
         setattr(config, key, coerce(value, _HINTS[key]))
     except (TypeError, ValueError) as err:
         raise InvalidInputError(f"{source}: {key}={value!r}: {err}") from None
-
-
-def _parse_scalar(text: str) -> Any:
-    """YAML-ish parsing of one command-line value ('1e-3' is a float here, unlike YAML 1.1)."""
-    import yaml
-
-    try:
-        return float(text) if _looks_float(text) else yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _looks_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity") and not text.isdigit()
-
-
-def coerce(value: Any, hint: Any) -> Any:
-    """Convert `value` (a string from the command line, or a YAML/JSON value) to `hint`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in
-                             ("none", "null", "~", "")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return coerce(value, a)
-            except (TypeError, ValueError) as err:
-                errors.append(str(err))
-        raise InvalidInputError("; ".join(errors))
-    if isinstance(value, str) and (origin in (tuple, list) or hint in (list, dict)):
-        value = _parse_scalar(value)
-        if isinstance(value, str):  # "2,15" -> [2, 15]
-            value = [_parse_scalar(v.strip()) for v in value.strip("[]()").split(",")]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "yes", "on", "1"):
-            return True
-        if isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise InvalidInputError(f"expected true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise InvalidInputError(f"expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            value = value.strip()
-            f = float(value)  # accepts "1e3"
-            if not f.is_integer():
-                raise InvalidInputError(f"expected an integer, got {value!r}")
-            return int(f)
-        if isinstance(value, int):
-            return value
-        raise InvalidInputError(f"expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise InvalidInputError(f"expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise InvalidInputError(f"expected a string, got {value!r}")
-        return str(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise InvalidInputError(f"expected a list of {len(args)} values, got {value!r}")
-        if len(value) != len(args):
-            raise InvalidInputError(f"expected {len(args)} values, got {len(value)}")
-        return tuple(coerce(v, a) for v, a in zip(value, args))
-    if hint is list or origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise InvalidInputError(f"expected a list, got {value!r}")
-        return list(value)
-    if hint is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise InvalidInputError(f"expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value

@@ -22,7 +22,7 @@ def train_evaluate_predict(out: Path, data_root: str, settings: Mapping[str, Any
     `moat app` command that opens the trained model in a local web page. `epochs` replaces the
     demo's schedule length, evaluation included; `overrides` are `--set KEY=VALUE` strings."""
     from moat.train.config import load_config
-    from moat.train.inference import evaluate_checkpoint, predict_checkpoint
+    from moat.train.eval_predict import evaluate_checkpoint, predict_checkpoint
     from moat.train.loop import train
 
     t0 = time.time()

@@ -162,7 +162,7 @@ class Trainer:
                 break
 
     def _forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        r, c = self.run, self.run.config
+        r = self.run
         size = r.task.batch_size(batch)
         # Every file of this batch was unreadable, or all but one: BatchNorm cannot normalise
         # a single image whose last feature map is 1x1 ("expected more than one value per
@@ -172,8 +172,6 @@ class Trainer:
         self.progress.samples_in_epoch += size
         with autocast(r.device, r.amp):
             loss, scalars = r.task.loss(r.train_model, batch, r.device)
-        if c.debug_nan_step is not None and self.progress.step + 1 == c.debug_nan_step:
-            loss = loss * float("nan")
         return loss, scalars
 
     def _padded(self, size: int) -> bool:

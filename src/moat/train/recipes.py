@@ -3,12 +3,14 @@
 A recipe fills the settings a run did not set itself; anything set by the task's defaults, a
 config file, a flag or `--set` wins. `--recipe auto` (the default) picks:
 
-    the task brings its own defaults (segmentation, detection) -> imagenet under them, as before
+    the task brings its own defaults (segmentation, detection) -> imagenet under them
     training starts from weights (init_from or pretrained)     -> finetune
     otherwise                                                   -> scratch
 
-- `imagenet`: the paper-like recipe for 300 epochs at batch 1024 (see moat.train.config for
-  the source of each value), exactly as it was the default before recipes existed.
+(A task's own defaults were tuned on top of `imagenet`'s values, so those stay under them.)
+
+- `imagenet`: the paper-like recipe for 300 epochs at batch 1024 (the source of each value
+  in its docstring); also what a `TrainConfig` built by hand, without a recipe, trains with.
 - `scratch`: training from scratch on the data at hand. It adapts to the run: the learning
   rate does not shrink below batch 1024 (AdamW's step size does not depend on the batch the
   way SGD's does), and augmentation, regularisation, the EMA and BatchNorm statistics follow
@@ -33,7 +35,16 @@ from typing import Any
 from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
 
-# Every recipe sets exactly these TrainConfig fields.
+class _Unset:
+    """TrainConfig's default for a field a recipe owns: nobody set it yet."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+
+# Every recipe sets exactly these TrainConfig fields (which default to UNSET there).
 RECIPE_FIELDS = ("lr", "min_lr", "warmup_epochs", "label_smoothing", "mixup", "cutmix",
                  "randaugment", "scale", "ema", "ema_decay", "bn_momentum", "drop_path_rate",
                  "layer_decay")
@@ -74,6 +85,11 @@ Recipe = Callable[[RunFacts], dict[str, Setting]]
 
 
 def imagenet(f: RunFacts) -> dict[str, Setting]:
+    """The paper-like ImageNet recipe. Sources: [model] = the variant's official setting,
+    [practice] = common ImageNet practice of CoAtNet / MaxViT / timm (the paper's recipe
+    details are not available): lr 1e-3 per 1024 images, 5 warm-up epochs then cosine to
+    1e-5, label smoothing 0.1, RandAugment (2, 15), Mixup 0.8 / CutMix 1.0, EMA 0.9999
+    [practice]; drop path and BatchNorm momentum [model]."""
     lr = f.lr_base * f.batch_size / f.lr_base_batch
     return {
         "lr": Setting(lr, f"{f.lr_base:g} x batch / {f.lr_base_batch} (linear scaling)"),
@@ -153,7 +169,7 @@ def choose(name: str, from_weights: bool, task_has_defaults: bool) -> tuple[str,
     if name != "auto":
         return name, "chosen with --recipe / recipe:"
     if task_has_defaults:
-        return "imagenet", "auto: the task brings its own defaults; the rest as before"
+        return "imagenet", "auto: the task brings its own defaults, tuned over imagenet's"
     if from_weights:
         return "finetune", "auto: training starts from weights (init_from / pretrained)"
     return "scratch", "auto: training from scratch"

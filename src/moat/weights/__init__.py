@@ -8,7 +8,9 @@
 5. conversion: ``official`` (official names and layouts), ``convert`` (checkpoint ->
    state dict / .safetensors), ``info`` (``moat info``);
 6. sources: ``cache`` (download, verify, convert once), ``hub`` (Hugging Face folders);
-7. ``loader``: the one loader behind ``moat.create_model``.
+7. ``adapt``: one adapter from any state dict to a model (classifier kept, replaced or
+   dropped), under ``loader``: the one loader behind ``moat.create_model``
+   (``moat.models.factory``, where ``models`` users look for it).
 
 Names below are imported on first use, so ``import moat.weights`` stays cheap.
 """
@@ -26,7 +28,7 @@ _EXPORTS = {
     "DownloadError": "moat.weights.cache", "moat_home": "moat.weights.cache",
     "pretrained_file": "moat.weights.cache",
     "push_to_hub": "moat.weights.hub", "save_pretrained": "moat.weights.hub",
-    "create_model": "moat.weights.loader",
+    "create_model": "moat.models.factory",
     "data_config": "moat.weights.loader", "load_tf_checkpoint": "moat.weights.loader",
     "load_weights": "moat.weights.loader",
 }

@@ -12,12 +12,12 @@ Examples: ``moat_0.in1k_224``, ``moat_0_no_pe.in1k_224``, ``moat_2.in22k_ft_in1k
 ``tiny_moat_0.in1k_256``.
 
 Every entry carries its preprocessing and its class names, so neither is ever guessed. The
-facts come from ``moat.preprocessing`` (one source for the whole package): normalisation is
+facts come from ``moat.data.preprocessing`` (one source for the whole package): normalisation is
 the official one per checkpoint (deeplab2 docs): "option 1" is ImageNet mean/std on 0..255
 input, i.e. mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225) on 0..1; "option 2" is
 (x - 127.5) / 127.5, i.e. mean 0.5 and std 0.5 on 0..1. The resolution is the variant's
 native one (``MoatConfig.native_resolution``). The official evaluation resize/crop is not
-published; ``moat.preprocessing`` documents the choice (bicubic, crop_pct 0.875).
+published; ``moat.data.preprocessing`` documents the choice (bicubic, crop_pct 0.875).
 
 Params, FLOPs (multiply-adds) and top-1 are the documented numbers of the release.
 ``sha256`` and ``size`` are None where the released file's hash and byte count are unknown
@@ -37,9 +37,9 @@ from functools import cache
 from importlib.resources import files
 from typing import Any
 
+from moat.data.preprocessing import NORMALISATION, imagenet_data_config
 from moat.errors import InvalidInputError
 from moat.models.config import MODEL_CONFIGS
-from moat.preprocessing import CROP_PCT, INTERPOLATION, NORMALISATION, VARIANT_NORMALISATION
 
 BASE_URL = "https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/"
 NO_PE_SUFFIX = "_no_pe"
@@ -97,8 +97,9 @@ class PretrainedWeights:
 
     @property
     def normalization(self) -> str:
-        """Official option: "option1" (ImageNet mean/std) or "option2" (127.5/127.5)."""
-        return VARIANT_NORMALISATION[self.model]
+        """Official option: "option2" (127.5/127.5) for the ImageNet-22k checkpoints
+        (MOAT-2/3/4), "option1" (ImageNet mean/std) for all others."""
+        return "option2" if self.data.startswith("in22k") else "option1"
 
     @property
     def label_names(self) -> tuple[str, ...]:
@@ -106,9 +107,7 @@ class PretrainedWeights:
 
     def data_config(self) -> dict[str, Any]:
         """timm-style: input_size (C, H, W); mean/std apply to 0..1 RGB input."""
-        return dict(input_size=(3, self.resolution, self.resolution),
-                    interpolation=INTERPOLATION, crop_pct=CROP_PCT,
-                    **NORMALISATION[self.normalization])
+        return {**imagenet_data_config(self.resolution), **NORMALISATION[self.normalization]}
 
     def pretrained_cfg(self, with_labels: bool = True) -> dict[str, Any]:
         """timm-style pretrained_cfg: the tag, preprocessing, classes and their names."""

@@ -26,7 +26,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from moat.errors import InvalidInputError
@@ -43,7 +42,7 @@ BN_STATISTICS = ("/moving_mean", "/moving_variance")
 
 __all__ = ["BN_STATISTICS", "CheckpointVariables", "MissingBatchNormStatisticsWarning",
            "OfficialWeights", "classify_variables", "convert_checkpoint", "official_keys",
-           "select_weights", "tf_state_dict"]
+           "select_weights"]
 
 
 class MissingBatchNormStatisticsWarning(UserWarning):
@@ -159,17 +158,6 @@ def select_weights(ckpt: TFCheckpoint, model: nn.Module, *, ema: bool = False,
 
 
 # --- loading and converting -------------------------------------------------------------
-
-
-@torch.no_grad()
-def tf_state_dict(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
-                  allow_missing_bn_stats: bool = False) -> dict[str, torch.Tensor]:
-    """``model``'s state dict read from an official TensorFlow checkpoint (archive, prefix,
-    .index or directory), every name, shape and tensor checksum checked."""
-    with TFCheckpoint(path) as ckpt:
-        weights = select_weights(ckpt, model, ema=ema,
-                                 allow_missing_bn_stats=allow_missing_bn_stats)
-        return official_state_dict(model, weights)
 
 
 def _source_fingerprint(ckpt: TFCheckpoint) -> tuple[str, str]:

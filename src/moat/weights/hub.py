@@ -25,6 +25,7 @@ from torch import nn
 
 from moat.errors import InvalidInputError
 from moat.integrity import atomic_write_text
+from moat.models import ARCHITECTURE_ARGS, MoatNet
 from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
@@ -32,9 +33,6 @@ from moat.weights.variant import model_variant
 
 CONFIG_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "model.safetensors", "README.md"
 LOCAL_PREFIX, HUB_PREFIX = "local-dir:", "hf-hub:"
-# moat.create_model keywords that shape the architecture beyond the variant's name
-ARCHITECTURE_ARGS = ("position_embedding", "window_size", "global_attention_at_end",
-                     "pool_size", "in_chans")
 
 __all__ = ["HubFolder", "is_hub_name", "push_to_hub", "resolve", "save_pretrained"]
 
@@ -132,8 +130,8 @@ def hub_config(model: nn.Module, label_names: Sequence[str] | None = None) -> di
     cfg = release(variant.model_name).data_config()  # the variant's, unless the model has its own
     cfg.update({k: own[k] for k in ("tag", "input_size", "interpolation", "crop_pct", "mean",
                                     "std", "license", "paper_ids") if k in own})
-    cfg.update(num_classes=model.num_classes, first_conv="stem.conv_0",
-               classifier="logits_head", label_names=_label_names(model, label_names))
+    cfg.update(num_classes=model.num_classes, first_conv=MoatNet.first_conv,
+               classifier=MoatNet.classifier_module, label_names=_label_names(model, label_names))
     return {"architecture": variant.name, "num_classes": model.num_classes,
             "num_features": model.num_features, "model_args": args, "pretrained_cfg": cfg}
 

@@ -1,17 +1,10 @@
-"""One loader behind ``moat.create_model``: names, tags and hub folders in, a model out.
+"""The one loader: weights from any file or mapping into a model (``load_weights``), the
+weights a model name stands for (``weights_file``) and the preprocessing they expect
+(``data_config``). ``moat.create_model`` (``moat.models.factory``) builds on it.
 
-Where weights come from (the sources, see ``cache.py`` and ``hub.py``):
-
-* ``create_model("moat_0.in1k_224", pretrained=True)``: the release, downloaded, verified and
-  converted once into the cache;
-* ``create_model("moat_0", weights=FILE)``: a file (our .safetensors, a PyTorch state dict
-  loaded safely, an .npz of official names, a TensorFlow checkpoint or released .tar.gz);
-* ``create_model("local-dir:PATH")`` / ``("hf-hub:ORG/NAME")``: a folder written by
-  ``save_pretrained`` (weights are loaded unless ``pretrained=False``).
-
-Every load is strict: a missing, unexpected or mis-shaped tensor is an error listing them
-all, never a silently half-initialised model. With ``num_classes`` other than the
-weights', the backbone is loaded and a fresh classifier is made (fine-tuning).
+Every load goes through ``moat.weights.adapt``: strict (a missing, unexpected or mis-shaped
+tensor is an error listing them all, never a silently half-initialised model), with the
+classifier kept, replaced (fine-tuning) or dropped (a model without one).
 """
 
 from __future__ import annotations
@@ -25,136 +18,72 @@ import torch
 from torch import nn
 
 from moat.errors import InvalidInputError
-from moat.models import MoatNet, build_model
+from moat.weights.adapt import Adapted, load_into
 from moat.weights.cache import pretrained_file
-from moat.weights.catalogue import PRETRAINED, release, split_name
-from moat.weights.convert import tf_state_dict
+from moat.weights.catalogue import PRETRAINED, release
+from moat.weights.convert import select_weights
 from moat.weights.files import TORCH_SUFFIXES, load_state_dict, verify_sha256
-from moat.weights.hub import ARCHITECTURE_ARGS, is_hub_name, resolve
-from moat.weights.official import load_official_weights
+from moat.weights.hub import is_hub_name, resolve
+from moat.weights.official import load_official
+from moat.weights.tf_checkpoint import TFCheckpoint
 from moat.weights.variant import check_variant, model_variant
 
-HEAD_PREFIXES = ("logits_head.", "final_layer_norm.")
-
-__all__ = ["create_model", "data_config", "load_state",
-           "load_tf_checkpoint", "load_weights", "weights_file"]
+__all__ = ["data_config", "load_file", "load_tf_checkpoint", "load_weights", "weights_file"]
 
 
-def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "weights",
-               ) -> None:
-    """Copy our-named tensors into ``model`` strictly (classifier ignored if it has none)."""
-    own = model.state_dict()
-    expected = {k for k in own if not k.endswith("num_batches_tracked")}
-    missing = sorted(expected - state.keys())
-    unexpected = sorted(k for k in state if k not in own and not k.startswith(HEAD_PREFIXES))
-    misshaped = sorted(f"{k}: file {list(v.shape)}, model {list(own[k].shape)}"
-                       for k, v in state.items() if k in own and v.shape != own[k].shape)
-    if missing or unexpected or misshaped:
-        lines = [f"{source} does not fit this model:"]
-        for title, names in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape", misshaped)):
-            if names:
-                lines += [f"  {title} ({len(names)}):"] + [f"    {n}" for n in names[:20]]
-                lines += [f"    ... and {len(names) - 20} more"] if len(names) > 20 else []
-        lines.append("Create the model with the variant, position_embedding and num_classes "
-                     "the weights were saved with (see `moat info FILE`).")
-        raise InvalidInputError("\n".join(lines))
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+def load_file(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+              sha256: str | None = None, ema: bool = False, allow_missing_bn_stats: bool = False,
+              classifier: str = "keep", extra: str = "error") -> Adapted:
+    """``load_weights``, returning what ``moat.weights.adapt`` left out (a replaced or
+    dropped classifier, unused tensors); ``classifier`` and ``extra`` are the adapter's."""
+    options = dict(classifier=classifier)
+    if isinstance(source, Mapping):
+        return _load_state(model, source, "weights", extra=extra, **options)
+    path = Path(source)
+    if sha256:
+        verify_sha256(path, sha256)
+    if path.suffix == ".npz":
+        return load_official(model, path, **options)
+    if path.suffix in (".safetensors", *TORCH_SUFFIXES):
+        state, meta = load_state_dict(path)
+        if meta.variant:
+            check_variant(model, meta.variant, meta.position_embedding, str(path))
+        return _load_state(model, state, str(path), extra=extra, **options)
+    with TFCheckpoint(path) as ckpt:
+        weights = select_weights(ckpt, model, ema=ema,
+                                 allow_missing_bn_stats=allow_missing_bn_stats)
+        return load_official(model, weights, **options)
+
+
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                **options: Any) -> Adapted:
+    if any(str(k).startswith("moat/") for k in state):  # official names, e.g. a TF export
+        options.pop("extra")
+        return load_official(model, {k: v.numpy() if isinstance(v, torch.Tensor) else v
+                                     for k, v in state.items()}, **options)
+    return load_into(model, state, source=source, **options)
+
+
+def load_weights(model: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                 sha256: str | None = None, ema: bool = False,
+                 allow_missing_bn_stats: bool = False) -> nn.Module:
+    """Load weights from any supported file into ``model``, strictly; return the model.
+
+    ``source``: a .safetensors file (ours, e.g. from ``moat convert``), a PyTorch state_dict,
+    an .npz of official names, a TensorFlow checkpoint (released .tar.gz, prefix, .index or
+    directory), or a mapping of tensors under our or official names. ``ema`` and
+    ``allow_missing_bn_stats`` apply to TensorFlow checkpoints (see ``moat.weights.convert``).
+    ``sha256`` is checked first. A model without a classifier ignores the weights' one.
+    """
+    load_file(model, source, sha256=sha256, ema=ema,
+              allow_missing_bn_stats=allow_missing_bn_stats)
+    return model
 
 
 def load_tf_checkpoint(model: nn.Module, path: str | os.PathLike, *, ema: bool = False,
                        allow_missing_bn_stats: bool = False) -> nn.Module:
     """Load an official TensorFlow checkpoint (archive, prefix, .index or directory)."""
-    load_state(model, tf_state_dict(model, path, ema=ema,
-                                    allow_missing_bn_stats=allow_missing_bn_stats), str(path))
-    return model
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike, *, sha256: str | None = None,
-                 ema: bool = False, allow_missing_bn_stats: bool = False) -> nn.Module:
-    """Load weights from any supported file into ``model``, strictly; return the model.
-
-    ``path``: a .safetensors file (ours, e.g. from ``moat convert``), a PyTorch state_dict,
-    an .npz of official names, or a TensorFlow checkpoint (released .tar.gz, prefix,
-    .index or directory). ``ema`` and ``allow_missing_bn_stats`` apply to TensorFlow
-    checkpoints (see ``moat.weights.convert``). ``sha256`` is checked first.
-    """
-    path = Path(path)
-    if sha256:
-        verify_sha256(path, sha256)
-    if path.suffix == ".npz":
-        return load_official_weights(model, path)
-    if path.suffix in (".safetensors", *TORCH_SUFFIXES):
-        state, meta = load_state_dict(path)
-        if meta.variant:
-            check_variant(model, meta.variant, meta.position_embedding, str(path))
-        if any(k.startswith("moat/") for k in state):  # official names, e.g. a TF export
-            return load_official_weights(model, {k: v.numpy() for k, v in state.items()})
-        load_state(model, state, str(path))
-        return model
-    return load_tf_checkpoint(model, path, ema=ema, allow_missing_bn_stats=allow_missing_bn_stats)
-
-
-def create_model(name: str, *, pretrained: bool | None = None,
-                 weights: str | os.PathLike | None = None, sha256: str | None = None,
-                 ema: bool = False, allow_missing_bn_stats: bool = False,
-                 progress: bool | None = None, **kwargs: Any) -> MoatNet:
-    """Build a model by name, pretrained tag or hub folder, optionally with weights.
-
-    ``name``: a variant (``"moat_0"``), its no-PE form (``"moat_0_no_pe"``), a pretrained
-    tag (``"moat_0.in1k_224"``), or a saved folder (``"local-dir:PATH"``,
-    ``"hf-hub:ORG/NAME"``).
-    ``pretrained=True``: load the release of the tag (or of the variant), downloaded and
-    converted once into the cache (``moat.weights.cache``; ``progress`` shows a bar, None:
-    only on a terminal). Folder names load their weights unless ``pretrained=False``.
-    ``weights``: a file instead (see ``load_weights``); its variant must match ``name``;
-    ``sha256`` (or the catalogue's, when known) is checked before anything is read.
-    With ``num_classes`` other than the weights', the backbone is loaded and a fresh
-    classifier made (fine-tuning). Other keywords go to ``moat.models.build_model``.
-    """
-    if weights is not None and pretrained:
-        raise InvalidInputError("pass either pretrained=True (the release) or weights=FILE, not "
-                                "both")
-    cfg: dict[str, Any] = {}
-    if is_hub_name(name):
-        folder = resolve(name)
-        model_name, tag = folder.architecture, folder.pretrained_cfg.get("tag")
-        kwargs = {**folder.model_args, **kwargs}
-        cfg, source_classes = folder.pretrained_cfg, folder.config["num_classes"]
-        if pretrained is not False and weights is None:
-            weights = folder.weights
-    else:
-        model_name, pe, tag = split_name(name)
-        if not pe:
-            if kwargs.get("position_embedding", False):
-                raise InvalidInputError(f"{name!r} is a model without position embedding; "
-                                        "drop position_embedding=True")
-            kwargs["position_embedding"] = False
-        entry = release(name) if pretrained or tag else None
-        if entry is not None:
-            cfg, tag = entry.pretrained_cfg(with_labels=bool(pretrained or weights)), entry.tag
-        if pretrained:
-            weights = pretrained_file(entry.tag, progress=progress)
-        elif weights is not None and sha256 is None and entry is not None:
-            sha256 = entry.sha256  # the released archive's, where known
-        source_classes = entry.num_classes if entry else kwargs.get("num_classes", 1000)
-    if weights is None:
-        model = build_model(model_name, **kwargs)
-    else:
-        num_classes = kwargs.pop("num_classes", source_classes)
-        new_head = num_classes != source_classes
-        model = build_model(model_name, num_classes=0 if new_head else num_classes, **kwargs)
-        load_weights(model, weights, sha256=sha256, ema=ema,
-                     allow_missing_bn_stats=allow_missing_bn_stats)
-        if new_head and not kwargs.get("features_only"):
-            model.reset_classifier(num_classes)
-            cfg = {k: v for k, v in cfg.items() if k != "label_names"}
-    cfg["num_classes"] = model.num_classes
-    model.pretrained_cfg = cfg  # timm's name: preprocessing and class names travel along
-    model.model_args = {k: v for k, v in kwargs.items() if k in ARCHITECTURE_ARGS}
-    if tag:
-        model.pretrained_tag = tag
-    return model
+    return load_weights(model, path, ema=ema, allow_missing_bn_stats=allow_missing_bn_stats)
 
 
 def weights_file(name: str, pretrained: bool = False, *, progress: bool | None = None) -> Path:

@@ -16,11 +16,11 @@ from torch import nn
 
 from moat.errors import InvalidInputError
 from moat.models.layers import Attention
+from moat.weights.adapt import Adapted, adapt_state_dict, load_into
 
 BN_NAMES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
             "running_var": "moving_variance"}
 LN_NAMES = {"weight": "gamma", "bias": "beta"}
-HEAD_SCOPES = ("moat/final_layer_norm", "moat/logits_head")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ def official_tensors(model: nn.Module) -> list[OfficialTensor]:
                 "depthwise" if depthwise else "conv")
             if module.bias is not None:
                 add("bias", "bias")
-        elif isinstance(module, nn.Linear) and module_name == "logits_head":
+        elif isinstance(module, nn.Linear) and \
+                module_name == getattr(model, "classifier_module", None):
             add("weight", "kernel", "head")
             add("bias", "bias")
     return entries
@@ -127,52 +128,57 @@ def _read_source(source: Mapping[str, np.ndarray] | str | os.PathLike) -> Mappin
         return dict(data)
 
 
+def _our_names(model: nn.Module, arrays: Mapping[str, np.ndarray],
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict under our names, our name -> official names) for `moat.weights.adapt`.
+
+    Official arrays no tensor of `model` reads stay under their own names (so the adapter
+    reports them as unexpected), except those of a head the model lacks: those take the
+    head's name, so the adapter drops them as it drops any classifier the model has no
+    place for."""
+    state, labels, used = {}, {}, set()
+    for entry in official_tensors(model):
+        labels[entry.name] = " + ".join(entry.official)
+        if all(n in arrays for n in entry.official):
+            used.update(entry.official)
+            value = _to_torch(entry.layout, [np.asarray(arrays[n]) for n in entry.official])
+            state[entry.name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+    present = {name.split(".", 1)[0] for name in labels}
+    heads = {_official_scope(m) + "/": m for m in getattr(model, "head_modules", ())
+             if m not in present}
+    for name in arrays:
+        if name not in used:
+            scope = next((s for s in heads if name.startswith(s)), None)
+            key = f"{heads[scope]}.{name[len(scope):]}" if scope else name
+            state[key], labels[key] = torch.empty(np.shape(arrays[name]), device="meta"), name
+    return state, labels
+
+
 def official_state_dict(model: nn.Module, source: Mapping[str, np.ndarray] | str | os.PathLike,
-                        ) -> dict[str, torch.Tensor]:
+                        *, classifier: str = "keep") -> dict[str, torch.Tensor]:
     """Convert official arrays into `model`'s state_dict layout, checking every name and shape.
 
-    Raises one ValueError listing every missing, unexpected and mis-shaped name. Classifier
-    names are ignored for a model without a classifier (features_only or num_classes=0).
+    Raises one InvalidInputError listing every missing, unexpected and mis-shaped name, in official
+    terms. The head is kept, replaced (`classifier="new"`) or dropped as
+    `moat.weights.adapt` decides.
     """
-    arrays = _read_source(source)
-    own = model.state_dict()
-    state, missing, misshaped, used = {}, [], [], set()
-    for entry in official_tensors(model):
-        absent = [n for n in entry.official if n not in arrays]
-        if absent:
-            missing += absent
-            continue
-        used.update(entry.official)
-        value = _to_torch(entry.layout, [np.asarray(arrays[n]) for n in entry.official])
-        if tuple(value.shape) != tuple(own[entry.name].shape):
-            shapes = ", ".join(f"{n} {list(np.shape(arrays[n]))}" for n in entry.official)
-            misshaped.append(f"{shapes} -> {entry.name} needs {list(own[entry.name].shape)}")
-            continue
-        state[entry.name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-    has_head = any(e.name.startswith("logits_head") for e in official_tensors(model))
-    unexpected = [n for n in arrays if n not in used
-                  and (has_head or not n.startswith(HEAD_SCOPES))]
-    if missing or unexpected or misshaped:
-        lines = ["official weights do not fit this model:"]
-        for title, names in (("missing", missing), ("unexpected", unexpected),
-                             ("wrong shape", misshaped)):
-            if names:
-                lines.append(f"  {title} ({len(names)}):")
-                lines += [f"    {n}" for n in sorted(names)]
-        lines.append("Check the variant name, position_embedding and num_classes "
-                     "(create the model with the checkpoint's head, then reset_classifier).")
-        raise InvalidInputError("\n".join(lines))
-    return state
+    state, labels = _our_names(model, _read_source(source))
+    return adapt_state_dict(model, state, source="official weights", classifier=classifier,
+                            labels=labels).state
 
 
-@torch.no_grad()
+def load_official(model: nn.Module, source: Mapping[str, np.ndarray] | str | os.PathLike,
+                  *, classifier: str = "keep") -> Adapted:
+    """`official_state_dict`, copied into `model`; returns what the adapter left out."""
+    state, labels = _our_names(model, _read_source(source))
+    return load_into(model, state, source="official weights", classifier=classifier,
+                     labels=labels)
+
+
 def load_official_weights(model: nn.Module,
                           source: Mapping[str, np.ndarray] | str | os.PathLike) -> nn.Module:
     """Load official TF-named, TF-layout arrays (a mapping or an .npz) into `model`, strictly."""
-    for name, value in official_state_dict(model, source).items():
-        target = model.get_parameter(name) if name in dict(model.named_parameters()) \
-            else model.get_buffer(name)
-        target.copy_(value)
+    load_official(model, source)
     return model
 
 

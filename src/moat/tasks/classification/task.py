@@ -27,11 +27,11 @@ from moat.data.transforms import eval_transform, mixup_cutmix, train_transform
 from moat.device import to_device
 from moat.errors import InvalidInputError
 from moat.models.blocks import set_batch_norm_momentum
+from moat.tasks.base import Task, register_task
 from moat.tasks.classification.demo import run_demo
 from moat.tasks.confusion import ConfusionMatrix, class_recall, plot_confusion, write_report
 from moat.tasks.options import TaskOptions
 from moat.train.distributed import all_reduce_sum
-from moat.train.task import Task, register_task
 
 
 @register_task
@@ -44,6 +44,14 @@ class ClassificationTask(Task):
         super().__init__(config)
         self.classes: list[str] | None = None
         self.confusion: torch.Tensor | None = None  # of the last evaluate()
+
+    @property
+    def num_classes(self) -> int:
+        """`num_classes` when set, else the number of classes in the data (or checkpoint)."""
+        n = self.config.num_classes or (len(self.classes) if self.classes else None)
+        if n is None:
+            raise InvalidInputError("num_classes is unknown: build the datasets first or set it")
+        return n
 
     # --- data ----------------------------------------------------------------------------------
     def _transforms(self):
@@ -98,22 +106,20 @@ class ClassificationTask(Task):
             raise InvalidInputError("the data's classes differ from the checkpoint's: "
                                     f"{list(classes)[:5]}... vs {list(self.classes)[:5]}...")
         self.classes = list(classes)
-        c.num_classes = len(classes)
 
     def collate_fn(self, train: bool):
         if not train:
             return SkipBadCollate()
         c = self.config
-        return SkipBadCollate(mixup_cutmix(c.num_classes, c.mixup, c.cutmix, c.label_smoothing))
+        return SkipBadCollate(mixup_cutmix(self.num_classes, c.mixup, c.cutmix,
+                                           c.label_smoothing))
 
     # --- model and loss -------------------------------------------------------------------------
     def build_model(self) -> nn.Module:
         c = self.config
-        if c.num_classes is None:
-            raise InvalidInputError("num_classes is unknown: build the datasets first or set it")
         pe = {} if c.position_embedding is None else {"position_embedding": c.position_embedding}
         model = moat.create_model(
-            c.model, num_classes=c.num_classes, window_size=c.window_size, pool_size=c.pool_size,
+            c.model, num_classes=self.num_classes, window_size=c.window_size, pool_size=c.pool_size,
             drop_path_rate=c.drop_path_rate, **pe)
         set_batch_norm_momentum(model, c.bn_momentum)
         model.freeze_stages(c.frozen_stages)
@@ -137,7 +143,7 @@ class ClassificationTask(Task):
                         device: torch.device) -> dict[str, dict[str, float]]:
         """top-1, top-5, loss, mean per-class accuracy of each model, all run on each batch
         (one pass over the images); `confusion` is the first model's."""
-        k = self.config.num_classes
+        k = self.num_classes
         # bincount runs on the CPU: its CUDA kernel is not deterministic (--deterministic).
         confusions = {name: ConfusionMatrix(k, ignore_index=None) for name in models}
         # loss, top-5 hits, count
@@ -203,7 +209,7 @@ class ClassificationTask(Task):
                 batch_size: int = 32, **options: Any) -> list[dict]:
         """[{"path", "top_k": [{"label", "index", "probability"}, ...]}] per image; an
         unreadable file gives {"path", "error"} instead."""
-        names = self.classes or [str(i) for i in range(self.config.num_classes)]
+        names = self.classes or [str(i) for i in range(self.num_classes)]
         transform = self.eval_transform(img_size)
         k = max(1, min(top_k, len(names)))
         model.eval()
@@ -229,7 +235,7 @@ class ClassificationTask(Task):
     def metadata(self) -> dict[str, Any]:
         c = self.config
         return {"classes": self.classes, "variant": c.model,
-                "position_embedding": c.model_position_embedding, "num_classes": c.num_classes,
+                "position_embedding": c.model_position_embedding, "num_classes": self.num_classes,
                 "img_size": c.eval_img_size or c.img_size, "mean": list(c.mean),
                 "std": list(c.std), "interpolation": c.interpolation, "crop_pct": c.crop_pct}
 
@@ -237,7 +243,6 @@ class ClassificationTask(Task):
         classes = metadata.get("classes")
         if classes:
             self.classes = list(classes)
-            self.config.num_classes = len(self.classes)
 
     # --- demo ------------------------------------------------------------------------------------
     @classmethod

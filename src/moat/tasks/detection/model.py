@@ -24,9 +24,9 @@ from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from moat.errors import InvalidInputError
-from moat.preprocessing import variant_data_config
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.tasks.detection.cascade import CascadeRCNN
+from moat.weights.catalogue import release
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn", "cascade_rcnn", "cascade_mask_rcnn")
 
@@ -130,7 +130,7 @@ def build_detector(
             four mask-head convs.
         rpn_* / box_*: torchvision's FasterRCNN settings of the same names.
         image_mean, image_std: normalisation on [0, 1] images; default the variant's
-            released checkpoints' (`moat.preprocessing`).
+            released checkpoints' (`moat.data.preprocessing`).
         preset, frozen_stages, freeze_bn, grad_checkpointing, weights, drop_path_rate,
             backbone_overrides: the backbone's (`moat_fpn_backbone`).
 
@@ -153,7 +153,7 @@ def build_detector(
     sizes = tuple(tuple(int(v) for v in s) if isinstance(s, Sequence) else (int(s),)
                   for s in anchor_sizes)
     anchors = AnchorGenerator(sizes, (tuple(float(a) for a in aspect_ratios),) * levels)
-    data = variant_data_config(variant)
+    data = release(variant).data_config()
     names = backbone.featmap_names
     box_roi_pool = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
     common = dict(

@@ -26,13 +26,13 @@ from moat.errors import InvalidInputError
 from moat.integrity import atomic_output, atomic_write_text
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
+from moat.tasks.base import Task, register_task
 from moat.tasks.confusion import csv_cell
 from moat.tasks.detection.demo import run_detection_demo
 from moat.tasks.detection.drawing import draw_detections
 from moat.tasks.detection.metrics import coco_dataset, coco_metrics
 from moat.tasks.detection.model import build_detector
 from moat.tasks.detection.options import DETECTOR_OPTIONS, DetectionOptions
-from moat.train.task import Task, register_task
 
 log = logging.getLogger("moat")
 
@@ -181,7 +181,6 @@ class DetectionTask(Task):
                                     f"configured ones {list(self.classes)}")
         self.classes = dataset.classes
         self.label_to_category = dict(dataset.label_to_category)
-        self.config.num_classes = len(dataset.classes)
 
     def _box_only(self, report: DataReport) -> None:
         """A dataset without instance masks trains the box-only form of a mask detector."""

@@ -1,12 +1,10 @@
 """The "segmentation" task of the training loop: DeepLabv3+ on MOAT (`model.py`), pixel-wise
 cross-entropy, mIoU over the whole set (`metrics.py`), whole-image or sliding-window
-inference (`inference.py`), mask PNGs and overlays (`drawing.py`)."""
+inference (`sliding_window.py`), mask PNGs and overlays (`drawing.py`)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,19 +20,19 @@ from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
 from moat.data.preflight import DataReport, check_segmentation
+from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
 from moat.integrity import atomic_output
 from moat.models.blocks import set_batch_norm_momentum
-from moat.preprocessing import size_pair
 from moat.tasks.backbone import load_pretrained_backbone
+from moat.tasks.base import Task, register_task
 from moat.tasks.confusion import ConfusionMatrix, write_report
 from moat.tasks.segmentation.demo import run_demo
 from moat.tasks.segmentation.drawing import add_legend, color_palette, overlay, save_mask_png
-from moat.tasks.segmentation.inference import segment
 from moat.tasks.segmentation.metrics import metrics_from_confusion
 from moat.tasks.segmentation.model import deeplabv3plus
 from moat.tasks.segmentation.options import SegmentationOptions
-from moat.train.task import Task, register_task
+from moat.tasks.segmentation.sliding_window import segment
 
 log = logging.getLogger("moat")
 
@@ -68,6 +66,7 @@ class SegmentationTask(Task):
         super().__init__(config)
         self.options: SegmentationOptions
         self.class_names: list[str] | None = self.options.class_names
+        self.found_classes: int | None = None  # the data's or a checkpoint's count
         self.class_colours: list[tuple[int, int, int]] | None = None if \
             self.options.class_colors is None else [tuple(c) for c in self.options.class_colors]
         if self.options.binary and self.class_names is None:
@@ -80,8 +79,15 @@ class SegmentationTask(Task):
         return self.options.ignore_index
 
     @property
+    def known_classes(self) -> int | None:
+        """`num_classes` when set, else the data's or a checkpoint's count, else the class
+        names'; None while none of them is known."""
+        return self.config.num_classes or self.found_classes or \
+            (len(self.class_names) if self.class_names else None)
+
+    @property
     def num_classes(self) -> int:
-        n = self.config.num_classes or (len(self.class_names) if self.class_names else None)
+        n = self.known_classes
         if not n or int(n) < 1:
             raise InvalidInputError("segmentation needs the number of classes: set num_classes "
                                     "(150 for ADE20K), or put classes.txt (one name per line) in "
@@ -149,12 +155,10 @@ class SegmentationTask(Task):
         if self.config.val_data is not None:
             val = data.segmentation_datasets(self.config.val_data, None, val_tf,
                                              **self._common())[0]
-        if self.config.num_classes is None:
+        if self.config.num_classes is None and not self.class_names:
             found = data.find_segmentation_splits(root, self.options.layout)
-            if self.class_names:
-                self.config.num_classes = len(self.class_names)
-            elif found.name == "ade20k":
-                self.config.num_classes = 150
+            if found.name == "ade20k":
+                self.found_classes = data.ADE20K_CLASSES
         return train, val
 
     def check_data(self, splits=None) -> list[DataReport]:
@@ -162,15 +166,15 @@ class SegmentationTask(Task):
         already), not raised. Without num_classes or class names, the masks' largest label
         + 1 becomes num_classes."""
         train, val = splits or self._open()
-        known = self.config.num_classes
+        known = self.known_classes
         reports = [check_segmentation(train, known, "training", self.class_names)]
         if known is None and reports[0].notes.get("max_label") is not None \
                 and not reports[0].errors:
-            self.config.num_classes = int(reports[0].notes["max_label"]) + 1
-            reports[0].facts.append(f"num_classes {self.config.num_classes}: the masks' largest "
+            self.found_classes = int(reports[0].notes["max_label"]) + 1
+            reports[0].facts.append(f"num_classes {self.found_classes}: the masks' largest "
                                     "label + 1 (set num_classes or write classes.txt to change)")
         if val is not None:
-            reports.append(check_segmentation(val, self.config.num_classes, "validation",
+            reports.append(check_segmentation(val, self.known_classes, "validation",
                                               self.class_names))
         return reports
 
@@ -210,8 +214,8 @@ class SegmentationTask(Task):
             self.class_names = list(metadata["class_names"])
         if metadata.get("class_colors"):
             self.class_colours = [tuple(c) for c in metadata["class_colors"]]
-        if metadata.get("num_classes") and self.config.num_classes is None:
-            self.config.num_classes = int(metadata["num_classes"])
+        if metadata.get("num_classes"):
+            self.found_classes = int(metadata["num_classes"])
 
     @classmethod
     def demo(cls, output_dir: str, **options: Any) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
-from moat.preprocessing import size_pair
 
 
 def slide_inference(model: nn.Module, images: Tensor, crop_size: int | Sequence[int],

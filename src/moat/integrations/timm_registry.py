@@ -2,7 +2,7 @@
 `timm.create_model("moat_0")`, `timm.create_model("moat_0.in1k_224", pretrained=True)`,
 `timm.create_model("local-dir:PATH" or "hf-hub:ORG/NAME", pretrained=True)`, timm's
 train.py and benchmark.py work on MOAT. Imported when timm is imported after `import moat`
-(see `moat._timm_hook`); the model itself never needs timm.
+(see `moat.integrations.timm_hook`); the model itself never needs timm.
 
 Weights come from moat's own loader (`moat.create_model`): the same download cache, the same
 checks and the same model as moat gives.
@@ -17,11 +17,12 @@ from timm.models._builder import resolve_pretrained_cfg
 
 from moat.errors import InvalidInputError
 from moat.models import MoatNet, list_models
+from moat.models.factory import create_model
 from moat.weights.catalogue import NO_PE_SUFFIX, PRETRAINED
-from moat.weights.loader import create_model
 
-_TIMM_CFG = dict(url="", pool_size=None, first_conv="stem.conv_0", classifier="logits_head",
-                 license="apache-2.0", paper_ids="arXiv:2210.01820")
+_TIMM_CFG = dict(url="", pool_size=None, first_conv=MoatNet.first_conv,
+                 classifier=MoatNet.classifier_module, license="apache-2.0",
+                 paper_ids="arXiv:2210.01820")
 _IGNORED = ("cache_dir", "device", "dtype", "pretrained_model_args")
 
 default_cfgs = generate_default_cfgs(

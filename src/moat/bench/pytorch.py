@@ -30,7 +30,7 @@ Method (the same for every model, so that the numbers compare):
 On a machine shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (the
 `benchmarks/` scripts set it): busy-waiting OpenMP threads otherwise slow every model down
 several times, and models with many operators most. The benchmark scripts and `moat
-benchmark` also make glibc keep freed memory (`moat.runtime`), for every model alike. The
+benchmark` also make glibc keep freed memory (`moat.cli.runtime`), for every model alike. The
 policy, the allocator setting and the load average are recorded with the results.
 """
 
@@ -52,10 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moat.cli.runtime import allocator_setting
 from moat.cpu import cpu_info
-from moat.errors import InvalidInputError
-from moat.runtime import allocator_setting
 from moat.device import pick_device
+from moat.errors import InvalidInputError
 
 __all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
 
@@ -112,9 +112,7 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
 
             if preset not in PRESETS:
                 raise InvalidInputError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-            layout = dict(window_size=PRESETS[preset].window_size,
-                          global_attention_at_end=PRESETS[preset].global_attention_at_end,
-                          pool_size=PRESETS[preset].pool_size)
+            layout = PRESETS[preset].model_args()
         return moat.create_model(name, drop_path_rate=drop_path_rate,
                                  pretrained=pretrained or None, **layout)
     if preset:
@@ -123,11 +121,17 @@ def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
 
     if not timm.is_model(name.split(".")[0]):
         raise InvalidInputError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor "
-                                f"a timm model (timm.list_models())")
-    kwargs = {"drop_path_rate": drop_path_rate}
+                                "a timm model (timm.list_models())")
+    return create_peer(name, img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
+
+
+def create_peer(name: str, img_size: tuple[int, int], **kwargs) -> nn.Module:
+    """A timm peer for `img_size` (every benchmark builds its peers here)."""
+    import timm
+
     if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
         kwargs["img_size"] = img_size
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return timm.create_model(name, **kwargs)
 
 
 def build_model(spec: BenchSpec) -> nn.Module:
@@ -140,7 +144,7 @@ def build_model(spec: BenchSpec) -> nn.Module:
         model.eval()
         model.requires_grad_(False)
     if spec.optimized and spec.mode == "inference" and _is_moat(spec.model):
-        from moat.export.inference import optimize_for_inference
+        from moat.export.fused import optimize_for_inference
 
         return optimize_for_inference(model)
     if spec.channels_last:
@@ -160,7 +164,7 @@ def count_macs(name: str, img_size: tuple[int, int], preset: str | None = None) 
         import moat
 
         return moat.count_flops(model, img_size, method="macs")
-    from moat.flops import CPU_ATTENTION_FLOPS
+    from moat.models.flops import CPU_ATTENTION_FLOPS
 
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, \
             torch.no_grad():
@@ -265,7 +269,7 @@ def measure_peak_memory(spec: BenchSpec, timeout: float = 1800) -> float | None:
     if spec.device == "cpu" and not os.path.exists("/proc/self/status"):
         return None
     fields = {**spec.__dict__, "img_size": list(spec.img_size)}
-    code = ("from moat.benchmark import _memory_probe; "
+    code = ("from moat.bench.pytorch import _memory_probe; "
             f"_memory_probe({json.dumps(json.dumps(fields))})")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=timeout)

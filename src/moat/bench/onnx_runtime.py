@@ -5,7 +5,7 @@ ONNX Runtime layout at a fixed size; timm's peers with `torch.onnx.export`, the 
 torch.export-based exporter and opset), optionally adds static int8 versions of every
 file (`moat.export.quantize`; peers too, so that int8 speed-ups are compared in the same
 run), and times all sessions **interleaved** (one run of each model per round), batch N then
-batch 1, reporting medians. The rows have the columns of `moat.benchmark` (table and CSV),
+batch 1, reporting medians. The rows have the columns of `moat.bench.pytorch` (table and CSV),
 with `runtime` and `onnxruntime` versions added.
 
 Sessions: `moat.export.ort.onnx_session` (CPU, all graph optimisations, `threads` intra-op
@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moat.benchmark import (PEERS, _interleaved, _is_moat, count_macs, count_params,
-                            environment)
+from moat.bench.pytorch import (PEERS, _interleaved, _is_moat, count_macs, count_params,
+                                create_peer, environment)
+from moat.data.preprocessing import size_pair
+from moat.export.formats import EXPORTER_OPSET
 from moat.export.ort import onnx_session
 from moat.integrity import atomic_output
-from moat.preprocessing import size_pair
 
 __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
 
@@ -35,7 +36,7 @@ __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
 # mobile CNN/hybrid baselines), at 256x256 like tiny-MOAT.
 MOBILE_PEERS = ("mobilevitv2_075", "mobilevitv2_100", "mobilevitv2_150", "fastvit_t8",
                 "mobilenetv4_conv_medium")
-OPSET = 18  # the torch.export-based exporter's first opset; used for MOAT and peers alike
+OPSET = EXPORTER_OPSET  # MOAT and peers alike, as the exporter writes them (no downgrade)
 
 
 def peers_for(models: Sequence[str]) -> tuple[str, ...]:
@@ -57,10 +58,7 @@ def export_model(name: str, img_size: tuple[int, int], path: str | os.PathLike,
         model = moat.create_model(name).eval()
         export_onnx(model, path, img_size, opset=OPSET, check=False, gelu=gelu)
         return path
-    import timm
-
-    kwargs = {"img_size": img_size} if name.startswith(("coatnet", "maxvit")) else {}
-    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    model = create_peer(name, img_size, pretrained=False).eval()
     example = torch.randn(2, 3, *img_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():

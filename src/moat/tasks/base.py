@@ -3,12 +3,13 @@ detection). The loop owns everything common: devices, distributed setup, mixed p
 the optimiser and schedule, EMA, checkpoints, logging, resumption. A task owns what differs:
 its model, data, loss, metrics and predictions.
 
-Order of calls in `moat train` (src/moat/train/loop.py): `Task(config)`, `build_datasets()`,
-`build_training_model(info, resume)` (so the model may use what the data found, e.g. the
-number of classes, which the task may write back into `config`), then per step `loss(...)`
-under autocast, per epoch `evaluate_models(...)` under autocast and no_grad on every rank (each
-sees a shard; the model and its EMA in one pass), and `metadata()` whenever a checkpoint
-is written. A batch may carry `.bad` (a list of `moat.data.bad_images.BadSample`): the loop
+Order of calls in `moat train`: `moat.train.assemble` calls `Task(config)`,
+`build_datasets()`, then `build_training_model(info, resume)` (so the model may use what the
+data found, e.g. `num_classes`, which the run records in its config), and
+`moat.train.loop` per step `loss(...)` under autocast, per epoch `evaluate_models(...)` under
+autocast and no_grad on every rank (each sees a shard; the model and its EMA in one pass),
+and `metadata()` whenever a checkpoint is written. A batch may carry `.bad` (a list of
+`moat.data.bad_images.BadSample`): the loop
 logs those files; a training batch whose `batch_size()` is 0 (or 1 with bad files) adds no
 gradient: in a distributed run that process calls `loss(...)` on a batch of readable training
 images instead and multiplies it by 0, so that it takes part in DDP's collectives (see
@@ -154,6 +155,13 @@ class Task:
         if isinstance(first, torch.Tensor):
             return int(first.shape[0]) if first.ndim else 1
         return len(first)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts: `config.num_classes` when set, else what the data (or
+        a checkpoint's metadata) says. Tasks never write the config: the run records this
+        value in its config.yaml once the datasets are built (`moat.train.assemble`)."""
+        raise NotImplementedError
 
     def metadata(self) -> dict[str, Any]:
         """JSON-serialisable facts stored in every checkpoint (e.g. class names)."""

@@ -1,6 +1,6 @@
 """Registers moat's variants with timm when timm is imported, without importing timm.
 
-``timm.create_model("moat_0")`` needs ``moat.timm_registry`` imported, but ``import moat``
+``timm.create_model("moat_0")`` needs ``moat.integrations.timm_registry`` imported, but ``import moat``
 must stay free of timm (it costs seconds). So ``install()`` registers right away if timm is
 already loaded, and otherwise adds an import hook that registers right after timm loads.
 """
@@ -16,7 +16,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-REGISTRY = "moat.timm_registry"
+REGISTRY = "moat.integrations.timm_registry"
 
 
 class _RegisterAfterLoading(importlib.abc.Loader):

@@ -20,55 +20,55 @@ from moat.data.folders import describe_skipped, walk_files
 from moat.data.images import IMAGE_SUFFIXES
 from moat.device import configure_device, pick_device, pins_memory
 from moat.errors import InvalidInputError
+from moat.export.onnx_metadata import OnnxMetadata
 from moat.integrity import atomic_write_text, read_safetensors
+from moat.tasks.base import Task, get_task
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
 from moat.train.config import TrainConfig
-from moat.train.task import Task, get_task
 from moat.weights.loader import load_weights
 
 log = logging.getLogger("moat")
 
 
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def with_settings(config: TrainConfig, settings: Mapping[str, Any] | None,
+                  source: str = "settings") -> TrainConfig:
+    """`config` with `settings` (None: keep the stored value), converted to each field's type
+    and validated like any setting."""
+    values = {k: v for k, v in (settings or {}).items() if v is not None}
+    return TrainConfig.from_dict(values, config, source).validate() if values else config
+
+
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
     """A stored config; settings this version does not know are dropped with a warning."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - _CONFIG_FIELDS)
     if unknown:
         log.warning("ignoring settings unknown to this version: %s", unknown)
-    return TrainConfig.from_dict({k: v for k, v in values.items() if k in known})
-
-
-# metadata_props of an ONNX file exported from a run (`moat export onnx RUN_DIR OUT`)
-ONNX_CONFIG_KEY, ONNX_TASK_KEY = "moat.config", "moat.task_metadata"
+    return TrainConfig.from_dict({k: v for k, v in values.items() if k in _CONFIG_FIELDS})
 
 
 def onnx_metadata(task: Task) -> tuple[dict[str, str], dict[str, Any]]:
     """(metadata_props, preprocessing) that let `moat eval` rebuild `task` from an ONNX file."""
     c = task.config
-    props = {ONNX_CONFIG_KEY: json.dumps(c.to_dict()),
-             ONNX_TASK_KEY: json.dumps(task.metadata())}
+    props = OnnxMetadata(config=c.to_dict(), task_metadata=task.metadata()).props()
     return props, dict(crop_pct=c.crop_pct, interpolation=c.interpolation, mean=list(c.mean),
                        std=list(c.std))
 
 
 def _load_onnx(path: Path, settings: Mapping[str, Any]) -> tuple[Task, nn.Module, dict]:
     """The task of an ONNX file exported from a run, and the file as an ONNX Runtime model."""
-    import onnx
-
     from moat.export.ort import OnnxRuntimeModel
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False)
-             .metadata_props}
-    if ONNX_CONFIG_KEY not in props:
-        raise InvalidInputError(f"{path} does not record its task and classes: export it from the "
-                                "training run, `moat export onnx RUN_DIR OUT.onnx`")
-    config = config_from_dict(json.loads(props[ONNX_CONFIG_KEY]))
-    for key, value in settings.items():
-        if value is not None:
-            setattr(config, key, value)
+    meta = OnnxMetadata.read(path)
+    if meta.config is None:
+        raise InvalidInputError(f"{path} does not record its task and classes: export it "
+                                "from the training run, `moat export onnx RUN_DIR OUT.onnx`")
+    config = with_settings(config_from_dict(meta.config), settings)
     task = get_task(config.task)(config)
-    task.load_metadata(json.loads(props.get(ONNX_TASK_KEY, "{}")))
+    task.load_metadata(meta.task_metadata)
     return task, OnnxRuntimeModel(path), {"checkpoint": str(path), "weights": "onnxruntime"}
 
 
@@ -99,17 +99,13 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
             config = config_from_dict(header.config)
             task_meta = dict(header.task_metadata or {})
         elif header.variant:  # converted official weights, a saved hub folder's weights
-            config = TrainConfig(model=header.variant,
-                                 position_embedding=header.position_embedding,
-                                 num_classes=header.num_classes or 1000)
-            for key in ("mean", "std", "crop_pct", "interpolation"):
-                value = getattr(header, key)
-                if value is not None:
-                    setattr(config, key, tuple(value) if key in ("mean", "std") else value)
-            config.img_size = header.native_resolution or config.img_size
-            for key, value in (header.model_args or {}).items():  # a saved folder's layout
-                if hasattr(config, key):
-                    setattr(config, key, value)
+            recorded = dict(model=header.variant, position_embedding=header.position_embedding,
+                            num_classes=header.num_classes, mean=header.mean, std=header.std,
+                            crop_pct=header.crop_pct, interpolation=header.interpolation,
+                            img_size=header.native_resolution)
+            recorded.update({k: v for k, v in (header.model_args or {}).items()
+                             if k in _CONFIG_FIELDS})  # a saved folder's layout
+            config = with_settings(TrainConfig(), recorded, f"{path}'s header")
             task_meta = {"classes": list(header.label_names)} if header.label_names else {}
         else:
             raise InvalidInputError(f"{path}: no model description in the file (neither a moat "
@@ -117,9 +113,7 @@ def load_task_and_model(checkpoint: str | os.PathLike, *, weights: str = "auto",
                                     "pass the run directory instead")
         state, which = None, "file"
         info = {"checkpoint": str(path), "weights": which}
-    for key, value in (settings or {}).items():
-        if value is not None:
-            setattr(config, key, value)
+    config = with_settings(config, settings)
     task = get_task(config.task)(config)
     task.load_metadata(task_meta)
     model = task.build_model()

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moat.models.factory import create_model
 from moat.models.moat import ENDPOINTS, MoatNet
-from moat.weights.loader import create_model
 from moat.weights.official import load_official_weights
 
 # fp32 parity: the tolerances of the official comparison (logits absolute; endpoints

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from moat.errors import InvalidInputError
-from moat.flops import count_flops
 from moat.models import ENDPOINTS, build_model, list_models
 from moat.models.config import MODEL_CONFIGS
+from moat.models.flops import count_flops
 
 
 def _params(module: torch.nn.Module) -> int:
