@@ -188,6 +188,19 @@ def test_hugging_face_save_to_disk_and_parquet(hf_data, photos):
         open_split(hf_data / "dd", label_key="species")
 
 
+def test_hub_name_not_in_the_cache_offline_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    import datasets  # read the variables at import: set them where an earlier test imported it
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="must be in the datasets cache"):
+        open_split("hf:moat-test/not-cached")
+
+
 # --- exact epochs ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("size,world,batch,accum,shards", [

@@ -57,7 +57,7 @@ def load_splits(spec: str | os.PathLike) -> dict[str, Any]:
         else:
             files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [text]
             loaded = datasets.load_dataset("parquet", data_files={"train": files})
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConnectionError) as err:  # offline: the Hub is "unreachable"
         raise DataError(f"no Hugging Face dataset at {text!r} ({err}); a name must be in the "
                         "datasets cache (downloaded once with network access)") from err
     if isinstance(loaded, datasets.Dataset):
