@@ -61,10 +61,14 @@ def seg_folder(root: Path, masks: dict[str, Image.Image], split: str = "train",
     return root
 
 
-def seg_task(root: Path, *overrides: str):
-    config = load_config(None, list(overrides), task="segmentation", data=str(root),
+def make_task(kind: str, root: Path, *overrides: str):
+    config = load_config(None, list(overrides), task=kind, data=str(root),
                          model="tiny_moat_0", img_size=SIZE)
-    return get_task("segmentation")(config)
+    return get_task(kind)(config)
+
+
+def seg_task(root: Path, *overrides: str):
+    return make_task("segmentation", root, *overrides)
 
 
 def test_binary_0_255_masks_are_recognised_and_train_as_two_classes(tmp_path):
@@ -230,9 +234,7 @@ def coco_folder(root: Path, categories: dict[str, int], **kwargs) -> Path:
 
 
 def det_task(root: Path, *overrides: str):
-    config = load_config(None, list(overrides), task="detection", data=str(root),
-                         model="tiny_moat_0", img_size=SIZE)
-    return get_task("detection")(config)
+    return make_task("detection", root, *overrides)
 
 
 def test_category_ids_with_gaps_and_a_background_category(tmp_path):

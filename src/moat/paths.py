@@ -20,21 +20,20 @@ __all__ = ["folder", "regular_file"]
 
 def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """`path` if it is a regular file (or a link to one)."""
-    path = Path(path)
-    mode = _mode(path, what)
-    if not stat.S_ISREG(mode):
-        raise InvalidInputError(f"{what} {str(path)!r} is {_kind(mode)}, not a regular file; "
-                                "give a file")
-    return path
+    return _require(path, what, stat.S_ISREG, "a regular file", "a file")
 
 
 def folder(path: str | os.PathLike, what: str = "folder") -> Path:
     """`path` if it is a folder (or a link to one)."""
+    return _require(path, what, stat.S_ISDIR, "a folder", "a folder")
+
+
+def _require(path: str | os.PathLike, what: str, is_kind, kind: str, give: str) -> Path:
     path = Path(path)
     mode = _mode(path, what)
-    if not stat.S_ISDIR(mode):
-        raise InvalidInputError(f"{what} {str(path)!r} is {_kind(mode)}, not a folder; "
-                                "give a folder")
+    if not is_kind(mode):
+        raise InvalidInputError(f"{what} {str(path)!r} is {_kind(mode)}, not {kind}; "
+                                f"give {give}")
     return path
 
 
