@@ -1,6 +1,13 @@
 """Hugging Face datasets as classification datasets: a `save_to_disk` folder, parquet files, or
-a dataset name read through the `datasets` cache (`hf:NAME` or timm's `hfds/NAME`; offline
-once cached, with HF_DATASETS_OFFLINE=1 or without a network).
+a dataset name read through the `datasets` cache (`hf:NAME` or timm's `hfds/NAME`, one split of
+it with `hf:NAME:SPLIT`).
+
+A name is opened with `datasets.load_dataset(NAME)`. Online, `datasets` asks the Hub for the
+repository's current commit and reuses the Arrow files that an earlier load of that commit
+left in its cache (`$HF_DATASETS_CACHE/NAMESPACE___NAME/CONFIG/VERSION/COMMIT/`), or downloads
+and prepares them. Offline (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1, or when the Hub cannot
+be reached), it reads the newest of those folders: nothing is downloaded, and a name that was
+never loaded online is a DataError.
 
 The image and label columns are named (`image_key`, `label_key`) or found: the first column
 of the `Image` feature type (else one named image/img/jpg/png), the first `ClassLabel` column
@@ -47,10 +54,10 @@ def load_splits(spec: str | os.PathLike) -> dict[str, Any]:
 
     text = os.fspath(spec)
     path = Path(text)
+    hub = hub_name(text)
     try:
-        if text.startswith(HUB_PREFIXES):
-            name = text.split(":", 1)[1] if text.startswith("hf:") else text[len("hfds/"):]
-            loaded = datasets.load_dataset(name)
+        if hub:
+            loaded = datasets.load_dataset(hub[0])
         elif path.is_dir() and ((path / "dataset_dict.json").is_file()
                                 or (path / "state.json").is_file()):
             loaded = datasets.load_from_disk(text)
@@ -60,9 +67,27 @@ def load_splits(spec: str | os.PathLike) -> dict[str, Any]:
     except (FileNotFoundError, ConnectionError) as err:  # offline: the Hub is "unreachable"
         raise DataError(f"no Hugging Face dataset at {text!r} ({err}); a name must be in the "
                         "datasets cache (downloaded once with network access)") from err
-    if isinstance(loaded, datasets.Dataset):
-        return {"train": loaded}
-    return dict(loaded)
+    except ValueError as err:  # e.g. several configurations of a name in the cache
+        fix = ("\nmoat reads a name's only configuration; for one of several, save it once "
+               "with datasets.load_dataset(NAME, CONFIG).save_to_disk(DIR) and pass --data DIR"
+               if hub else "")
+        raise DataError(f"the datasets package cannot open {text!r}: {err}{fix}") from err
+    splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+    if hub and hub[1] is not None:
+        if hub[1] not in splits:
+            raise DataError(f"the dataset {hub[0]!r} has no split {hub[1]!r}; its splits are "
+                            f"{sorted(splits)}")
+        return {hub[1]: splits[hub[1]]}
+    return splits
+
+
+def hub_name(text: str) -> tuple[str, str | None] | None:
+    """(dataset name, split or None) of `hf:NAME[:SPLIT]` / `hfds/NAME[:SPLIT]`, else None."""
+    for prefix in HUB_PREFIXES:
+        if text.startswith(prefix):
+            name, _, split = text[len(prefix):].partition(":")
+            return name, split or None
+    return None
 
 
 class HFDataset(ImageDataset):

@@ -1,7 +1,7 @@
 """Opening a classification split from whatever `--data` / `--val-data` name: an image folder
 or CSV list (moat.data.classification), WebDataset shards (moat.data.shards: a brace pattern,
 a folder of .tar files, a list file) or a Hugging Face dataset (moat.data.hf: a save_to_disk
-folder, parquet files, `hf:NAME`).
+folder, parquet files, `hf:NAME`, `hf:NAME:SPLIT`).
 
 A root holding both splits is read as one: a folder with train/ and val/ (folders, CSV or
 shard folders), a folder of `train-*.tar` and `val-*.tar` shards (or splits listed in its
@@ -48,8 +48,12 @@ def open_split(spec: str | os.PathLike, transform: Transform | None = None,
 
 
 def classification_error(spec: str, split: str, names: list[str]) -> DataError:
+    hub = hf.hub_name(spec)
+    fix = "name the split's own data with --data or --val-data" if not hub else \
+        f"name one as hf:NAME:SPLIT, e.g. hf:{hub[0]}:" + next((n for n in names if n != "train"),
+                                                             "SPLIT")
     return DataError(f"the dataset {spec!r} has splits {names}, none of them the {split} "
-                     "split; name the split's own data with --data or --val-data")
+                     f"split; {fix}")
 
 
 def classification_datasets(
