@@ -23,6 +23,7 @@ from PIL import Image
 from test_data_shards import TRAIN_COUNTS, VAL_COUNTS, _events, _photos
 
 from moat.cli import main as cli
+from moat.data import hf
 from moat.data.checks import DataError
 from moat.data.sources import classification_datasets, eval_dataset, open_split
 
@@ -124,6 +125,8 @@ def test_train_and_eval_a_hub_name_offline(hub_cache, tmp_path, capsys):
     assert [(r.split(",")[0], int(r.split(",")[2])) for r in rows] == list(zip(CLASSES,
                                                                                VAL_COUNTS))
     train, val = classification_datasets("hf:moat-test/photos")
+    assert hf.load_splits("hf:moat-test/photos")["validation"] is \
+        hf.load_splits("hf:moat-test/photos:validation")["validation"]  # loaded once
     assert (len(train), len(val), train.classes) == (28, 9, CLASSES)
     assert np.array_equal(np.asarray(val[4][0]), hub_cache[2][4][0])  # the very pixels
 

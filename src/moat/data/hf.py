@@ -22,6 +22,7 @@ users need it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -57,7 +58,7 @@ def load_splits(spec: str | os.PathLike) -> dict[str, Any]:
     hub = hub_name(text)
     try:
         if hub:
-            loaded = datasets.load_dataset(hub[0])
+            loaded = _load_name(hub[0], str(datasets.config.HF_DATASETS_CACHE))
         elif path.is_dir() and ((path / "dataset_dict.json").is_file()
                                 or (path / "state.json").is_file()):
             loaded = datasets.load_from_disk(text)
@@ -79,6 +80,15 @@ def load_splits(spec: str | os.PathLike) -> dict[str, Any]:
                             f"{sorted(splits)}")
         return {hub[1]: splits[hub[1]]}
     return splits
+
+
+@functools.lru_cache(maxsize=8)
+def _load_name(name: str, cache: str) -> Any:
+    """`load_dataset(name)` once per process and cache: a run opens its data several times,
+    and online every load asks the Hub for the repository's commit."""
+    import datasets
+
+    return datasets.load_dataset(name)
 
 
 def hub_name(text: str) -> tuple[str, str | None] | None:
