@@ -66,8 +66,11 @@ def load_splits(spec: str | os.PathLike) -> dict[str, Any]:
             files = sorted(str(p) for p in path.glob("*.parquet")) if path.is_dir() else [text]
             loaded = datasets.load_dataset("parquet", data_files={"train": files})
     except (FileNotFoundError, ConnectionError) as err:  # offline: the Hub is "unreachable"
+        fix = "" if not hub else (
+            f" (load it once where there is network, with the same HF_DATASETS_CACHE: python -c "
+            f"\"import datasets; datasets.load_dataset('{hub[0]}')\")")
         raise DataError(f"no Hugging Face dataset at {text!r} ({err}); a name must be in the "
-                        "datasets cache (downloaded once with network access)") from err
+                        f"datasets cache, {datasets.config.HF_DATASETS_CACHE}{fix}") from err
     except ValueError as err:  # e.g. several configurations of a name in the cache
         fix = ("\nmoat reads a name's only configuration; for one of several, save it once "
                "with datasets.load_dataset(NAME, CONFIG).save_to_disk(DIR) and pass --data DIR"
