@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.errors import InvalidInputError
-from moat.export.fused import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
-                               is_optimized)
+from moat.export.cpu_ops import ConvGelu
+from moat.export.fused import FusedMBConv, FusedMoatBlock, InferenceAttention, is_optimized
 from moat.models.layers import avg_pool_same_exclude_pad, window_attention
 from moat.models.moat import MoatNet
 
