@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from moat.errors import InvalidInputError
 from moat.export.cpu_ops import (ConvGelu, SamePaddingConv2d, batch_chunks, conv_add, conv_gelu,
                                  current_cpu_choices, eager_cpu)
-from moat.models.blocks import MBConvBlock, MoatBlock, SqueezeExcite
-from moat.models.layers import (Attention, Conv2dSame, _window_regions,
-                                avg_pool_same_exclude_pad, relative_position_bias, window_attention)
+from moat.models.blocks import MBConvBlock, MBConvShortcut, MoatBlock, SqueezeExcite
+from moat.models.layers import (Attention, Conv2dSame, _window_regions, relative_position_bias,
+                                window_attention)
 from moat.models.moat import MoatNet
 
 __all__ = ["GELU_FORMS", "is_optimized", "optimize_for_inference"]
@@ -109,7 +109,7 @@ class FusedSqueezeExcite(nn.Module):
         return x * scale.sigmoid()[:, :, None, None]
 
 
-class FusedMBConv(nn.Module):
+class FusedMBConv(MBConvShortcut, nn.Module):
     """MBConvBlock with its three BatchNorms folded: 1x1 -> GELU -> 3x3 dw -> GELU -> [SE]
     -> 1x1, plus the (pooled, projected) shortcut of the un-normalised input."""
 
@@ -124,11 +124,6 @@ class FusedMBConv(nn.Module):
             fold_bn_after(block.depthwise_conv, block.depthwise_norm))
         self.se = None if block.se is None else FusedSqueezeExcite(block.se)
         self.shrink_conv = copy.deepcopy(block.shrink_conv)
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        if self.stride > 1:
-            x = avg_pool_same_exclude_pad(x, self.pool_size, self.stride)
-        return x if self.shortcut_conv is None else self.shortcut_conv(x)
 
     def forward(self, x: Tensor) -> Tensor:
         chunks = batch_chunks(x, self.expand_conv.out_channels)
