@@ -1,4 +1,4 @@
-"""The measurement behind `moat.export.fused.cpu_choices`: each eager CPU choice turned
+"""The measurement behind `moat.export.cpu_ops.cpu_choices`: each eager CPU choice turned
 off in turn, timed interleaved in one process, plus a per-operator profile.
 
 MOAT-0 through `optimize_for_inference`, float32, batch 8, 224x224, 2 threads; median and
@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 import moat  # noqa: E402
 from moat.cpu import cpu_info  # noqa: E402
-from moat.export.fused import (current_cpu_choices, optimize_for_inference,  # noqa: E402
-                                   using_cpu_choices)
+from moat.export.cpu_ops import current_cpu_choices, using_cpu_choices  # noqa: E402
+from moat.export.fused import optimize_for_inference  # noqa: E402
 from moat.cli.runtime import keep_freed_memory  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from moat import kernels
 from moat.cli import main as cli
 from moat.cpu import cpu_info, effective_isa
 from moat.export import TANH_GELU_OPSET, export_onnx, optimize_for_inference
-from moat.export.fused import cpu_choices
+from moat.export.cpu_ops import cpu_choices
 from moat.export.gelu import (TOP1_LIMIT, GeluApproximationRefused, check_gelu_cost,
                               format_gelu_cost, gelu_cost)
 

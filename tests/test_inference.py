@@ -100,14 +100,14 @@ def test_features_only_model_is_optimized_too():
 
 
 def test_large_batches_run_in_parts_with_the_same_results(monkeypatch):
-    from moat.export import fused as inference
+    from moat.export import cpu_ops
 
     fused = moat.optimize_for_inference(_randomize_bn(MoatNet(MICRO, num_classes=10)).eval())
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         whole = fused(x)
-        monkeypatch.setattr(inference, "CHUNK_BYTES", 1)  # every block: one sample at a time
-        assert inference._batch_chunks(x, 16) == 3
+        monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 1)  # every block: one sample at a time
+        assert cpu_ops.batch_chunks(x, 16) == 3
         torch.testing.assert_close(fused(x), whole, atol=1e-6, rtol=0)
 
 

@@ -114,3 +114,31 @@ def test_imports_go_one_way():
     upward = sorted(f"{m} -> {o}" for m, others in _imports().items() for o in others
                     if _layer(o) > _layer(m) and not m.startswith(o + "."))
     assert not upward, "imports from a lower layer up:\n" + "\n".join(upward)
+
+
+# --- call structure (traced: tests/file_trace.py prints it for create_model and moat train) --
+
+def test_create_model_pretrained_enters_each_file_once(ref_prefix, tmp_path, monkeypatch):
+    # The rule: a file is entered once when no call comes back up into a file still waiting
+    # below it (A -> B -> A) and each file inside a package is visited from one file only.
+    # Lookups that answer without going on into another moat file (a catalogue entry, a
+    # header read, a property) and the modules at the top of `moat` (errors, paths,
+    # integrity) serve every layer and are not visits.
+    from file_trace import FileTrace, release_bucket
+
+    import moat
+
+    monkeypatch.setenv("MOAT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MOAT_WEIGHTS_URL", release_bucket(tmp_path / "bucket", ref_prefix).as_uri())
+    moat.create_model("tiny_moat_0", pretrained=True)  # downloaded and converted once
+    with FileTrace() as trace:
+        moat.create_model("tiny_moat_0", pretrained=True)
+    assert trace.callbacks() == []
+    assert {file: callers for file, callers in trace.callers().items() if len(callers) > 1} == {}
+    # the known path, top down: names -> cache -> the architecture -> the one loader
+    assert trace.callers() == {
+        "weights/catalogue.py": ["models/factory.py"], "weights/cache.py": ["models/factory.py"],
+        "models/registry.py": ["models/factory.py"], "models/moat.py": ["models/registry.py"],
+        "models/blocks.py": ["models/moat.py"], "weights/loader.py": ["models/factory.py"],
+        "weights/files.py": ["weights/loader.py"]}
+    assert {"weights/adapt.py", "weights/variant.py"} <= set(trace.path())

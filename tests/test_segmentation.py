@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from moat.data import masks
 from moat.data import segmentation as segdata
 from moat.data.synthetic_segmentation import write_segmentation_dataset
 from moat.tasks.backbone import (PRESETS, FrozenBatchNorm2d, MoatBackbone, batch_norm_thawed,
@@ -333,7 +334,7 @@ def test_ade20k_layout_and_reduce_zero_label(tmp_path):
     _, mask = val[0]
     assert mask.tolist() == [[255, 0, 1, 149], [255, 2, 255, 0]]
     # the raw mask is read as palette indices, not colours
-    assert segdata.read_mask(tmp_path / "annotations" / "training" / "a.png").tolist() == \
+    assert masks.read_mask(tmp_path / "annotations" / "training" / "a.png").tolist() == \
         [[0, 1, 2, 150], [255, 3, 0, 1]]
     # reduce_zero_label can be turned off
     raw, _ = segdata.segmentation_datasets(tmp_path, None, None, reduce_zero_label=False)
@@ -362,7 +363,7 @@ def test_folder_layout_pairs_by_stem_and_bad_files(tmp_path):
         segdata.find_pairs(tmp_path / "images", tmp_path / "masks")
     Image.new("RGB", (2, 2)).save(tmp_path / "rgb_mask.png")
     with pytest.raises(segdata.BadImageError, match="colour"):
-        segdata.read_mask(tmp_path / "rgb_mask.png")
+        masks.read_mask(tmp_path / "rgb_mask.png")
 
 
 def test_synthetic_dataset_is_deterministic(tmp_path):
@@ -375,7 +376,7 @@ def test_synthetic_dataset_is_deterministic(tmp_path):
             assert len(files) == a.counts[split]
             for f in files:
                 assert f.read_bytes() == (b.root / split / kind / f.name).read_bytes()
-    mask = segdata.read_mask(a.root / "train" / "masks" / "00000.png")
+    mask = masks.read_mask(a.root / "train" / "masks" / "00000.png")
     assert mask.shape == (48, 48) and mask.max() < a.num_classes
     assert Image.open(a.root / "train" / "masks" / "00000.png").mode == "P"
     # reused when identical, refused when the folder holds something else

@@ -1,7 +1,7 @@
 """The CPU a process runs on: its model and the vector instruction sets it may use.
 
 `cpu_info()` is the one owner of these facts; the benchmarks record it with every table and
-CSV, and `moat.export.fused` picks its CPU kernels and layouts from it.
+CSV, and `moat.export.cpu_ops` picks its CPU kernels and layouts from it.
 
 Two views of the instruction sets:
 

@@ -251,20 +251,11 @@ def open_split(path: str | os.PathLike, transform: Transform | None = None,
     return ImageFolderDataset(path, transform, classes, strict)
 
 
-def classification_datasets(
-    data: str | os.PathLike,
-    val: str | os.PathLike | None = None,
-    *,
-    train_transform: Transform | None = None,
-    val_transform: Transform | None = None,
-    strict: bool = False,
-    opener: Callable[..., ImageDataset] = open_split,
-) -> tuple[ImageDataset, ImageDataset | None]:
-    """Train and val datasets sharing the training set's class indices.
-
-    `data` is a root holding `train/` and `val/` folders or `train.csv` and `val.csv`, or the
-    training split itself (a folder or a .csv), with `val` given separately or not at all.
-    """
+def split_paths(data: str | os.PathLike, val: str | os.PathLike | None = None
+                ) -> tuple[Path, str | os.PathLike | None]:
+    """The training split and the validation split (None: none) that `data` names: a root
+    holding `train/` and `val/` folders or `train.csv` and `val.csv`, or the training split
+    itself (a folder or a .csv), with `val` given separately or not at all."""
     data = Path(data)
     if data.is_dir():
         for train_name, val_name in (("train", "val"), ("train.csv", "val.csv")):
@@ -275,8 +266,22 @@ def classification_datasets(
                 elif val is None:
                     log.warning("no %s next to %s: training without validation", val_name, data)
                 break
-    train_set = opener(data, train_transform, None, strict)
-    val_set = None if val is None else opener(val, val_transform, train_set.classes, strict)
+    return data, val
+
+
+def classification_datasets(
+    data: str | os.PathLike,
+    val: str | os.PathLike | None = None,
+    *,
+    train_transform: Transform | None = None,
+    val_transform: Transform | None = None,
+    strict: bool = False,
+) -> tuple[ImageDataset, ImageDataset | None]:
+    """Train and val datasets of image folders or CSV lists (`split_paths`), sharing the
+    training set's class indices. `moat.data.sources` opens every other source."""
+    data, val = split_paths(data, val)
+    train_set = open_split(data, train_transform, None, strict)
+    val_set = None if val is None else open_split(val, val_transform, train_set.classes, strict)
     return train_set, val_set
 
 

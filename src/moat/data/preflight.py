@@ -39,7 +39,8 @@ from PIL import Image
 
 from moat.data.checks import DataError
 from moat.data.images import BadImageError
-from moat.data.segmentation import SegmentationDataset, colour_codes, read_mask_pixels
+from moat.data.masks import colour_codes, read_mask_pixels
+from moat.data.segmentation import SegmentationDataset
 
 log = logging.getLogger("moat")
 

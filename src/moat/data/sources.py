@@ -10,7 +10,6 @@ _info.json), a DatasetDict with train and validation splits.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -89,10 +88,10 @@ def classification_datasets(
         return train, None if "val" not in both else ShardDataset(
             both["val"], val_transform, train.classes, strict, split="val",
             source=f"{text} (val)", **keys)
-    opener = functools.partial(open_split, **keys)
-    return classification.classification_datasets(
-        data, val, train_transform=train_transform, val_transform=val_transform, strict=strict,
-        opener=opener)
+    data, val = classification.split_paths(data, val)
+    train = open_split(data, train_transform, None, strict, **keys)
+    return train, None if val is None else \
+        open_split(val, val_transform, train.classes, strict, **keys)
 
 
 def eval_dataset(data: str | os.PathLike, transform: Transform | None,

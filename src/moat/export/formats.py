@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
-from moat.export.fused import (SamePaddingConv2d, is_optimized, optimize_for_inference,
-                               portable_ops)
+from moat.export.cpu_ops import SamePaddingConv2d, portable_ops
+from moat.export.fused import is_optimized, optimize_for_inference
 from moat.export.graph import for_graph_runtime
 from moat.export.onnx_metadata import OnnxMetadata
 from moat.export.onnx_metadata import write as write_metadata

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.errors import InvalidInputError
-from moat.export.fused import (ConvGelu, FusedMBConv, FusedMoatBlock, InferenceAttention,
-                               is_optimized)
-from moat.models.layers import avg_pool_same_exclude_pad, window_attention
+from moat.export.cpu_ops import ConvGelu
+from moat.export.fused import FusedMBConv, FusedMoatBlock, InferenceAttention, is_optimized
+from moat.models.blocks import MBConvShortcut
+from moat.models.layers import window_attention
 from moat.models.moat import MoatNet
 
 __all__ = ["GraphGelu", "for_graph_runtime", "graph_gelu"]
@@ -61,7 +62,7 @@ class GraphGelu(nn.Module):
         return graph_gelu(x, self.approximate)
 
 
-class GraphMBConv(nn.Module):
+class GraphMBConv(MBConvShortcut, nn.Module):
     """A `FusedMBConv` (same modules, same parameter names) in plain NCHW operators."""
 
     def __init__(self, fused: FusedMBConv) -> None:
@@ -71,11 +72,6 @@ class GraphMBConv(nn.Module):
         self.shortcut_conv = fused.shortcut_conv
         self.expand_conv, self.depthwise_conv = fused.expand_conv, fused.depthwise_conv
         self.se, self.shrink_conv = fused.se, fused.shrink_conv
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        if self.stride > 1:
-            x = avg_pool_same_exclude_pad(x, self.pool_size, self.stride)
-        return x if self.shortcut_conv is None else self.shortcut_conv(x)
 
     def forward(self, x: Tensor) -> Tensor:
         y = graph_gelu(self.expand_conv(x), self.approximate)

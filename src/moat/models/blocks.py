@@ -42,7 +42,22 @@ class SqueezeExcite(nn.Module):
         return x * scale.sigmoid()
 
 
-class MBConvBlock(nn.Module):
+class MBConvShortcut:
+    """The shortcut of an MBConv block holding `stride`, `pool_size` and `shortcut_conv`:
+    average-pooled (TF SAME, padding excluded) when strided, then a 1x1 convolution when the
+    width changes. The plain, fused and graph blocks share it."""
+
+    stride: int
+    pool_size: int
+    shortcut_conv: nn.Module | None
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = avg_pool_same_exclude_pad(x, self.pool_size, self.stride)
+        return x if self.shortcut_conv is None else self.shortcut_conv(x)
+
+
+class MBConvBlock(MBConvShortcut, nn.Module):
     """Pre-norm inverted residual: BN -> 1x1 expand -> BN/GELU -> 3x3 depthwise -> BN/GELU
     -> [SE] -> 1x1 shrink, plus a shortcut (avg-pool when strided, then 1x1 conv when the
     width changes). The expansion is 4x the OUTPUT width, also in a stage's first block."""
@@ -61,11 +76,6 @@ class MBConvBlock(nn.Module):
         self.se = SqueezeExcite(mid, max(1, int(out_chs * cfg.se_ratio))) if use_se else None
         self.shrink_conv = nn.Conv2d(mid, out_chs, 1)
         self.drop_path = DropPath(keep_prob)
-
-    def shortcut(self, x: Tensor) -> Tensor:
-        if self.stride > 1:
-            x = avg_pool_same_exclude_pad(x, self.pool_size, self.stride)
-        return x if self.shortcut_conv is None else self.shortcut_conv(x)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.expand_conv(self.pre_norm(x))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moat.data.segmentation import IGNORE_INDEX
+from moat.data.masks import IGNORE_INDEX
 from moat.errors import InvalidInputError
 from moat.integrity import atomic_output, atomic_write_text
 from moat.train.distributed import all_reduce_sum

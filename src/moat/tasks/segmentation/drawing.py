@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from moat.data.segmentation import IGNORE_INDEX
+from moat.data.masks import IGNORE_INDEX
 from moat.integrity import atomic_output
 
 

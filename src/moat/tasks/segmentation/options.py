@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moat.data.segmentation import IGNORE_INDEX
+from moat.data.masks import IGNORE_INDEX
 from moat.tasks.backbone import PRESETS
 from moat.tasks.options import TaskOptions, need
 

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import functional as TF
 from moat.data import segmentation as data
 from moat.data.folders import output_names
 from moat.data.images import BadImageError, load_rgb
+from moat.data.masks import read_class_table
 from moat.data.preflight import DataReport, check_segmentation
 from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
@@ -127,7 +128,7 @@ class SegmentationTask(Task):
 
     def _read_class_table(self, root) -> None:
         """Names and colours from the dataset's classes.json / classes.txt (options win)."""
-        table = data.read_class_table(root)
+        table = read_class_table(root)
         if table is None:
             return
         if self.class_names is None:

@@ -1,0 +1,206 @@
+"""How the fused model (`moat.export.fused`) runs in eager CPU inference.
+
+* the choices for the CPU found at run time (`cpu_choices`: channels-last, oneDNN fusion,
+  batch chunking, attention projections), measured by benchmarks/cpu_choices.py;
+* convolution + GELU and convolution + residual add as one oneDNN call (`conv_gelu`,
+  `conv_add`), the fusion torch.compile's CPU backend makes;
+* large batches split so that no block intermediate outgrows the allocator's reuse
+  (`CHUNK_BYTES`, `batch_chunks`);
+* `SamePaddingConv2d`, TF 'SAME' padding without a padded copy of the input.
+
+Compiled, exported and traced graphs, and code inside `portable_ops()`, get the standard
+operators instead (`eager_cpu` decides).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moat.cpu import cpu_info
+from moat.models.layers import same_padding
+
+__all__ = ["CHUNK_BYTES", "ConvGelu", "CpuChoices", "SamePaddingConv2d", "batch_chunks",
+           "conv_add", "conv_gelu", "cpu_choices", "current_cpu_choices", "eager_cpu",
+           "portable_ops", "using_cpu_choices"]
+
+
+# --- convolution + GELU / + residual in one oneDNN call ----------------------------------
+
+def _onednn_op():
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+# oneDNN's fused convolution (what torch.compile's CPU backend emits for conv + GELU and
+# conv + add). Used only in eager CPU inference; compiled, exported and traced graphs get
+# the plain aten ops, which run everywhere.
+_ONEDNN_CONV = _onednn_op()
+
+
+_PORTABLE = threading.local()
+
+
+@contextlib.contextmanager
+def portable_ops():
+    """Within this block the fused model calls only standard operators (and modules)."""
+    before = getattr(_PORTABLE, "on", False)
+    _PORTABLE.on = True
+    try:
+        yield
+    finally:
+        _PORTABLE.on = before
+
+
+# --- choices made for the CPU found at run time -------------------------------------------
+
+@dataclass(frozen=True)
+class CpuChoices:
+    """How the fused model runs in eager CPU inference (see `cpu_choices` for the rule)."""
+
+    channels_last: bool  # weights (and so activations) channels-last by default
+    onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
+    chunk_batches: bool  # split large batches so block intermediates fit CHUNK_BYTES
+    projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
+
+
+def cpu_choices(isa: str) -> CpuChoices:
+    """The one rule: what eager CPU inference uses for an instruction-set level (`moat.cpu`:
+    "avx512", "avx2", "default"), measured with benchmarks/cpu_choices.py on MOAT-0,
+    batch 8, 224 px, 2 threads (README, "CPU instruction sets")."""
+    # Channels-last: oneDNN's convolutions run blocked-channel kernels either way, and the
+    # LayerNorm and global-attention token views read a channels-last map in place (NCHW
+    # needs a transpose copy before and after each attention).
+    # oneDNN fusion: GELU applied in the convolution's output loop saves one pass over the
+    # widest (4x expanded) tensors, twice a block.
+    # Chunking: see CHUNK_BYTES (allocator page faults, not the instruction set).
+    # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within the
+    # noise of each other on AVX2 and AVX-512 alike (whole model, and MOAT-0's q/k/v and
+    # output shapes alone): convolution, as before.
+    # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): channels-last
+    # won on both (x1.09 / x1.16), fusion on AVX-512 (x1.09) and tied on AVX2; nothing won on
+    # one instruction set and lost on the other, so the rule does not depend on `isa` today.
+    # It is the one place to change when a real AVX2 machine measures otherwise.
+    del isa
+    return CpuChoices(channels_last=True, onednn_fusion=True, chunk_batches=True,
+                      projections_as_conv=True)
+
+
+_CHOICES: list[CpuChoices] = []  # the process's choices, made on first use
+
+
+def current_cpu_choices() -> CpuChoices:
+    """`cpu_choices` for this process's CPU (`moat.cpu.cpu_info().isa`; an AVX-512 machine
+    limited by ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS counts as
+    the limited one)."""
+    if not _CHOICES:
+        _CHOICES.append(cpu_choices(cpu_info().isa))
+    return _CHOICES[0]
+
+
+@contextlib.contextmanager
+def using_cpu_choices(choices: CpuChoices):
+    """Within this block eager CPU inference follows `choices` (for measuring the rule)."""
+    saved = list(_CHOICES)
+    _CHOICES[:] = [choices]
+    try:
+        yield
+    finally:
+        _CHOICES[:] = saved
+
+
+def eager_cpu(x: Tensor) -> bool:
+    """Eager CPU inference, where the choices above apply."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False  # graphs get the standard operators (compile fuses them itself)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and not x.requires_grad and not getattr(_PORTABLE, "on", False)
+            and not torch.is_autocast_enabled("cpu"))  # autocast casts only aten ops
+
+
+def _eager_onednn(x: Tensor) -> bool:
+    return (_ONEDNN_CONV is not None and eager_cpu(x) and current_cpu_choices().onednn_fusion
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+# The largest intermediate of an eager CPU block is kept below this size by running the block
+# on parts of the batch. glibc serves larger allocations with a fresh mmap (never above 32 MiB,
+# its largest mmap threshold) and returns them on free, so every call page-faults them in
+# again: for MOAT-0 at 224 x 224, batch 8, that was ~100k page faults and ~15% of the time.
+# Below the threshold the memory is reused. Results are identical (no op mixes samples).
+CHUNK_BYTES = 24 * 2**20
+
+
+def batch_chunks(x: Tensor, widest_channels: int) -> int:
+    """Parts to split the batch into so that [part, widest_channels, H, W] fits CHUNK_BYTES
+    (where `cpu_choices` chunks batches)."""
+    if x.shape[0] == 1 or not current_cpu_choices().chunk_batches or not eager_cpu(x):
+        return 1
+    per_sample = widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
+    per_part = max(1, CHUNK_BYTES // per_sample)
+    return -(-x.shape[0] // per_part)
+
+
+class SamePaddingConv2d(nn.Conv2d):
+    """Conv2dSame without the padded copy of its input.
+
+    TF 'SAME' pads one more row/column at the bottom/right than at the top/left when the
+    total is odd. Instead of copying the input into a padded tensor, the kernel gets a
+    leading row/column of zeros and the convolution pads symmetrically: the same products
+    (plus a few with zero weights), and several times faster for the strided depthwise
+    convolutions in channels-last. Inference only: the extra taps would be counted as work
+    by FLOP counters, and oneDNN's NCHW backward of the larger kernel is slow.
+    """
+
+    def weight_and_padding(self, height: int, width: int) -> tuple[Tensor, tuple[int, int]]:
+        k, s = self.kernel_size[0], self.stride[0]
+        top, bottom = same_padding(height, k, s)
+        left, right = same_padding(width, k, s)
+        return F.pad(self.weight, (right - left, 0, bottom - top, 0)), (bottom, right)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, padding = self.weight_and_padding(x.shape[-2], x.shape[-1])
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[int]]:
+    if isinstance(conv, SamePaddingConv2d):
+        return conv.weight_and_padding(x.shape[-2], x.shape[-1])
+    return conv.weight, conv.padding
+
+
+def conv_gelu(conv: nn.Conv2d, x: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(conv(x)); `approximate` as in F.gelu ("none": exact erf form, "tanh")."""
+    if _eager_onednn(x):
+        weight, padding = _weight_and_padding(conv, x)
+        return _ONEDNN_CONV(x, weight, conv.bias, padding, conv.stride, conv.dilation,
+                            conv.groups, "gelu", [], approximate)
+    return F.gelu(conv(x), approximate=approximate)
+
+
+def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
+    """residual + conv(x)."""
+    if _eager_onednn(x) and residual.shape[1] == conv.out_channels:
+        weight, padding = _weight_and_padding(conv, x)
+        return _ONEDNN_CONV.binary(x, residual, weight, conv.bias, padding, conv.stride,
+                                   conv.dilation, conv.groups, "add", None, None, [], None)
+    return residual + conv(x)
+
+
+class ConvGelu(nn.Sequential):
+    """The stem's folded conv_0 followed by GELU, as one call (see `conv_gelu`)."""
+
+    def __init__(self, conv: nn.Conv2d, approximate: str = "none") -> None:
+        super().__init__(conv)
+        self.approximate = approximate
+
+    def forward(self, x: Tensor) -> Tensor:
+        return conv_gelu(self[0], x, self.approximate)
