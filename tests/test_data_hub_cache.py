@@ -163,3 +163,13 @@ def test_named_columns_and_a_named_split(hub_cache, tmp_path, capsys):
 def test_several_cached_configurations_are_refused_with_the_fix(hub_cache):
     with pytest.raises(DataError, match="(?s)small, large.*save_to_disk"):
         open_split("hf:moat-test/configs")
+
+
+def test_a_folder_trains_against_a_hub_names_validation_split(hub_cache, tmp_path):
+    """--data FOLDER --val-data hf:NAME reads NAME's validation split, not its train split."""
+    _, train_photos, _ = hub_cache
+    for i, (pixels, label) in enumerate(train_photos):
+        (tmp_path / CLASSES[label]).mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(tmp_path / CLASSES[label] / f"{i}.png")
+    train, val = classification_datasets(tmp_path, "hf:moat-test/photos")
+    assert (len(train), len(val), val.classes) == (28, 9, sorted(CLASSES))

@@ -91,7 +91,7 @@ def classification_datasets(
     data, val = classification.split_paths(data, val)
     train = open_split(data, train_transform, None, strict, **keys)
     return train, None if val is None else \
-        open_split(val, val_transform, train.classes, strict, **keys)
+        open_split(val, val_transform, train.classes, strict, split="val", **keys)
 
 
 def eval_dataset(data: str | os.PathLike, transform: Transform | None,
