@@ -60,6 +60,7 @@ class SegmentationTask(Task):
         "img_size": 512, "pool_size": 3, "batch_size": 16, "epochs": 100, "lr": 1e-4,
         "weight_decay": 0.01, "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.0,
         "randaugment": None, "mixup": 0.0, "cutmix": 0.0, "ema": False,
+        "bn_momentum": 0.1,  # the detection task's reason (moat.tasks.detection.task)
     }
 
     def __init__(self, config: Any) -> None:
