@@ -6,6 +6,7 @@ result. Images are real photographs (scikit-image's), small. Also timm's
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -395,6 +396,10 @@ def test_dense_defaults_follow_the_data_on_a_cpu_and_stay_on_gpus(tmp_path, monk
         lambda cls, device="auto": auto.Machine(8, 64 << 30, gpus=1)))
     gpu = config()  # the task's COCO numbers, epochs enough for ~10000 steps
     assert (gpu.img_size, gpu.batch_size, gpu.epochs) == (800, 16, 300)
+    assert gpu.sources["img_size"] == "task defaults"
+    monkeypatch.undo()  # that run, evaluated or resumed on a CPU: its values stay
+    again = load_config(None, [], base=dataclasses.asdict(gpu), data=str(root))
+    assert (again.img_size, again.batch_size, again.epochs) == (800, 16, 300)
 
 
 def test_prediction_image_ids_come_from_the_annotation_file(tmp_path):

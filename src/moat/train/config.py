@@ -352,6 +352,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         config = TrainConfig.from_dict(values, config, source)
         for key in values:
             explicit[key] = base_sources.get(key, source) if source == "checkpoint" else source
+            if source == "checkpoint" and explicit[key] == auto.TASK_DEFAULTS:
+                explicit[key] = source  # the run's value, not re-derived from the data
     config.validate(recipe_fields=False)  # before a recipe is derived from any of it
     return apply_recipe(config, explicit, task_cls).validate()
 
