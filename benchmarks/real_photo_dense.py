@@ -12,7 +12,7 @@ the top three rows of coins, validation tiles from the bottom row).
 Rows: the default run (`moat train --task detection --model tiny_moat_0 --data DIR --output
 RUN`, then `moat eval --checkpoint RUN --data DIR`), and the validation set scored with its
 true boxes moved to other tiles (what a pipeline that lost the pairing of images and labels
-would reach at best; an untrained detector scores about 0).
+would reach at best).
 """
 
 from __future__ import annotations
