@@ -22,6 +22,7 @@ test: venv
 
 bench: venv
 	$(BIN)/python benchmarks/inference.py
+	$(BIN)/python benchmarks/data_check.py
 	for task in classification segmentation detection; do \
 		$(BIN)/python benchmarks/demo.py --task $$task || exit 1; done
 

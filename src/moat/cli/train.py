@@ -106,7 +106,11 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("--top-k", type=count(1), default=5)
     p.add_argument("--json", help="write the results as JSON to this file ('-': stdout)")
-    p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks)")
+    p.add_argument("--output-dir", help="for tasks that write files (e.g. segmentation masks; "
+                   "a detector's detections.json of every image, COCO's results format)")
+    p.add_argument("--annotations", help="detection: a COCO JSON whose image ids "
+                   "detections.json uses (images matched by file name), e.g. to score it with "
+                   "pycocotools against that file")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -116,7 +120,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     results = predict_checkpoint(args.images, _checkpoint(args), top_k=args.top_k,
                                  img_size=args.img_size, weights=args.weights,
                                  device=args.device, json_path=args.json,
-                                 output_dir=args.output_dir, task=args.task)
+                                 output_dir=args.output_dir, task=args.task,
+                                 annotations=args.annotations)
     if args.json != "-":
         for r in results:
             if "error" in r:

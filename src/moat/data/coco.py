@@ -76,6 +76,32 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def image_ids_for(paths: Sequence[str | os.PathLike], annotations: str | os.PathLike,
+                  ) -> list[int]:
+    """The id each image of `paths` has in the COCO file `annotations`, matched by file name
+    (the longest `file_name` that the path ends with), so that results use the user's ids."""
+    images = read_json(annotations)["images"]
+    by_name: dict[str, list[dict]] = {}
+    for image in images:
+        by_name.setdefault(Path(image["file_name"]).name, []).append(image)
+    ids, missing = [], []
+    for path in paths:
+        posix = Path(path).as_posix()
+        found = [i for i in by_name.get(Path(path).name, [])
+                 if posix == i["file_name"] or posix.endswith("/" + i["file_name"].lstrip("/"))]
+        if not found:
+            missing.append(str(path))
+            continue
+        ids.append(int(max(found, key=lambda i: len(i["file_name"]))["id"]))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
+                                          else "")
+        raise InvalidInputError(f"{len(missing)} image(s) are not in {str(annotations)!r} (matched "
+                                f"by file_name): {shown}; predict the images that file lists, "
+                                "or leave out --annotations (ids are then 1..N in input order)")
+    return ids
+
+
 def prepare_coco(data: Mapping[str, Any], box_format: str = "xywh",
                  image_dir: str | os.PathLike | None = None) -> tuple[dict, list[str]]:
     """COCO annotations as labelling tools write them, made regular: (new dict, notes).

@@ -156,3 +156,16 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         arr = arr / 257.0
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
+
+
+def median_short_side(paths, limit: int = 64) -> int | None:
+    """The median shorter side of the first `limit` readable images of `paths` (their
+    headers only); None if none is readable."""
+    sides = []
+    for path in list(paths)[:limit]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, UnidentifiedImageError):
+            continue
+    return int(np.median(sides)) if sides else None

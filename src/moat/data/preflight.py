@@ -13,6 +13,9 @@ only as far as their header, for their size) and checks:
   naming the files (a CUDA "device-side assert" otherwise, far from the cause);
 * colour (RGB) masks without a colour table, or with colours the table lacks -> refused;
 * masks whose size differs from their image's -> refused;
+* a split whose masks mix kinds (colour with index masks, 0/255 with class ids, grey
+  conversions of palette PNGs beside the palette PNGs) -> refused, naming the files of each
+  (`moat.data.mask_kinds`);
 * classes without any pixel, and masks without any labelled pixel -> warned.
 
 Detection (`check_detection`) reads the annotations (`moat.data.coco.prepare_coco` has
@@ -39,6 +42,7 @@ from PIL import Image
 
 from moat.data.checks import DataError
 from moat.data.images import BadImageError
+from moat.data.mask_kinds import COLOUR, MaskKinds, mask_kind
 from moat.data.masks import colour_codes, read_mask_pixels
 from moat.data.segmentation import SegmentationDataset
 
@@ -93,6 +97,20 @@ def image_size(path: str) -> tuple[int, int]:
                             path) from err
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """np.unique of an integer array, by counting where the values allow it: on 512x512
+    masks 0.24 ms instead of the sort's 3.4 ms, half of what the check spent per mask."""
+    if values.size and 0 <= values.min() and values.max() < 1 << 16:
+        return np.flatnonzero(np.bincount(values.ravel()))
+    return np.unique(values)
+
+
+def is_palette(path: str) -> bool:
+    """Whether an image file is a palette image (its header only)."""
+    with Image.open(path) as image:
+        return image.mode in ("P", "PA")
+
+
 def dataset_report(train: Any, val: Any = None) -> DataReport:
     """Sample counts of opened splits, and images per class where the dataset has
     `classes` and `targets_array` (classification)."""
@@ -127,6 +145,7 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
     unreadable: list[str] = []
     unlabelled: list[str] = []
     mask_sizes: Counter = Counter()
+    kinds = MaskKinds()
     for image_path, mask_path in dataset.pairs:
         try:
             raw = read_mask_pixels(mask_path)
@@ -141,14 +160,18 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
         if raw.ndim == 3:
             if not dataset.colours:
                 colour_masks.append(mask_path)
+                kinds.add(mask_path, COLOUR, np.zeros(0))
                 continue
             codes = np.unique(colour_codes(raw))
             known = set(colour_codes(np.asarray(dataset.colours, np.int64)).tolist())
             for code in codes.tolist():
                 if code not in known:
                     unknown_colours[f"#{code:06x}"].append(mask_path)
+            kinds.add(mask_path, COLOUR, codes)
         else:
-            raw_values.update(np.unique(raw).tolist())
+            values = distinct(raw)
+            raw_values.update(values.tolist())
+            kinds.add(mask_path, mask_kind(raw, is_palette(mask_path), values), values)
         ids = dataset.mask_ids(raw, mask_path)
         labelled = ids[ids != ignore]
         if labelled.size == 0:
@@ -187,7 +210,9 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
     if unreadable:
         report.errors.append(f"{len(unreadable)} file(s) cannot be read: {unreadable[0]}"
                              + (" ..." if len(unreadable) > 1 else ""))
-    if colour_masks:
+    mixed = kinds.errors(dataset.binary, files)
+    report.errors += mixed
+    if colour_masks and not mixed:
         report.errors.append(
             f"{len(colour_masks)} mask(s) are colour (RGB) images ({files(colour_masks)}): "
             "colours are not class ids. Give each class its colour in classes.json in the "
@@ -197,7 +222,9 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
     for colour, paths in sorted(unknown_colours.items())[:SHOWN]:
         report.errors.append(f"colour {colour} is in {len(paths)} mask(s) ({files(paths)}) "
                              "but not in the colour table: add it to classes.json")
-    if not dataset.binary and raw_values and raw_values <= {0, 255} and 255 in raw_values:
+    if mixed:
+        pass  # the mixture explains the values
+    elif not dataset.binary and raw_values and raw_values <= {0, 255} and 255 in raw_values:
         report.errors.append(
             "the masks hold only 0 and 255: binary masks, but 255 is the ignore index, so the "
             "foreground would be ignored. Train them as two classes (0 background, 255 -> 1) "

@@ -133,6 +133,11 @@ class Task:
         adapts to the schedule's length, moat.train.recipes); None: unknown."""
         return None
 
+    def image_side(self) -> int | None:
+        """The training images' median shorter side in pixels, if the task's default image
+        size may follow it (`moat.train.auto`); None: unknown or not needed."""
+        return None
+
     def check_data(self) -> list[DataReport]:
         """The pre-flight reports of the config's data (`moat data check`): what it holds,
         warnings and errors, not raised. Default: open the datasets (`build_datasets` refuses

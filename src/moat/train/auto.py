@@ -14,6 +14,12 @@ file, a flag or `--set` always wins.
     workers     per training process: none on a CPU with <= 2 cores per process (the model's
                 threads use them; workers would only compete), else a quarter of its cores
                 (at most 4); on GPUs its cores less one, at most 8
+    img_size, batch_size and epochs of a dense task (detection, segmentation), whose defaults
+                are the COCO / ADE20K fine-tuning numbers (800 px, batch 16, 12 epochs):
+                on a CPU the image size is at most the training images' own shorter side
+                (their median, to a multiple of 32: upscaling costs compute, adds no detail)
+                and the batch follows the rule above; on any machine the epochs are the
+                task's or more, as many as the rule above gives for a small dataset
     ema_eval_from_epoch
                 evaluations include the EMA from the epoch by which it has made
                 1 / (1 - ema_decay) updates (its averaging horizon: before that it still leans
@@ -34,6 +40,7 @@ from typing import Any
 # depend on the batch size, the EMA rule on both and on the recipe's ema_decay).
 AUTO_FIELDS = ("batch_size", "epochs", "workers", "ema_eval_from_epoch")
 
+TASK_DEFAULTS = "task defaults"  # moat.train.config's name for a task's config_defaults
 CPU_BATCH, GPU_BATCH, MAX_BATCH = 32, 128, 1024
 CPU_STEPS, GPU_STEPS = 1000, 10000
 MIN_STEPS_PER_EPOCH = 8
@@ -111,6 +118,17 @@ def workers(machine: Machine) -> Choice:
                                       "most 4")
 
 
+def img_size(task_size: int, image_side: int) -> Choice:
+    value = min(task_size, max(32, math.ceil(image_side / 32) * 32))
+    return Choice(value, f"auto: the task's {task_size} px, at most the training images' "
+                         f"shorter side ({image_side} px, median) on a CPU")
+
+
+def user_set(explicit: Any) -> dict[str, str]:
+    """The fields of `explicit` set by somebody, not by a task's defaults."""
+    return {k: v for k, v in explicit.items() if v != TASK_DEFAULTS}
+
+
 def ema_eval_from_epoch(ema_decay: float, steps_per_epoch: int | None, epochs: int) -> Choice:
     if not steps_per_epoch:
         return Choice(1, "auto: every evaluation (steps per epoch unknown)")
@@ -124,23 +142,34 @@ def _power_of_two_at_most(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 
 
-def before_recipe(config: Any, explicit: Any, recipe: str,
-                  train_size: int | None) -> dict[str, Choice]:
-    """Choices for batch_size, epochs and workers where `explicit` (the fields somebody set)
-    lacks them; batch size and epochs need the training set's size."""
+def before_recipe(config: Any, explicit: Any, recipe: str, train_size: int | None,
+                  image_side: int | None = None) -> dict[str, Choice]:
+    """Choices for batch_size, epochs and workers where `explicit` (the fields set, and
+    where) lacks them, and for a dense task's img_size, batch_size and epochs (see above);
+    they need the training set's size (and the images' median shorter side)."""
     machine = Machine.this(config.device)
     out = {}
     if "workers" not in explicit:
         out["workers"] = workers(machine)
     if train_size is None:
         return out
+    by_task = {k for k, v in explicit.items() if v == TASK_DEFAULTS}
+    size = config.img_size
+    if "img_size" in by_task and image_side and not machine.gpus and image_side < size:
+        out["img_size"] = img_size(size, image_side)
+        size = out["img_size"].value
     batch = config.batch_size
-    if "batch_size" not in explicit:
+    if "batch_size" not in explicit or ("batch_size" in by_task and not machine.gpus):
         divisor = int(os.environ.get("WORLD_SIZE", 1)) * config.accum_steps
-        out["batch_size"] = batch_size(train_size, config.img_size, machine, divisor)
+        out["batch_size"] = batch_size(train_size, size, machine, divisor)
         batch = out["batch_size"].value
     if "epochs" not in explicit:
         out["epochs"] = epochs(train_size, batch, recipe, machine)
+    elif "epochs" in by_task:
+        rule = epochs(train_size, batch, "", machine)  # steps, whatever the recipe
+        if rule.value > config.epochs:
+            out["epochs"] = Choice(rule.value, f"{rule.rule}; more than the task's "
+                                               f"{config.epochs} on this small dataset")
     return out
 
 

@@ -352,6 +352,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
         config = TrainConfig.from_dict(values, config, source)
         for key in values:
             explicit[key] = base_sources.get(key, source) if source == "checkpoint" else source
+            if source == "checkpoint" and explicit[key] == auto.TASK_DEFAULTS:
+                explicit[key] = source  # the run's value, not re-derived from the data
     config.validate(recipe_fields=False)  # before a recipe is derived from any of it
     return apply_recipe(config, explicit, task_cls).validate()
 
@@ -361,9 +363,10 @@ def apply_recipe(config: TrainConfig, explicit: dict[str, str], task_cls) -> Tra
     name, why = recipes.choose(config.recipe, bool(config.init_from or config.pretrained),
                                bool(task_cls.config_defaults))
     needs_data = (name != "imagenet" and not set(recipes.RECIPE_FIELDS) <= explicit.keys()) \
-        or not {"batch_size", "epochs"} <= explicit.keys()
-    train_size = task_cls(config).train_size() if needs_data and config.data else None
-    chosen = auto.before_recipe(config, explicit, name, train_size)  # from data and machine
+        or not {"batch_size", "epochs"} <= auto.user_set(explicit).keys()
+    task = task_cls(config) if needs_data and config.data else None
+    train_size, side = (task.train_size(), task.image_side()) if task else (None, None)
+    chosen = auto.before_recipe(config, explicit, name, train_size, side)  # data, machine
     config = dataclasses.replace(config, **{k: c.value for k, c in chosen.items()})
     facts = recipes.RunFacts(
         batch_size=config.batch_size, epochs=config.epochs, model=config.model,

@@ -213,16 +213,21 @@ def predict_checkpoint(images: Sequence[str | os.PathLike], checkpoint: str | os
                        top_k: int = 5, img_size: int | None = None, weights: str = "auto",
                        device: str = "auto", json_path: str | os.PathLike | None = None,
                        output_dir: str | os.PathLike | None = None,
-                       task: str | None = None) -> list[dict]:
-    """The task's predictions for image files (and folders of them), optionally as JSON."""
+                       task: str | None = None,
+                       annotations: str | os.PathLike | None = None) -> list[dict]:
+    """The task's predictions for image files (and folders of them), optionally as JSON.
+    `annotations`: a COCO file whose image ids a detector's results carry."""
     dev = pick_device(device)
     expected = task
     task, model, _ = load_task_and_model(checkpoint, weights=weights, device=dev)
     if expected and expected != task.name:
         raise InvalidInputError(f"{checkpoint} is a {task.name!r} checkpoint, not {expected!r}")
+    if annotations and task.name != "detection":
+        raise InvalidInputError(f"--annotations gives a detector's results COCO image ids; "
+                                f"{checkpoint} is a {task.name!r} checkpoint: leave it out")
     results = task.predict(model, expand_images(images), dev,
                            output_dir=str(output_dir) if output_dir else None,
-                           top_k=top_k, img_size=img_size)
+                           top_k=top_k, img_size=img_size, annotations=annotations)
     if json_path:
         text = json.dumps(results, indent=1) + "\n"
         if str(json_path) == "-":

@@ -80,6 +80,15 @@ def moat_fpn_backbone(
     return MoatFPN(body, out_channels)
 
 
+def area_scaled(coco_value: int, min_size: int, floor: int) -> int:
+    """A per-image count that torchvision sets for COCO's 800 px images (RoIs sampled for the
+    box loss: 512; proposals kept at test time: 1000), in proportion to the image area at
+    shorter side `min_size` (its candidate regions scale with it), within floor..coco_value.
+    At 96 px, 64 sampled RoIs make a tiny-MOAT-0 Cascade R-CNN training step on a CPU cost
+    a fifth of 512's (1.75 s vs 9.3 s, batch 4)."""
+    return max(floor, min(coco_value, round(coco_value * (min_size / 800) ** 2)))
+
+
 def build_detector(
     arch: str = "cascade_mask_rcnn",
     variant: str = "tiny_moat_0",

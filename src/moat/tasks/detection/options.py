@@ -48,9 +48,9 @@ class DetectionOptions(TaskOptions):
     rpn_pre_nms_top_n_train: int | None = None
     rpn_post_nms_top_n_train: int | None = None
     rpn_pre_nms_top_n_test: int | None = None
-    rpn_post_nms_top_n_test: int | None = None
+    rpn_post_nms_top_n_test: int | None = None  # None: by the image area (model.area_scaled)
     rpn_batch_size_per_image: int | None = None
-    box_batch_size_per_image: int | None = None
+    box_batch_size_per_image: int | None = None  # None: by the image area (model.area_scaled)
     box_score_thresh: float | None = None
     box_nms_thresh: float | None = None
     box_detections_per_img: int | None = None

@@ -18,7 +18,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from moat.data import segmentation as data
 from moat.data.folders import output_names
-from moat.data.images import BadImageError, load_rgb
+from moat.data.images import BadImageError, load_rgb, median_short_side
 from moat.data.masks import read_class_table
 from moat.data.preflight import DataReport, check_segmentation
 from moat.data.preprocessing import size_pair
@@ -61,6 +61,7 @@ class SegmentationTask(Task):
         "img_size": 512, "pool_size": 3, "batch_size": 16, "epochs": 100, "lr": 1e-4,
         "weight_decay": 0.01, "warmup_epochs": 1.0, "min_lr": 1e-6, "label_smoothing": 0.0,
         "randaugment": None, "mixup": 0.0, "cutmix": 0.0, "ema": False,
+        "bn_momentum": 0.1,  # the detection task's reason (moat.tasks.detection.task)
     }
 
     def __init__(self, config: Any) -> None:
@@ -161,6 +162,16 @@ class SegmentationTask(Task):
             if found.name == "ade20k":
                 self.found_classes = data.ADE20K_CLASSES
         return train, val
+
+    def _train_pairs(self) -> list[tuple[str, str]]:
+        found = data.find_segmentation_splits(self.config.data, self.options.layout)
+        return data.find_pairs(*found.train)
+
+    def train_size(self) -> int | None:
+        return len(self._train_pairs()) if self.config.data else None
+
+    def image_side(self) -> int | None:
+        return median_short_side(image for image, _ in self._train_pairs())
 
     def check_data(self, splits=None) -> list[DataReport]:
         """Pre-flight reports of the training and validation splits (`splits`: those opened
