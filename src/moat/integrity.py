@@ -18,8 +18,8 @@ Two kinds of record:
   from;
 * a **manifest** of a folder, stored in a checkpoint's meta.json: `{name: {"size", "sha256"}}`
   for a file, `{name: {"size", "header_sha256"}}` for a safetensors file (its header's sha256;
-  the header holds the tensor digest, which covers the rest). `verify_manifest` checks every
-  listed file, `read_verified` one file on the bytes it returns.
+  the header holds the tensor digest, which covers the rest). `read_verified` checks a
+  listed file on the bytes it returns (`moat.train.checkpoint.Checkpoint`: every file).
 
 Written in one pass: `write_safetensors` shares the tensors of its files among threads (one
 a core); each tensor is hashed and written at its offset from the same memory, block by
@@ -134,14 +134,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def verify_manifest(folder: Path, records: Mapping[str, Any]) -> None:
-    """Raise DamagedFileError naming the first file that is missing, of another size or
-    whose digest differs (`read_verified`). Entries without a record (older checkpoints) are
-    only checked to exist."""
-    for name, record in sorted(records.items()):
-        read_verified(folder / name, record)
-
-
 # --- JSON documents that carry their own digest ---------------------------------------------------
 
 def seal_json(values: Mapping[str, Any], key: str = "sha256") -> dict[str, Any]:
@@ -214,17 +206,20 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
         BYTES_KEY: str(sum(t.numel() * t.element_size() for t in plain.values()))}
 
 
-_POOL: list[ThreadPoolExecutor] = []
+_POOL: dict[int, ThreadPoolExecutor] = {}  # {process id: its threads}
 
 
 def _workers() -> ThreadPoolExecutor:
     """Threads that hash and write (or verify) files: one per usable core, at most 8
-    (sha256 runs at 1-2 GB/s a core; hashlib and file writes release the GIL)."""
-    if not _POOL:
+    (sha256 runs at 1-2 GB/s a core; hashlib and file writes release the GIL). A forked
+    process gets its own (the parent's threads do not exist in it)."""
+    if os.getpid() not in _POOL:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             (os.cpu_count() or 1)
-        _POOL.append(ThreadPoolExecutor(max(1, min(cores, 8)), thread_name_prefix="moat-io"))
-    return _POOL[0]
+        _POOL.clear()
+        _POOL[os.getpid()] = ThreadPoolExecutor(max(1, min(cores, 8)),
+                                                thread_name_prefix="moat-io")
+    return _POOL[os.getpid()]
 
 
 def _jobs(*files: list[tuple[Any, int, int]]) -> list[list[tuple[Any, int, int]]]:
