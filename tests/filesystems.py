@@ -51,15 +51,16 @@ def small_filesystem(path: Path, size_mb: int, monkeypatch) -> Iterator[Path]:
     import moat.train.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "write_synced", limited)
-    streamed = checkpoint.write_safetensors  # checkpoint weights are written as a stream
+    streamed = checkpoint.write_safetensors  # checkpoint tensors are written by threads
 
-    def limited_stream(file, tensors, metadata=None):
-        record = streamed(file, tensors, metadata)
-        if str(file.name).startswith(str(path)):
-            written["bytes"] += record["size"]
-            if written["bytes"] > size_mb << 20:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file.name))
-        return record
+    def limited_stream(files):
+        records = streamed(files)
+        for target, record in records.items():
+            if str(target).startswith(str(path)):
+                written["bytes"] += record["size"]
+                if written["bytes"] > size_mb << 20:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
+        return records
 
     monkeypatch.setattr(checkpoint, "write_safetensors", limited_stream)
     yield path

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import moat
-from moat.integrity import DamagedFileError, HashingWriter, atomic_output, file_sha256, \
-    read_safetensors, read_verified, tensors_digest, write_safetensors
-from moat.train.checkpoint import CheckpointManager, read_state, read_weights, \
+from moat.integrity import DamagedFileError, atomic_output, read_safetensors, read_verified, \
+    seal_json, tensors_digest, write_safetensors
+from moat.train.checkpoint import Checkpoint, CheckpointManager, read_state, read_weights, \
     resolve_checkpoint
 from moat.weights import load_weights, save_weights
 
@@ -114,37 +114,148 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     assert (tmp_path / "new.txt").read_text() == "done"
 
 
-def test_streamed_safetensors_file_is_what_the_library_reads(tmp_path):
-    """write_safetensors (one stream, digest patched into the header) writes a file the
-    safetensors library reads back exactly, whose digest is the one computed from the tensors
-    themselves, and whose manifest record is the sha256 of its header."""
+def test_threaded_safetensors_files_are_what_the_library_reads(tmp_path):
+    """write_safetensors (tensors hashed and written by threads, the digest in the header
+    written last) writes files the safetensors library reads back exactly, whose digest is
+    the one computed from the tensors themselves, and whose manifest record is the sha256 of
+    the header. The large tensors span several blocks and jobs, shared by the threads."""
     from safetensors import safe_open
 
-    tensors = {"b.w": torch.randn(5, 3), "a.half": torch.randn(7).half(),
-               "c.count": torch.tensor(3), "d.mask": torch.tensor([True, False]),
-               "e.bf16": torch.randn(2, 2).bfloat16(), "f.empty": torch.zeros(0, 4)}
-    path = tmp_path / "w.safetensors"
-    with open(path, "wb") as f:
-        record = write_safetensors(f, tensors, {"task": "test"})
-    data = path.read_bytes()
-    assert record["size"] == len(data)
-    n = int.from_bytes(data[:8], "little")
-    assert record["header_sha256"] == hashlib.sha256(data[:8 + n]).hexdigest()
-    with safe_open(str(path), framework="pt") as f:
-        assert f.metadata() == {"task": "test", **tensors_digest(tensors)}
-        for name, t in tensors.items():
-            assert torch.equal(f.get_tensor(name), t) and f.get_tensor(name).dtype == t.dtype
-    assert read_verified(path, record) == data
+    torch.manual_seed(0)
+    first = {"b.w": torch.randn(5, 3), "a.half": torch.randn(7).half(),
+             "c.count": torch.tensor(3), "d.mask": torch.tensor([True, False]),
+             "e.bf16": torch.randn(2, 2).bfloat16(), "f.empty": torch.zeros(0, 4),
+             "g.big": torch.randn(1_500_000), "h.t": torch.randn(300, 2000).t()}
+    second = {"x": torch.arange(2_000_000), "y": torch.ones(3)}
+    paths = [tmp_path / "first.safetensors", tmp_path / "second.safetensors"]
+    records = write_safetensors({paths[0]: (first, {"task": "test"}), paths[1]: (second, None)})
+    for path, tensors, metadata in ((paths[0], first, {"task": "test"}), (paths[1], second, {})):
+        data = path.read_bytes()
+        assert records[path]["size"] == len(data)
+        n = int.from_bytes(data[:8], "little")
+        assert records[path]["header_sha256"] == hashlib.sha256(data[:8 + n]).hexdigest()
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == {**metadata, **tensors_digest(tensors)}
+            for name, t in tensors.items():
+                assert torch.equal(f.get_tensor(name), t) and f.get_tensor(name).dtype == t.dtype
+        assert read_verified(path, records[path]) == data
 
 
-def test_hashing_writer_records_the_file_it_wrote(tmp_path):
-    path = tmp_path / "state.pt"
-    state = {"big": torch.randn(600_000), "small": torch.tensor([1, 2])}  # one block > 1 MiB
-    with open(path, "wb") as f:
-        writer = HashingWriter(f)
-        torch.save(state, writer)
-    assert writer.record() == {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    assert torch.equal(torch.load(path, weights_only=True)["big"], state["big"])
+def test_per_tensor_digest_is_the_sha256_of_the_tensors_sha256s(tmp_path):
+    """The known answer, computed here with hashlib alone: sha256 over each tensor's
+    "name|dtype|shape|" and the sha256 of its bytes, in name order."""
+    tensors = {"b": torch.arange(4, dtype=torch.int32), "a": torch.tensor([1.5])}
+    expected = hashlib.sha256(
+        b"a|torch.float32|(1,)|" + hashlib.sha256(tensors["a"].numpy().tobytes()).digest()
+        + b"b|torch.int32|(4,)|" + hashlib.sha256(tensors["b"].numpy().tobytes()).digest())
+    assert tensors_digest(tensors) == {"tensors_sha256_per_tensor": expected.hexdigest(),
+                                       "tensors_bytes": "20"}
+
+
+def _one_stream_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A weights file as moat wrote them before the per-tensor digest: the sha256 of one
+    stream over every tensor's name, dtype, shape and bytes (computed here by hand)."""
+    from safetensors.torch import save_file
+
+    digest, total = hashlib.sha256(), 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode() + t.numpy().tobytes())
+        total += t.numel() * t.element_size()
+    save_file(tensors, str(path), {"tensors_sha256": digest.hexdigest(),
+                                   "tensors_bytes": str(total), "format": "test"})
+
+
+def test_weights_file_with_the_older_one_stream_digest_is_verified(tmp_path):
+    path = tmp_path / "old.safetensors"
+    tensors = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    _one_stream_file(path, tensors)
+    loaded, metadata = read_safetensors(path)
+    assert torch.equal(loaded["w"], tensors["w"]) and metadata["format"] == "test"
+    _flip(path, path.stat().st_size - 100)
+    with pytest.raises(DamagedFileError, match=r"old\.safetensors: tensor data differs"):
+        read_safetensors(path)
+
+
+def _old_checkpoint(folder: Path) -> dict:
+    """A checkpoint as written before state.safetensors and the per-tensor digest: every
+    tensor of the state pickled in state.pt, one-stream digests in the weights files."""
+    import io
+
+    folder.mkdir(parents=True)
+    model = {"w": torch.randn(8, 8), "b": torch.randn(8)}
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.randn(8, 8)}}, "param_groups": []},
+             "rng": [{"torch": torch.get_rng_state()}], "best": 0.5}
+    files = {}
+    for name, tensors in (("model.safetensors", model), ("ema.safetensors", model)):
+        _one_stream_file(folder / name, tensors)
+        data = (folder / name).read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        files[name] = {"size": len(data), "header_sha256": hashlib.sha256(data[:8 + n]).hexdigest()}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (folder / "state.pt").write_bytes(buffer.getvalue())
+    files["state.pt"] = {"size": buffer.tell(),
+                         "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
+    meta = seal_json({"step": 1, "epoch": 1, "name": folder.name, "files": files})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return {"model": model, "state": state}
+
+
+def test_checkpoint_written_before_state_safetensors_still_loads(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    old = _old_checkpoint(manager.dir / "step-000000001")
+    assert manager.latest_intact() == manager.dir / "step-000000001"
+    state = read_state(manager.dir / "step-000000001")
+    assert torch.equal(state["optimizer"]["state"][0]["exp_avg"],
+                       old["state"]["optimizer"]["state"][0]["exp_avg"])
+    assert state["best"] == 0.5
+    weights, which = read_weights(manager.dir / "step-000000001", "model")
+    assert which == "model" and torch.equal(weights["w"], old["model"]["w"])
+    _flip(manager.dir / "step-000000001" / "ema.safetensors", 200)  # in the tensor data
+    assert manager.latest_intact(warn=False) is None
+
+
+def test_state_tensors_go_to_safetensors_and_come_back_where_they_were(tmp_path):
+    """The optimiser's moments are written to state.safetensors (no pickle of them), the
+    rest to a small state.pt; read back, every tensor is where it was, the containers and
+    plain values as they were; a flipped byte in state.safetensors is refused."""
+    manager = CheckpointManager(tmp_path)
+    big = torch.randn(200_000)
+    state = {"optimizer": {"state": {0: {"exp_avg": big, "step": torch.tensor(3.0)}},
+                           "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0]}]},
+             "rng": [{"torch": torch.get_rng_state(), "python": (3, (1, 2), None)}],
+             "odd": {0: torch.ones(2), "0": torch.zeros(2)}, "best": None}
+    ckpt = manager.save(1, model={"w": torch.ones(2)}, ema=None, state=state, meta={},
+                        weights_metadata={})
+    assert (ckpt / "state.pt").stat().st_size < 20_000 < (ckpt / "state.safetensors").stat().st_size
+    loaded = read_state(ckpt)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], big)
+    assert loaded["optimizer"]["state"][0]["step"].item() == 3.0
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert torch.equal(loaded["rng"][0]["torch"], state["rng"][0]["torch"])
+    assert loaded["rng"][0]["python"] == (3, (1, 2), None) and loaded["best"] is None
+    assert torch.equal(loaded["odd"][0], torch.ones(2))
+    assert torch.equal(loaded["odd"]["0"], torch.zeros(2))
+    _flip(ckpt / "state.safetensors", (ckpt / "state.safetensors").stat().st_size - 400)
+    with pytest.raises(DamagedFileError, match=r"state\.safetensors: tensor data differs"):
+        read_state(ckpt)
+    assert manager.latest_intact(warn=False) is None
+
+
+def test_a_checkpoint_reads_each_file_once(tmp_path, monkeypatch):
+    """Verification, weights and state come from the same bytes: each file read once."""
+    import moat.train.checkpoint as checkpoint
+
+    ckpt = _save(CheckpointManager(tmp_path), 1)
+    reads: list[str] = []
+    original = checkpoint.read_verified
+    monkeypatch.setattr(checkpoint, "read_verified", lambda path, record: (
+        reads.append(Path(path).name) or original(path, record)))
+    opened = Checkpoint(ckpt).verify()
+    opened.weights("model"), opened.weights("ema"), opened.state()
+    assert sorted(reads) == ["ema.safetensors", "model.safetensors", "state.pt",
+                             "state.safetensors"]
 
 
 def test_flipped_byte_in_a_checkpoint_weights_header_is_detected(tmp_path):

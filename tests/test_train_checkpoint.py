@@ -28,12 +28,13 @@ def test_save_layout_and_safe_loading(tmp_path):
     path = _save(manager, 7)
     assert path.name == "step-000000007"
     assert sorted(p.name for p in path.iterdir()) == [
-        "ema.safetensors", "meta.json", "model.safetensors", "state.pt"]
+        "ema.safetensors", "meta.json", "model.safetensors", "state.pt", "state.safetensors"]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == path.name
     meta = json.loads((path / "meta.json").read_text())
     assert meta["step"] == 7 and "torch" in meta["versions"]
-    # the optimiser state loads with weights_only=True (no arbitrary pickle)
-    state = torch.load(path / "state.pt", weights_only=True)
+    # the optimiser state loads with weights_only=True (no arbitrary pickle), its tensors
+    # from state.safetensors
+    state = torch.load(path / "state.pt", weights_only=True)["state"]
     assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
     assert read_state(path)["rng"][0]["torch"].dtype == torch.uint8
     weights, which = read_weights(path)
@@ -124,7 +125,7 @@ def test_load_pretrained_for_fine_tuning(tmp_path):
     import numpy as np
 
     import moat
-    from moat.train.checkpoint import load_pretrained
+    from moat.train.finetune import load_pretrained
     from moat.weights.official import to_official
 
     torch.manual_seed(0)

@@ -98,3 +98,25 @@ def test_resume_reads_the_runs_own_config_yaml(capsys, trained, tmp_path):
     assert settings == yaml.safe_load((run / "config.yaml").read_text())
     _refused(capsys, ["train", "--output", str(run), "--model", "moat_0", "--resume"], run,
              "model: the run has 'tiny_moat_0', this command asks 'moat_0'")
+
+
+def test_resume_reads_each_checkpoint_file_once(trained, shapes3, tmp_path, monkeypatch):
+    """`moat train --resume` finds the checkpoint (its settings, then the one to restore),
+    verifies and loads it from one read of each file."""
+    import moat.train.checkpoint as checkpoint
+
+    run = _copy(trained, tmp_path)
+    start = _only_checkpoint(run)
+    reads: list[str] = []
+    original = checkpoint.read_verified
+
+    def counted(path, record):
+        if Path(path).parent == start:
+            reads.append(Path(path).name)
+        return original(path, record)
+
+    monkeypatch.setattr(checkpoint, "read_verified", counted)
+    assert cli(["train", "--data", str(shapes3), "--output", str(run), *TINY[:-1], "2",
+                "--resume"]) == 0
+    assert sorted(reads) == ["ema.safetensors", "model.safetensors", "state.pt",
+                             "state.safetensors"]

@@ -37,7 +37,7 @@ from moat.models.blocks import set_batch_norm_momentum
 from moat.models.config import LAYOUT_ARGS
 from moat.models.layers import Conv2dSame
 from moat.models.moat import ENDPOINTS, MoatNet, Window
-from moat.train.checkpoint import load_pretrained
+from moat.train.finetune import load_pretrained
 from moat.weights.loader import load_weights
 
 __all__ = ["PRESETS", "BackbonePreset", "FrozenBatchNorm2d", "MoatBackbone", "build_backbone",
@@ -241,7 +241,7 @@ def load_backbone_weights(model: MoatBackbone, weights) -> MoatBackbone:
 
 def load_pretrained_backbone(model: nn.Module, path: str, backbone: MoatBackbone | None) -> str:
     """`--init-from PATH` for a model built on a MOAT backbone (see
-    `moat.train.checkpoint.load_pretrained`); frozen BatchNorm is thawed while loading, so
+    `moat.train.finetune.load_pretrained`); frozen BatchNorm is thawed while loading, so
     official-weight loaders find their BatchNorm2d layers."""
     with batch_norm_thawed(backbone):
         return load_pretrained(model, path, backbone=backbone)

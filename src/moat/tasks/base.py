@@ -38,7 +38,7 @@ import moat.tasks
 from moat.data.preflight import DataReport, dataset_report
 from moat.models.moat import MoatNet
 from moat.train import distributed as dist_utils
-from moat.train.checkpoint import load_pretrained
+from moat.train.finetune import load_pretrained
 from moat.weights.loader import weights_file
 
 log = logging.getLogger("moat")
@@ -183,7 +183,7 @@ class Task:
     def load_pretrained(self, model: nn.Module, path: str) -> str:
         """`--init-from PATH`: load weights for fine-tuning; return a one-line summary.
         Default: into `backbone(model)`, skipping tensors whose shape differs (e.g. a head
-        with another number of classes); see `moat.train.checkpoint.load_pretrained`."""
+        with another number of classes); see `moat.train.finetune.load_pretrained`."""
         return load_pretrained(model, path, backbone=self.backbone(model))
 
     def format_metrics(self, metrics: Mapping[str, float]) -> str:

@@ -27,16 +27,18 @@ from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer
 from moat.train.precision import amp_dtype, grad_scaler, precision_name
 from moat.train.recipes import RECIPE_FIELDS
-from moat.train.run import Progress, Run, restore, resume_point, seed_everything
+from moat.train.run import Progress, ResumeScan, Run, restore, resume_point, seed_everything
 
 log = logging.getLogger("moat")
 
 
-def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool) -> tuple[Run, Progress]:
-    """The run of `config` on this process, and where its training starts."""
+def assemble(config: TrainConfig, info: dist_utils.DistInfo, resume: bool,
+             scan: ResumeScan | None = None) -> tuple[Run, Progress]:
+    """The run of `config` on this process, and where its training starts (`scan`: the
+    checkpoints --resume found, already read; see `resume_point`)."""
     run_dir = Path(config.output)
     setup_logging(run_dir, info.is_main)  # first: the checkpoint fallback's warning is logged
-    start = resume_point(run_dir, resume)  # None: a fresh run
+    start = resume_point(run_dir, resume, scan)  # None: a fresh run
     if resume and start is None:
         log.info("--resume: no checkpoint in %s yet, starting from scratch", run_dir)
     _warn_if_cpu_busy(info.device)

@@ -5,8 +5,10 @@ Layout of a run directory:
     RUN_DIR/checkpoints/step-000001234/
         model.safetensors   model weights (+ metadata: task, variant, classes, ...)
         ema.safetensors     EMA weights (when EMA is on)
-        state.pt            optimiser, schedule, grad scaler, RNG states of every process
-                            (python, numpy, torch, cuda); tensors and plain containers only,
+        state.safetensors   the tensors of the training state (the optimiser's moments, ...)
+        state.pt            the rest of it: optimiser settings, schedule, grad scaler, RNG
+                            states of every process (python, numpy, torch, cuda), and where
+                            each tensor of state.safetensors goes; plain containers only,
                             loaded with torch.load(weights_only=True), never arbitrary pickle
         meta.json           epoch, step, position in the epoch, metrics, config, versions,
                             task metadata; written last
@@ -20,16 +22,20 @@ never a half-written checkpoint; leftovers of an interrupted write are removed o
 save (and at once when the write fails, e.g. on a full disk). Only the last `keep_last`
 checkpoints are kept, plus the best one.
 
-meta.json lists the size and digest of every other file (a weights file: the sha256 of its
-header, which holds its tensors' digest; state.pt: its sha256), all computed while the files
-are written, and is sealed with the sha256 of its own content (moat.integrity). Loading
-reads each file once and verifies those bytes: `CheckpointManager.latest_intact` skips a
-damaged newest checkpoint with a warning and falls back to the previous intact one, and a
-checkpoint folder named explicitly that is damaged raises DamagedFileError naming the file.
+meta.json lists the size and digest of every other file (a safetensors file: the sha256 of
+its header, which holds its tensors' digest; state.pt: its sha256), all computed while the
+files are written (the tensors hashed and written in threads, `moat.integrity`), and is
+sealed with the sha256 of its own content. A `Checkpoint` reads each file once and verifies
+those bytes, which its weights and state then come from: `CheckpointManager.newest_intact`
+skips a damaged newest checkpoint (with a warning) and returns the previous intact one, read
+and verified, which a resume loads without reading it again; a checkpoint folder named
+explicitly that is damaged raises DamagedFileError naming the file. Checkpoints written
+before state.safetensors (all the state in state.pt) or before manifests still load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -39,29 +45,26 @@ import random
 import shutil
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from moat.errors import InvalidInputError
-from moat.integrity import DamagedFileError, HashingWriter, atomic_write_text, \
-    check_sealed_json, fsync_dir, load_safetensors, read_verified, seal_json, \
-    verify_manifest, verify_safetensors, write_safetensors, write_synced
+from moat.integrity import DamagedFileError, atomic_write_text, can_save, check_sealed_json, \
+    fsync_dir, load_safetensors, read_verified, seal_json, verify_safetensors, \
+    write_safetensors, write_synced
 from moat.paths import regular_file
-from moat.weights.files import TORCH_SUFFIXES, load_state_dict
-from moat.weights.loader import load_file
+from moat.weights.files import load_state_dict
 from moat.weights.metadata import WeightsMetadata
 
 log = logging.getLogger("moat")
 
 STEP_PREFIX = "step-"
 DAMAGED_DIR = "damaged"  # checkpoints/damaged/: damaged checkpoints set aside by a resume
-MODEL_FILE, EMA_FILE, STATE_FILE, META_FILE = ("model.safetensors", "ema.safetensors",
-                                               "state.pt", "meta.json")
+MODEL_FILE, EMA_FILE, STATE_FILE, STATE_TENSORS_FILE, META_FILE = (
+    "model.safetensors", "ema.safetensors", "state.pt", "state.safetensors", "meta.json")
 
 
 def versions() -> dict[str, str]:
@@ -142,34 +145,20 @@ class CheckpointManager:
     def _write_files(tmp: Path, name: str, step: int, model: Mapping[str, torch.Tensor],
                      ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
                      meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> None:
-        weights = {MODEL_FILE: (model, weights_metadata)}
+        skeleton, tensors, paths = split_tensors(state)
+        files = {tmp / MODEL_FILE: (model, weights_metadata)}
         if ema is not None:  # weights files carry their tensors' digest (see read_weights)
-            weights[EMA_FILE] = (ema, {**weights_metadata, "weights": "ema"})
-        # Each file is hashed while it is written (no copy in memory, no second read), and
-        # the files are written at the same time, each in a thread of its own: sha256 runs at
-        # about 1 GB/s on one core, so hashing them one after the other would take longer
-        # than writing them (hashlib, file writes and fsync release the GIL).
-        def weights_file(file: str, tensors: Mapping[str, torch.Tensor],
-                         header: Mapping[str, str]) -> dict[str, Any]:
-            with open(tmp / file, "wb") as f:
-                record = write_safetensors(f, tensors, header)
-                _sync(f)
-            return record
-
-        def state_file() -> dict[str, Any]:
-            with open(tmp / STATE_FILE, "wb") as f:
-                writer = HashingWriter(f)
-                torch.save(dict(state), writer)
-                _sync(f)
-            return writer.record()
-
-        with ThreadPoolExecutor(len(weights) + 1, thread_name_prefix="moat-save") as pool:
-            pending = {file: pool.submit(weights_file, file, *args)
-                       for file, args in weights.items()}
-            pending[STATE_FILE] = pool.submit(state_file)
-            files = {file: job.result() for file, job in pending.items()}
+            files[tmp / EMA_FILE] = (ema, {**weights_metadata, "weights": "ema"})
+        files[tmp / STATE_TENSORS_FILE] = (tensors, {"format": "moat-train-state"})
+        # every tensor hashed while written, in threads, and synced (moat.integrity)
+        records = {path.name: record for path, record in write_safetensors(files).items()}
+        buffer = io.BytesIO()  # the rest of the state: small (lists, numbers, RNG states)
+        torch.save({"state": skeleton, "tensors": paths}, buffer)
+        write_synced(tmp / STATE_FILE, buffer.getvalue())
+        records[STATE_FILE] = {"size": buffer.tell(),
+                               "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
         meta = seal_json({**meta, "step": step, "name": name, "saved_at": time.time(),
-                          "versions": versions(), "files": dict(sorted(files.items()))})
+                          "versions": versions(), "files": dict(sorted(records.items()))})
         write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
         fsync_dir(tmp)
 
@@ -219,16 +208,16 @@ class CheckpointManager:
         A damaged newer checkpoint (a flipped byte, a truncated or missing file, a corrupt
         meta.json) is skipped with a warning that names the damaged file."""
         intact, _ = self.newest_intact(warn)
-        return intact
+        return intact.path if intact is not None else None
 
-    def newest_intact(self, warn: bool = True) -> tuple[Path | None, dict[Path, str]]:
-        """(the newest checkpoint whose files verify, {newer damaged folder: what is wrong})."""
+    def newest_intact(self, warn: bool = True) -> tuple[Checkpoint | None, dict[Path, str]]:
+        """(the newest checkpoint whose files verify, its files read and held, {newer damaged
+        folder: what is wrong})."""
         damaged: dict[Path, str] = {}
         folders = self.folders()
         for i, path in enumerate(folders):
             try:
-                verify_checkpoint(path)
-                return path, damaged
+                return Checkpoint(path).verify(), damaged
             except DamagedFileError as err:
                 damaged[path] = str(err)
                 if warn:
@@ -267,11 +256,6 @@ class CheckpointManager:
                     missing_ok=True)
 
 
-def _sync(f: Any) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-
-
 def is_complete(path: Path) -> bool:
     """Cheap test that a checkpoint was written completely (files exist; no hashing)."""
     meta = path / META_FILE
@@ -287,16 +271,120 @@ def is_complete(path: Path) -> bool:
 def verify_checkpoint(path: Path) -> dict[str, Any]:
     """meta.json of a checkpoint folder after checking its seal and every file's size and
     sha256; DamagedFileError names the first damaged file."""
-    if not (path / META_FILE).is_file():
-        raise DamagedFileError(path / META_FILE, "missing: the checkpoint is incomplete")
-    meta = check_sealed_json(path / META_FILE)
-    files = meta.get("files")
-    if isinstance(files, list):  # written before manifests: existence only
-        files = dict.fromkeys(files)
-    if not isinstance(files, dict):
-        raise DamagedFileError(path / META_FILE, "has no list of files")
-    verify_manifest(path, {k: v for k, v in files.items() if k != META_FILE})
-    return meta
+    return Checkpoint(path).verify().meta
+
+
+class Checkpoint:
+    """A checkpoint folder whose files are each read once, when first needed, and verified
+    on the bytes read (sizes and sha256 of the manifest in its sealed meta.json): the
+    weights and state come from the bytes that were checked, never from a second read.
+    `verify()` reads them all; `release()` drops the bytes held."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not (self.path / META_FILE).is_file():
+            raise DamagedFileError(self.path / META_FILE, "missing: the checkpoint is incomplete")
+        self.meta = check_sealed_json(self.path / META_FILE)
+        files = self.meta.get("files")
+        if isinstance(files, list):  # written before manifests: existence only
+            files = dict.fromkeys(files)
+        if not isinstance(files, dict):
+            raise DamagedFileError(self.path / META_FILE, "has no list of files")
+        self.records = {k: v for k, v in files.items() if k != META_FILE}
+        self._data: dict[str, bytes] = {}
+
+    def verify(self) -> Checkpoint:
+        """Read and check every file (DamagedFileError names the first damaged one)."""
+        for name in sorted(self.records):
+            self._bytes(name)
+        return self
+
+    def release(self) -> None:
+        self._data.clear()
+
+    def _bytes(self, name: str) -> bytes:
+        if name not in self._data:
+            path, record = self.path / name, self.records.get(name)
+            data = read_verified(path, record)
+            if not isinstance(record, Mapping) and name.endswith(".safetensors"):
+                verify_safetensors(path, data)  # older than manifests: the digest only
+            self._data[name] = data
+        return self._data[name]
+
+    def weights(self, which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+        """(state dict, 'model'|'ema'); `which` = model, ema or auto (the weights that
+        scored better on validation, else EMA if present)."""
+        if which == "auto":
+            which = self.meta.get("preferred_weights") or (
+                "ema" if EMA_FILE in self.records or (self.path / EMA_FILE).is_file() else "model")
+        if which not in ("model", "ema"):
+            raise InvalidInputError(f"weights must be model, ema or auto, got {which!r}")
+        file = EMA_FILE if which == "ema" else MODEL_FILE
+        if file not in self.records and not (self.path / file).is_file():
+            raise FileNotFoundError(f"{self.path} has no {which} weights ({file})")
+        return load_safetensors(self.path / file, self._bytes(file)), which
+
+    def state(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+        """The optimiser/RNG state: its tensors from state.safetensors, the rest from state.pt
+        loaded with weights_only=True (no arbitrary code); a checkpoint written before
+        state.safetensors holds all of it in state.pt."""
+        path, data = self.path / STATE_FILE, self._bytes(STATE_FILE)
+        try:
+            loaded = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except MemoryError:  # the machine, not the file's content
+            raise
+        except Exception as err:  # noqa: BLE001 - the unpickler raises many types, all "damaged"
+            # not its own text: it suggests weights_only=False, never right for a damaged file
+            raise DamagedFileError(path, f"cannot be read as training state "
+                                   f"({type(err).__name__})") from None
+        if STATE_TENSORS_FILE not in self.records:
+            return loaded
+        if not isinstance(loaded, dict) or set(loaded) != {"state", "tensors"}:
+            raise DamagedFileError(path, "is not the state of a checkpoint with "
+                                   f"{STATE_TENSORS_FILE}")
+        tensors = load_safetensors(self.path / STATE_TENSORS_FILE,
+                                   self._bytes(STATE_TENSORS_FILE))
+        at = {tuple(where): tensors[name].to(map_location) for name, where
+              in loaded["tensors"].items() if name in tensors}
+        if len(at) != len(loaded["tensors"]):
+            raise DamagedFileError(self.path / STATE_TENSORS_FILE, "lacks tensors state.pt "
+                                   "refers to")
+        return join_tensors(loaded["state"], at)
+
+
+def split_tensors(state: Any) -> tuple[Any, dict[str, torch.Tensor], dict[str, tuple]]:
+    """(`state` with each tensor replaced by None, {name: tensor}, {name: where it was: the
+    keys and indices from the top}): the tensors go to a safetensors file (written without
+    a copy, hashed in threads), the small rest to state.pt."""
+    tensors: dict[str, torch.Tensor] = {}
+    paths: dict[str, tuple] = {}
+
+    def walk(value: Any, where: tuple) -> Any:
+        if isinstance(value, torch.Tensor) and can_save(value):
+            name = "/".join(map(str, where))
+            if name not in tensors:  # {0: t, "0": u}: the second stays in state.pt
+                tensors[name], paths[name] = value, where
+                return None
+        elif isinstance(value, dict):
+            return {k: walk(v, (*where, k)) for k, v in value.items()}
+        elif isinstance(value, (list, tuple)):
+            items = [walk(v, (*where, i)) for i, v in enumerate(value)]
+            return items if isinstance(value, list) else tuple(items)
+        return value
+
+    return walk(state, ()), tensors, paths
+
+
+def join_tensors(skeleton: Any, at: Mapping[tuple, torch.Tensor], where: tuple = ()) -> Any:
+    """The state `split_tensors` split: each tensor put back where it was."""
+    if where in at:
+        return at[where]
+    if isinstance(skeleton, dict):
+        return {k: join_tensors(v, at, (*where, k)) for k, v in skeleton.items()}
+    if isinstance(skeleton, (list, tuple)):
+        items = [join_tensors(v, at, (*where, i)) for i, v in enumerate(skeleton)]
+        return items if isinstance(skeleton, list) else tuple(items)
+    return skeleton
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -330,106 +418,22 @@ def read_meta(checkpoint: Path) -> dict[str, Any]:
 
 
 def read_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The optimiser/RNG state, loaded with weights_only=True (no arbitrary code), from the
-    bytes its manifest record was checked on (one read)."""
-    path = checkpoint / STATE_FILE
-    data = read_verified(path, _record(checkpoint, STATE_FILE))
-    try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except MemoryError:  # the machine, not the file's content
-        raise
-    except Exception as err:  # noqa: BLE001 - the unpickler raises many types, all "damaged"
-        # not its own text: it suggests weights_only=False, never right for a damaged file
-        raise DamagedFileError(path, f"cannot be read as training state "
-                               f"({type(err).__name__})") from None
+    """The optimiser/RNG state of a checkpoint folder (`Checkpoint.state`), its files read
+    once and verified."""
+    return Checkpoint(checkpoint).state(map_location)
 
 
 def read_weights(path: Path, which: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
-    """(state dict, 'model'|'ema') from a checkpoint folder; `which` = model, ema or auto
-    (the weights that scored better on validation, else EMA if present). The file is read
-    once and verified on those bytes (its manifest record and the tensors' digest)."""
+    """(state dict, 'model'|'ema') from a checkpoint folder (`Checkpoint.weights`) or a
+    weights file; the file is read once and verified on those bytes."""
     if path.is_file():
-        return _read_weights_file(path), "model"
-    meta = read_meta(path)
-    if which == "auto":
-        which = meta.get("preferred_weights") or ("ema" if (path / EMA_FILE).is_file() else "model")
-    if which not in ("model", "ema"):
-        raise InvalidInputError(f"weights must be model, ema or auto, got {which!r}")
-    file = path / (EMA_FILE if which == "ema" else MODEL_FILE)
-    if not file.is_file():
-        raise FileNotFoundError(f"{path} has no {which} weights ({file.name})")
-    record = _record(path, file.name, meta)
-    data = read_verified(file, record)
-    if not isinstance(record, Mapping):  # a checkpoint older than manifests: the digest only
-        verify_safetensors(file, data)
-    return load_safetensors(file, data), which
+        return read_weights_file(path), "model"
+    return Checkpoint(path).weights(which)
 
 
-def _record(checkpoint: Path, name: str, meta: Mapping[str, Any] | None = None) -> Any:
-    """The manifest record of file `name` in a checkpoint (None: not listed or no record)."""
-    files = (meta if meta is not None else read_meta(checkpoint)).get("files")
-    return files.get(name) if isinstance(files, dict) else None
-
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return dict(load_state_dict(path)[0])
 
 
 def file_metadata(path: Path) -> WeightsMetadata:
     return WeightsMetadata.read(path) if path.suffix == ".safetensors" else WeightsMetadata()
-
-
-# --- fine-tuning: weights from anywhere into a model whose head may differ --------------------------
-
-_PREFIXES = ("module.", "_orig_mod.", "backbone.")  # DDP, torch.compile, a dense task's model
-
-
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, value in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if name.startswith(prefix):
-                    name, changed = name[len(prefix):], True
-        out[name] = value
-    return out
-
-
-def load_pretrained(model: nn.Module, path: str | os.PathLike,
-                    backbone: nn.Module | None = None) -> str:
-    """Load weights for fine-tuning into `backbone` (a MoatNet inside `model`; `model` if None).
-
-    Sources: a run directory or checkpoint folder (its preferred weights), a .safetensors or
-    PyTorch state dict (ours, loaded safely), or official weights (TensorFlow checkpoint,
-    .tar.gz, .npz). Through `moat.weights.adapt` with a new classifier allowed: one of
-    another number of classes stays freshly initialised, tensors the model lacks (another
-    task's decoder) are unused, and any other missing tensor is an error (wrong variant).
-    Position tables need no resizing: they are resized to the input at forward time.
-    """
-    target = backbone if backbone is not None else model
-    path = Path(path)
-    if not path.exists() and not str(path).endswith((".tar.gz", ".index")):
-        # a TensorFlow checkpoint prefix (model-ckpt-0) has no file of its own
-        if not Path(str(path) + ".index").exists():
-            raise FileNotFoundError(f"--init-from {str(path)!r} does not exist")
-    ours = path.is_dir() and (is_complete(path) or (path / "checkpoints").is_dir()
-                              or path.name == "checkpoints")
-    source: Any = path
-    if ours:
-        state, which = read_weights(resolve_checkpoint(path))
-        source, name = _strip_prefixes(state), f"{path} ({which} weights)"
-    elif path.suffix in (".safetensors", *TORCH_SUFFIXES):
-        source, name = _strip_prefixes(_read_weights_file(path)), str(path)
-    else:
-        name = f"official weights {path}"
-    try:
-        adapted = load_file(target, source, classifier="new", extra="ignore")
-    except ValueError as err:
-        raise InvalidInputError(f"--init-from {name}: {err}\nCheck --model (the variant must "
-                                "match the weights).") from None
-    head = f", classifier re-initialised ({adapted.replaced[0]})" if adapted.replaced else ""
-    unused = len(adapted.unused)
-    return (f"initialised {len(adapted.state)} tensors from {name}{head}"
-            + (f", {unused} tensors of the source unused" if unused else ""))

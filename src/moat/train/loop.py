@@ -35,7 +35,8 @@ from moat.train.config import TrainConfig, load_config, read_config_file
 from moat.train.loaders import readable_batch, set_epoch, track_bad
 from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.precision import autocast
-from moat.train.run import Progress, Run, check_resumable, run_settings, save_checkpoint
+from moat.train.run import Progress, ResumeScan, Run, check_resumable, run_settings, \
+    save_checkpoint
 
 log = logging.getLogger("moat")
 
@@ -44,9 +45,10 @@ class NonFiniteLossError(MoatError, RuntimeError):
     """The loss or the gradient became NaN/inf; the message names the last good checkpoint."""
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+def train(config: TrainConfig, resume: bool = False,
+          scan: ResumeScan | None = None) -> dict[str, Any]:
     """Train `config` into config.output; with `resume`, continue from its latest checkpoint
-    (a fresh start if it has none).
+    (a fresh start if it has none; `scan`: the checkpoints found and read already).
 
     Returns {"metrics": last evaluation, "line": the task's summary of it, "checkpoint": last
     checkpoint folder, "run_dir", "bad_images": {path: reason} of skipped files}.
@@ -60,7 +62,7 @@ def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if info.is_main and not resume:
             check_new_run_folder(config.output)  # never overwrite the user's own files
         with RunLock(config.output) if info.is_main else contextlib.nullcontext():
-            return Trainer(*assemble(config, info, resume)).fit()
+            return Trainer(*assemble(config, info, resume, scan)).fit()
     finally:
         dist_utils.cleanup()
 
@@ -71,17 +73,18 @@ def run_training(config_path: str | os.PathLike | None = None, overrides=(), res
     run's own settings (its newest intact checkpoint's, else RUN_DIR/config.yaml) are the
     base the file and flags override; flags that change its model, task or classes are
     refused."""
-    base = None
+    base = scan = None
     if resume:
         output = flags.get("output") or (read_config_file(config_path).get("output")
                                          if config_path else None)
         if not output:
             raise InvalidInputError("--resume needs --output RUN_DIR (the run to continue)")
-        base = run_settings(output)
+        scan = ResumeScan.of(output)  # the checkpoint to resume, each file read once for all
+        base = run_settings(output, scan)
     config = load_config(config_path, overrides, base=base, **flags)
     if base is not None:
         check_resumable(base, config, config.output)
-    return train(config, resume=resume)
+    return train(config, resume=resume, scan=scan)
 
 
 class Trainer:

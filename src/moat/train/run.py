@@ -24,8 +24,8 @@ from moat.data.bad_images import BadImageLog
 from moat.errors import InvalidInputError
 from moat.tasks.base import Task
 from moat.train import distributed as dist_utils
-from moat.train.checkpoint import MODEL_FILE, CheckpointManager, read_meta, read_state, \
-    read_weights, rng_state, set_rng_state
+from moat.train.checkpoint import MODEL_FILE, Checkpoint, CheckpointManager, rng_state, \
+    set_rng_state
 from moat.train.config import TrainConfig, read_config_file
 from moat.train.logger import MetricsWriter
 from moat.train.optim import ModelEma, WarmupCosine
@@ -92,8 +92,33 @@ RUN_IDENTITY = ("task", "model", "num_classes", "position_embedding", "window_si
                 "pool_size", "optimizer")
 
 
-def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
-    """The checkpoint a run starts from: RUN_DIR's newest intact one with `resume`, else None.
+@dataclass(frozen=True)
+class ResumeScan:
+    """What --resume finds in a run folder: its newest intact checkpoint, every file read and
+    verified once and held until `restore` loads it (None: none), the newer damaged ones, and
+    the checkpoint folders seen (a folder that changed since is scanned again)."""
+    run_dir: Path
+    checkpoint: Checkpoint | None
+    damaged: dict[Path, str]
+    folders: tuple[str, ...]
+
+    @classmethod
+    def of(cls, run_dir: str | Path) -> ResumeScan:
+        manager = CheckpointManager(run_dir)
+        folders = tuple(p.name for p in manager.folders())
+        intact, damaged = manager.newest_intact(warn=False)
+        return cls(Path(run_dir), intact, damaged, folders)
+
+    def current(self, run_dir: str | Path) -> bool:
+        """Whether this scan still describes RUN_DIR's checkpoints."""
+        return Path(run_dir).resolve() == self.run_dir.resolve() and self.folders == tuple(
+            p.name for p in CheckpointManager(run_dir).folders())
+
+
+def resume_point(run_dir: str | Path, resume: bool,
+                 scan: ResumeScan | None = None) -> Checkpoint | None:
+    """The checkpoint a run starts from: RUN_DIR's newest intact one with `resume` (from
+    `scan` if it is current: its files are not read again), else None.
 
     Damaged newer checkpoints are moved aside to checkpoints/damaged/ (named in the log), so
     that the resumed run never saves over them; a run folder whose checkpoints are all damaged
@@ -107,31 +132,34 @@ def resume_point(run_dir: str | Path, resume: bool) -> Path | None:
                                     "pass --resume to continue that run, or choose another "
                                     "--output")
         return None
-    intact, damaged = checkpoints.newest_intact(warn=False)
+    if scan is None or not scan.current(run_dir):
+        scan = ResumeScan.of(run_dir)
+    intact, damaged = scan.checkpoint, scan.damaged
     if intact is None and damaged:
         raise InvalidInputError(_nothing_intact(run_dir, damaged))
     for path, reason in damaged.items():
         kept = checkpoints.set_aside(path)
         log.warning("checkpoint %s is damaged (%s): moved aside to %s (kept, never deleted); "
-                    "resuming from %s", path.name, reason, kept, intact.name)
+                    "resuming from %s", path.name, reason, kept, intact.path.name)
     return intact
 
 
-def run_settings(run_dir: str | Path) -> dict[str, Any] | None:
+def run_settings(run_dir: str | Path, scan: ResumeScan | None = None) -> dict[str, Any] | None:
     """The settings of the run in RUN_DIR, which `--resume` continues: those of its newest
-    intact checkpoint, else its config.yaml (a run stopped before its first checkpoint), else
-    None (nothing there yet). A run whose checkpoints are all damaged is refused."""
+    intact checkpoint (`scan`, made here if None), else its config.yaml (a run stopped before
+    its first checkpoint), else None (nothing there yet). A run whose checkpoints are all
+    damaged is refused."""
     run_dir = Path(run_dir)
-    intact, damaged = CheckpointManager(run_dir).newest_intact(warn=False)
-    if intact is not None:
-        meta = read_meta(intact)
+    scan = scan if scan is not None else ResumeScan.of(run_dir)
+    if scan.checkpoint is not None:
+        meta = scan.checkpoint.meta
         settings = dict(meta["config"])
         classes = meta.get("task_metadata", {}).get("classes")
         if classes and settings.get("num_classes") == len(classes):
             del settings["num_classes"]  # the data's count: `restore` compares the names
         return settings
-    if damaged:
-        raise InvalidInputError(_nothing_intact(run_dir, damaged))
+    if scan.damaged:
+        raise InvalidInputError(_nothing_intact(run_dir, scan.damaged))
     saved = run_dir / "config.yaml"
     if saved.exists():
         return read_config_file(saved)
@@ -165,10 +193,11 @@ def _nothing_intact(run_dir: str | Path, damaged: dict[Path, str]) -> str:
             f"{next(iter(damaged))}/{MODEL_FILE}")
 
 
-def restore(run: Run, checkpoint: Path) -> Progress:
-    """Load `checkpoint` into the run's model, EMA, optimiser, scaler, task and random
-    generators; return the progress it recorded."""
-    meta = read_meta(checkpoint)
+def restore(run: Run, checkpoint: Checkpoint) -> Progress:
+    """Load `checkpoint` (its files verified on the bytes loaded, each read once) into the
+    run's model, EMA, optimiser, scaler, task and random generators, then drop the bytes it
+    held; return the progress it recorded."""
+    meta = checkpoint.meta
     stored = meta.get("task_metadata", {}).get("classes")
     classes = run.task.metadata().get("classes")
     if stored and classes and list(stored) != list(classes):
@@ -181,18 +210,18 @@ def restore(run: Run, checkpoint: Path) -> Progress:
             + f"the run has {len(stored)}, the data {len(classes)}). Resume with the run's "
             f"data, or start a new run with another --output (--init-from {run.run_dir} to "
             "start from its weights)")
-    state = read_state(checkpoint, map_location=run.device)
+    state = checkpoint.state(map_location=run.device)
     try:
-        run.model.load_state_dict(read_weights(checkpoint, "model")[0])
+        run.model.load_state_dict(checkpoint.weights("model")[0])
     except RuntimeError as err:  # a model built from other settings than the run's
         first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), "")
         raise InvalidInputError(
-            f"--resume of {run.run_dir}: {checkpoint.name} holds another model than the one "
+            f"--resume of {run.run_dir}: {checkpoint.path.name} holds another model than the one "
             f"this command builds ({first}); resume with the run's own settings, or start a "
             "new run with another --output") from None
     if run.ema is not None:
         try:
-            run.ema.load_state_dict(read_weights(checkpoint, "ema")[0])
+            run.ema.load_state_dict(checkpoint.weights("ema")[0])
         except FileNotFoundError:  # EMA switched on when resuming: start it from the model
             run.ema.load_state_dict(run.model.state_dict())
         run.ema.updates = int(state.get("ema_updates", 0))
@@ -203,7 +232,8 @@ def restore(run: Run, checkpoint: Path) -> Progress:
     progress = Progress(epoch=int(meta["epoch"]), step=int(meta["step"]),
                         batch_in_epoch=int(meta["batch_in_epoch"]), best=state.get("best"),
                         preferred=meta.get("preferred_weights", "model"),
-                        last_metrics=meta.get("metrics") or {}, last_checkpoint=checkpoint,
+                        last_metrics=meta.get("metrics") or {},
+                        last_checkpoint=checkpoint.path,
                         samples_in_epoch=int(meta.get("samples_in_epoch", 0))
                         if run.info.is_main else 0)
     if meta.get("steps_per_epoch") != run.steps_per_epoch:
@@ -217,7 +247,8 @@ def restore(run: Run, checkpoint: Path) -> Progress:
         log.warning("the checkpoint has random states of %d process(es), this run has %d: "
                     "reseeding", len(rngs), run.info.world_size)
         seed_everything(run.config.seed + run.info.rank + progress.step)
-    log.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", checkpoint,
+    checkpoint.release()
+    log.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", checkpoint.path,
              progress.epoch + 1, progress.step, progress.batch_in_epoch)
     return progress
 

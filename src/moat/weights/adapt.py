@@ -1,7 +1,7 @@
 """One adapter from any state dict (our parameter names) to a model.
 
 Every loader ends here: ``load_weights`` (files of every format, via the readers and
-``official``), ``create_model``, ``--init-from`` (``moat.train.checkpoint.load_pretrained``)
+``official``), ``create_model``, ``--init-from`` (``moat.train.finetune.load_pretrained``)
 and the dense backbones. The decisions made once, for all of them:
 
 * **classifier kept**: the model's head tensors must be in the state dict, of the same shape;
