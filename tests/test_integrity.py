@@ -141,14 +141,16 @@ def test_threaded_safetensors_files_are_what_the_library_reads(tmp_path):
         assert read_verified(path, records[path]) == data
 
 
-def test_per_tensor_digest_is_the_sha256_of_the_tensors_sha256s(tmp_path):
-    """The known answer, computed here with hashlib alone: sha256 over each tensor's
-    "name|dtype|shape|" and the sha256 of its bytes, in name order."""
+def test_per_tensor_digest_is_the_sha256_of_the_tensors_checksums(tmp_path):
+    """The known answer, computed here with hashlib and xxhash alone: sha256 over each
+    tensor's "name|dtype|shape|" and the XXH3-128 of its bytes, in name order."""
+    import xxhash
+
     tensors = {"b": torch.arange(4, dtype=torch.int32), "a": torch.tensor([1.5])}
     expected = hashlib.sha256(
-        b"a|torch.float32|(1,)|" + hashlib.sha256(tensors["a"].numpy().tobytes()).digest()
-        + b"b|torch.int32|(4,)|" + hashlib.sha256(tensors["b"].numpy().tobytes()).digest())
-    assert tensors_digest(tensors) == {"tensors_sha256_per_tensor": expected.hexdigest(),
+        b"a|torch.float32|(1,)|" + xxhash.xxh3_128(tensors["a"].numpy().tobytes()).digest()
+        + b"b|torch.int32|(4,)|" + xxhash.xxh3_128(tensors["b"].numpy().tobytes()).digest())
+    assert tensors_digest(tensors) == {"tensors_xxh3_per_tensor": expected.hexdigest(),
                                        "tensors_bytes": "20"}
 
 
