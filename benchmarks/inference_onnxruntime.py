@@ -17,7 +17,8 @@ the images in DIR) and timed in the same rounds. Prints the tables and the verdi
 * with int8: int8 >= 1.5x faster than fp32 (batch 8 and batch 1) for MOAT-0, tiny-MOAT-1
   (every peer is quantized the same way and its int8 speed-up printed beside them).
 
-    python benchmarks/inference_onnxruntime.py [--repeats 15] [--csv ort.csv] [--export-dir DIR]
+    python benchmarks/inference_onnxruntime.py [--repeats 15] [--opset 23] [--gelu exact tanh]
+        [--csv ort.csv] [--export-dir DIR]
 
 (Not named onnxruntime.py: a script's folder comes first on sys.path, and the script would
 shadow the onnxruntime package.)
@@ -33,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from moat.bench.onnx_runtime import run_onnx_benchmark  # noqa: E402
+from moat.bench.onnx_runtime import OPSET, run_onnx_benchmark  # noqa: E402
 from moat.bench.pytorch import format_table, write_csv  # noqa: E402
 
 GROUPS = (("moat_0", ["moat_0"], 224), ("tiny_moat", ["tiny_moat_0", "tiny_moat_1"], 256))
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gelu", nargs="+", default=["exact"], choices=["exact", "tanh"],
                         help="GELU forms to export MOAT with (tanh: rows 'NAME [tanh GELU]'; "
                         "the tiny-MOAT verdicts then use the tanh rows)")
+    parser.add_argument("--opset", type=int, default=OPSET,
+                        help="ONNX opset of every export, MOAT and peers alike (23: attention "
+                        "as ONNX's Attention operator, which ONNX Runtime runs faster)")
     parser.add_argument("--export-dir", help="keep (and reuse) the exported files here")
     parser.add_argument("--csv", help="also write the rows (with versions) to this CSV file")
     args = parser.parse_args(argv)
@@ -62,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
                 models, peers=True, img_sizes=[size], batch_sizes=[args.batch_size],
                 threads=[args.threads], warmup=args.warmup, repeats=args.repeats,
                 int8_calibration=args.int8_calibration, export_dir=args.export_dir,
-                gelu=args.gelu, log=lambda line: print(line, file=sys.stderr, flush=True))
+                gelu=args.gelu, opset=args.opset,
+                log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(rows))
     print(f"\nonnxruntime {rows[0]['onnxruntime']}; b1 latency: median of "
-          f"{max(args.repeats, 5)} interleaved batch-1 runs; CPU: {rows[0]['cpu_description']} "
+          f"{max(args.repeats, 5)} interleaved batch-1 runs; opset {args.opset}; "
+          f"CPU: {rows[0]['cpu_description']} "
           "(ONNX Runtime's MLAS picks its kernels from the processor itself: no ISA limit)")
     if args.csv:
         write_csv(rows, args.csv)

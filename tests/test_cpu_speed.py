@@ -108,6 +108,23 @@ def test_onnx_tanh_gelu_is_one_gelu_kept_in_nchwc(tiny, tmp_path):
     assert fast["ReorderInput"] == slow["ReorderInput"] and fast["Gelu"] == len(gelus)
 
 
+def test_onnx_opset_23_writes_each_attention_as_one_attention_operator(tiny, tmp_path):
+    # From opset 23 the ONNX Runtime layout writes ONNX's Attention (q, k, v as [N, T, C]
+    # tokens, the position bias as its float mask): no Softmax, no head Transposes left.
+    blocks = sum(hasattr(block, "attention") for stage in tiny.stages for block in stage)
+    for dynamic in (False, True):  # the bias a constant / computed from its table in the graph
+        path = tmp_path / f"attention_{dynamic}.onnx"
+        report = export_onnx(tiny, path, 64, opset=23, dynamic_size=dynamic)
+        assert report["opset"] == 23 and report["dynamic_size"] == dynamic
+        assert max(r["max_abs_err"] for r in report["check"]) < 1e-4  # batch 1 and 8
+        ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+        assert ops["Attention"] == blocks and ops["Softmax"] == 0
+    opset18 = tmp_path / "opset18.onnx"
+    export_onnx(tiny, opset18, 64, opset=18, check=False)
+    ops = collections.Counter(n.op_type for n in onnx.load(opset18).graph.node)
+    assert ops["Attention"] == 0 and ops["Softmax"] == blocks
+
+
 def test_cli_tanh_gelu_needs_images_and_prints_its_cost(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     args = ["export", "onnx", "tiny_moat_0", str(out), "--img-size", "64", "--no-check",

@@ -47,22 +47,23 @@ def peers_for(models: Sequence[str]) -> tuple[str, ...]:
 
 
 def export_model(name: str, img_size: tuple[int, int], path: str | os.PathLike,
-                 gelu: str = "exact") -> Path:
+                 gelu: str = "exact", opset: int = OPSET) -> Path:
     """Export MOAT (`moat.export.export_onnx`, with `gelu`) or a timm model to `path` (fp32,
-    NCHW input `x`, dynamic batch, fixed size)."""
+    NCHW input `x`, dynamic batch, fixed size) at `opset` (at 23, MOAT's attention and the
+    peers' scaled_dot_product_attention become ONNX's Attention operator)."""
     path = Path(path)
     if _is_moat(name):
         import moat
         from moat.export import export_onnx
 
         model = moat.create_model(name).eval()
-        export_onnx(model, path, img_size, opset=OPSET, check=False, gelu=gelu)
+        export_onnx(model, path, img_size, opset=opset, check=False, gelu=gelu)
         return path
     model = create_peer(name, img_size, pretrained=False).eval()
     example = torch.randn(2, 3, *img_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with torch.no_grad():
-        torch.onnx.export(model, (example,), os.fspath(path), dynamo=True, opset_version=OPSET,
+        torch.onnx.export(model, (example,), os.fspath(path), dynamo=True, opset_version=opset,
                           input_names=["x"], dynamic_shapes={"x": {0: batch}},
                           external_data=False, verbose=False)
     return path
@@ -80,7 +81,7 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
                        warmup: int = 2, repeats: int = 5, latency: bool = True,
                        int8_calibration: str | os.PathLike | None = None,
                        export_dir: str | os.PathLike | None = None,
-                       gelu: str | Sequence[str] = "exact",
+                       gelu: str | Sequence[str] = "exact", opset: int = OPSET,
                        log: Callable[[str], None] | None = None) -> list[dict]:
     """Measure in ONNX Runtime; one row per model, size, batch and thread count.
 
@@ -89,7 +90,7 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
     keeps the exported files and reuses those already there (delete them after changing the code);
     by default they go to a temporary folder. `gelu`: the GELU forms MOAT is exported with,
     one or several of "exact", "tanh" (rows "NAME [tanh GELU]"; `moat.export.gelu` measures
-    what the approximation costs).
+    what the approximation costs). `opset`: every model, MOAT and peers, is exported at it.
     """
     import onnxruntime as ort
 
@@ -103,7 +104,7 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
         for size in img_sizes:
             size = size_pair(size)
             files = _export_all(names, size, folder, int8_calibration, log,
-                                [gelu] if isinstance(gelu, str) else list(gelu))
+                                [gelu] if isinstance(gelu, str) else list(gelu), opset)
             for n_threads in threads:
                 sessions = {label: onnx_session(path, n_threads) for label, path in files.items()}
                 for batch in batch_sizes:
@@ -116,17 +117,19 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
 
 def _export_all(names: list[str], size: tuple[int, int], folder: Path,
                 calibration: str | os.PathLike | None,
-                log: Callable[[str], None], gelus: Sequence[str] = ("exact",)) -> dict[str, Path]:
+                log: Callable[[str], None], gelus: Sequence[str] = ("exact",),
+                opset: int = OPSET) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for name in names:
         for gelu in (gelus if _is_moat(name) else ["exact"]):
             tanh = gelu == "tanh"
             label = name + (" [tanh GELU]" if tanh else "")
-            path = folder / f"{name}_{size[0]}x{size[1]}{'.tanh' if tanh else ''}.onnx"
+            path = folder / (f"{name}_{size[0]}x{size[1]}{'.tanh' if tanh else ''}"
+                             f".opset{opset}.onnx")
             if not path.exists():
                 log(f"exporting {label} at {size[0]}x{size[1]} -> {path}")
                 with atomic_output(path) as tmp:  # a killed export leaves no file to reuse
-                    export_model(name, size, tmp, gelu=gelu)
+                    export_model(name, size, tmp, gelu=gelu, opset=opset)
             files[label] = path
             if calibration is not None:
                 from moat.export.quantize import quantize_onnx

@@ -29,7 +29,7 @@ from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
 from moat.export.cpu_ops import SamePaddingConv2d, portable_ops
 from moat.export.fused import is_optimized, optimize_for_inference
-from moat.export.graph import for_graph_runtime
+from moat.export.graph import ATTENTION_OPSET, for_graph_runtime
 from moat.export.onnx_metadata import OnnxMetadata
 from moat.export.onnx_metadata import write as write_metadata
 from moat.integrity import atomic_output
@@ -139,11 +139,13 @@ def _freeze_padding(model: nn.Module, img_size: tuple[int, int], *,
 
 def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
                        dynamic_size: bool | None = None, channels_last: bool = False,
-                       layout: str = "pytorch", gelu: str = "exact") -> tuple[MoatNet, bool]:
+                       layout: str = "pytorch", gelu: str = "exact",
+                       attention_op: bool = False) -> tuple[MoatNet, bool]:
     """The model to hand to an exporter, and whether its height/width may vary.
 
     Returns an eval-mode, fused copy in the module path `layout` (see `LAYOUTS`): `model`
-    itself is not changed. `gelu`: see `optimize_for_inference`.
+    itself is not changed. `gelu`: see `optimize_for_inference`. `attention_op` (layout
+    "onnxruntime"): attention as one `moat.export.graph.token_attention` call.
     """
     if layout not in LAYOUTS:
         raise InvalidInputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -156,7 +158,7 @@ def prepare_for_export(model: nn.Module, img_size: int | Sequence[int], *,
     fused = optimize_for_inference(model, channels_last=channels_last,
                                    img_size=None if dynamic else size, gelu=gelu)
     _freeze_padding(fused, size, pad_input=layout == "onnxruntime")
-    return (for_graph_runtime(fused) if layout == "onnxruntime" else fused), dynamic
+    return (for_graph_runtime(fused, attention_op) if layout == "onnxruntime" else fused), dynamic
 
 
 def _in_chans(model: nn.Module) -> int:
@@ -203,9 +205,9 @@ def export_program(model: nn.Module, path: str | os.PathLike, img_size: int | Se
 
 
 def _export(model: nn.Module, size: tuple[int, int], batch: int, dynamic_size: bool | None,
-            layout: str = "pytorch", gelu: str = "exact"):
+            layout: str = "pytorch", gelu: str = "exact", attention_op: bool = False):
     fused, dynamic = prepare_for_export(model, size, dynamic_size=dynamic_size, layout=layout,
-                                        gelu=gelu)
+                                        gelu=gelu, attention_op=attention_op)
     example = _example(fused, size, max(batch, 2))  # batch 1 would be specialised
     with torch.no_grad():
         program = torch.export.export(fused, (example,),
@@ -262,8 +264,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     approximation (see `optimize_for_inference`), written as ONNX's Gelu(approximate="tanh"),
     so at opset 20 at least (TANH_GELU_OPSET); the check then compares with the tanh model
     in PyTorch
-    (`moat.export.gelu` measures what the approximation itself changes). Returns a report
-    dict.
+    (`moat.export.gelu` measures what the approximation itself changes). From opset 23
+    (ATTENTION_OPSET) the "onnxruntime" layout writes each attention as ONNX's Attention
+    operator, which ONNX Runtime runs faster (`moat.export.graph`). Returns a report dict.
     """
     size = size_pair(img_size)
     import onnx
@@ -275,8 +278,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
     path = Path(path)
     if gelu == "tanh":
         opset = max(opset, TANH_GELU_OPSET)
+    attention_op = layout == "onnxruntime" and opset >= ATTENTION_OPSET
     if program is None:
-        program, dynamic = _export(model, size, batch, dynamic_size, layout, gelu)
+        program, dynamic = _export(model, size, batch, dynamic_size, layout, gelu, attention_op)
     elif layout != "pytorch" or gelu != "exact":
         raise InvalidInputError("`program` (from export_program) holds the 'pytorch' layout with "
                                 "the exact GELU: pass layout='pytorch' with it, or leave program out")
@@ -287,7 +291,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
             torch.onnx.export(program, (), os.fspath(tmp), dynamo=True,
                               opset_version=max(opset, EXPORTER_OPSET), input_names=["x"],
                               output_names=_output_names(model), external_data=False,
-                              verbose=False)
+                              verbose=False, custom_translation_table=_translations())
         if opset == 17:
             downgrade_onnx_to_opset17(tmp)
         write_metadata(tmp, {**(metadata or {}), **OnnxMetadata(gelu=gelu).props()})
@@ -299,6 +303,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, img_size: int | Seque
                 model, gelu=gelu, channels_last=False)
             report["check"] = check_onnx(tmp, reference, sizes, check_batches, atol)
     return report
+
+
+def _translations() -> dict:
+    """ONNX for moat's own operators: `token_attention` as ONNX's Attention (opset 23)."""
+    from onnxscript import opset23 as op
+
+    def attention(q, k, v, bias, num_heads: int):
+        return op.Attention(q, k, v, bias, q_num_heads=num_heads, kv_num_heads=num_heads,
+                            scale=1.0)[0]  # Y; the optional present key / value unused
+
+    return {torch.ops.moat.token_attention.default: attention}
 
 
 # ONNX's Gelu operator (with approximate="tanh") arrived in opset 20. A tanh GELU is exported
