@@ -48,16 +48,28 @@ def save(obj, f, *args, **kwargs):  # state.pt is the one file written with torc
     return original(obj, f, *args, **kwargs)
 c.torch.save = save
 """,
-    # SIGKILL right after the end-of-epoch-1 checkpoint, before epoch 2 starts
+    # SIGKILL right after the end-of-epoch-1 checkpoint is in place, before epoch 2 starts
     "at an epoch boundary": """
 import moat.train.checkpoint as c
 original = c.CheckpointManager.save
 def save(self, step, **kw):
     path = original(self, step, **kw)
     if kw["meta"]["epoch_done"]:
+        self.wait()
         os.kill(os.getpid(), signal.SIGKILL)
     return path
 c.CheckpointManager.save = save
+""",
+    # SIGKILL in the background commit of the step-3 checkpoint (written, not yet synced)
+    "during the background commit": """
+import moat.train.checkpoint as c
+original, calls = c.sync_files, []
+def sync_files(paths):
+    calls.append(1)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(paths)
+c.sync_files = sync_files
 """,
     # hold the run folder (lock taken, config written), then wait to be killed
     "holding the run": """
@@ -121,7 +133,8 @@ def _assert_same_as(reference: Path, run: Path) -> None:
 # The runs killed, resumed and compared with `uninterrupted` below are separate processes:
 # slow, and kept on one xdist worker (`xdist_group`, `--dist loadgroup` in pyproject.toml) so
 # that the module's reference run is made once.
-@pytest.mark.parametrize("fault", ["during checkpoint write", "at an epoch boundary"])
+@pytest.mark.parametrize("fault", ["during checkpoint write", "during the background commit",
+                                   "at an epoch boundary"])
 @pytest.mark.slow
 @pytest.mark.xdist_group("train_faults")
 def test_kill_then_resume_matches_uninterrupted(fault, data, uninterrupted, tmp_path, capsys):
@@ -133,6 +146,9 @@ def test_kill_then_resume_matches_uninterrupted(fault, data, uninterrupted, tmp_
     if fault == "during checkpoint write":  # the half-written step-4 never became a checkpoint
         assert CheckpointManager(run).latest().name == "step-000000003"
         assert any(p.name.startswith(".tmp-step-000000004") for p in checkpoints.iterdir())
+    elif fault == "during the background commit":  # step 3 written, never put in place
+        assert CheckpointManager(run).latest().name == "step-000000002"
+        assert any(p.name.startswith(".tmp-step-000000003") for p in checkpoints.iterdir())
     else:
         assert CheckpointManager(run).latest().name == "step-000000003"
     _train(data, run, "--resume")

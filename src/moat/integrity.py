@@ -91,12 +91,28 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_synced(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Write `data` to `path`, fsync'ed unless `durable` is False (then `sync_files` later)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.chmod(path, mode)
+
+
+def sync_files(paths: list[Path]) -> None:
+    """Put files written with durable=False on the disk: every file's writeback is started
+    first, so the disk writes them together, then each is fdatasync'ed."""
+    fds = [os.open(path, os.O_RDONLY) for path in paths]
+    try:
+        for fd in fds:
+            _start_writeback(fd, 0, 0)  # 0: to the end of the file
+        for fd in fds:
+            (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -275,8 +291,8 @@ class _Layout:
     """One safetensors file being written: its header and where each tensor goes."""
 
     def __init__(self, path: Path, tensors: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None) -> None:
-        self.path = path
+                 metadata: Mapping[str, str] | None, durable: bool) -> None:
+        self.path, self.durable = path, durable
         self.tensors = {k: v.detach().to("cpu").contiguous() for k, v in sorted(tensors.items())}
         entries, offset = {}, 0
         for name, t in self.tensors.items():
@@ -305,7 +321,8 @@ class _Layout:
             [_tensor_prefix(n, str(t.dtype), t.shape) for n, t in self.tensors.items()],
             [self.digests[n] for n in self.tensors]).encode()
         _pwrite(self.fd, memoryview(self.header), 0)
-        (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self.fd)
+        if self.durable:
+            (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(self.fd)
         return {"size": self.size, "header_sha256": hashlib.sha256(self.header).hexdigest()}
 
 
@@ -324,22 +341,23 @@ def _write_job(job: list[tuple[Any, int, int]]) -> None:
             _pwrite(layout.fd, part, start + block)
         layout.digests[name] = digest.digest()
     (layout, _), start, _ = job[0]
-    _start_writeback(layout.fd, start, job[-1][2] - start)
+    if layout.durable:
+        _start_writeback(layout.fd, start, job[-1][2] - start)
 
 
 def write_safetensors(files: Mapping[Path, tuple[Mapping[str, torch.Tensor],
-                                                 Mapping[str, str] | None]]
-                      ) -> dict[Path, dict[str, Any]]:
+                                                 Mapping[str, str] | None]],
+                      durable: bool = True) -> dict[Path, dict[str, Any]]:
     """Write safetensors files {path: (tensors, metadata)}, each with its tensors' digest in
-    its metadata, synced to the disk; return {path: manifest record {"size",
-    "header_sha256"}}.
+    its metadata, synced to the disk (unless `durable` is False: then `sync_files` later);
+    return {path: manifest record {"size", "header_sha256"}}.
 
     One pass over the tensors' memory, no copy: the tensors of every file are shared among
     threads in runs of a few MB; a thread hashes each tensor (its own checksum) and writes it
     at its offset in the file; the header, written last, holds the digest of the
     tensors' digests (`PER_TENSOR_KEY`). Every byte of a file is then covered: the header by
     `header_sha256`, the data by the digest in the header (`verify_safetensors`)."""
-    layouts = [_Layout(Path(path), *args) for path, args in files.items()]
+    layouts = [_Layout(Path(path), *args, durable) for path, args in files.items()]
     try:
         for layout in layouts:
             layout.fd = os.open(layout.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)

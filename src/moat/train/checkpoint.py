@@ -22,6 +22,16 @@ never a half-written checkpoint; leftovers of an interrupted write are removed o
 save (and at once when the write fails, e.g. on a full disk). Only the last `keep_last`
 checkpoints are kept, plus the best one.
 
+In training, `save(background=True)` returns once the files are written (hashed, in the page
+cache); making them durable (fsync, which waits for the disk) and renaming them into place
+happen in a background thread while training goes on, as PyTorch's distributed checkpoint
+does with `async_save`. Nothing
+is visible under the checkpoint's name before it is on the disk, so the promise above holds
+for a kill at any moment, including during that commit. The next `save`, and everything that
+reads the checkpoints folder (`latest`, `newest_intact`, `mark_best`, ...), first waits for
+it (`wait`), and raises its error if it failed (a full disk at fsync); so does the end of
+training, and Python joins the thread before the process exits.
+
 meta.json lists the size and digest of every other file (a safetensors file: the sha256 of
 its header, which holds its tensors' digest; state.pt: its sha256), all computed while the
 files are written (the tensors hashed and written in threads, `moat.integrity`), and is
@@ -45,6 +55,7 @@ import random
 import shutil
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +64,7 @@ import torch
 
 from moat.errors import InvalidInputError
 from moat.integrity import DamagedFileError, atomic_write_text, can_save, check_sealed_json, \
-    fsync_dir, load_safetensors, read_verified, seal_json, verify_safetensors, \
+    fsync_dir, load_safetensors, read_verified, seal_json, sync_files, verify_safetensors, \
     write_safetensors, write_synced
 from moat.paths import regular_file
 from moat.weights.files import load_state_dict
@@ -110,12 +121,19 @@ class CheckpointManager:
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / "checkpoints"
         self.keep_last = keep_last
+        self._committer: ThreadPoolExecutor | None = None  # one thread: commits in order
+        self._queued: list[Future] = []
 
     # .. writing ..
     def save(self, step: int, *, model: Mapping[str, torch.Tensor],
              ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
-             meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> Path:
-        """Write checkpoint `step` atomically, point `latest` at it, prune old ones."""
+             meta: Mapping[str, Any], weights_metadata: Mapping[str, str],
+             background: bool = False) -> Path:
+        """Write checkpoint `step`, make it durable, rename it into place, point `latest` at
+        it and prune old ones. With `background`, return once the files are written and do the
+        rest in the background (see the module's docstring): the path exists once `wait` has
+        returned."""
+        self.wait()
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_leftovers()
         name = f"{STEP_PREFIX}{step:09d}"
@@ -124,8 +142,24 @@ class CheckpointManager:
             shutil.rmtree(tmp)
         tmp.mkdir()
         try:
-            self._write_files(tmp, name, step, model, ema, state, meta, weights_metadata)
+            # synced as written when the caller waits anyway (writeback overlaps the writes);
+            # in the background, written to the page cache only, synced by _commit
+            self._write_files(tmp, name, step, model, ema, state, meta, weights_metadata,
+                              durable=not background)
         except BaseException:  # a full disk, Ctrl-C: free the space, keep the previous state
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._queue(self._commit, tmp, name)
+        if not background:
+            self.wait()
+        return self.dir / name
+
+    def _commit(self, tmp: Path, name: str) -> None:
+        """The written files onto the disk, then the folder under its name, then `latest`."""
+        try:
+            sync_files(sorted(p for p in tmp.iterdir()))
+            fsync_dir(tmp)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         final = self.dir / name
@@ -138,36 +172,58 @@ class CheckpointManager:
             os.replace(tmp, final)
         fsync_dir(self.dir)
         atomic_write_text(self.dir / "latest", name + "\n")
-        self.prune()
-        return final
+        self._prune()
+
+    def _queue(self, fn, *args) -> None:
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="moat-checkpoint")
+        self._queued.append(self._committer.submit(fn, *args))
+
+    def wait(self) -> None:
+        """Until every save and mark so far is on the disk and in place; the first error of
+        one that failed is raised here."""
+        queued, self._queued = self._queued, []
+        for job in queued:
+            job.exception()  # waits
+        for job in queued:
+            job.result()
 
     @staticmethod
     def _write_files(tmp: Path, name: str, step: int, model: Mapping[str, torch.Tensor],
                      ema: Mapping[str, torch.Tensor] | None, state: Mapping[str, Any],
-                     meta: Mapping[str, Any], weights_metadata: Mapping[str, str]) -> None:
+                     meta: Mapping[str, Any], weights_metadata: Mapping[str, str],
+                     durable: bool) -> None:
         skeleton, tensors, paths = split_tensors(state)
         files = {tmp / MODEL_FILE: (model, weights_metadata)}
         if ema is not None:  # weights files carry their tensors' digest (see read_weights)
             files[tmp / EMA_FILE] = (ema, {**weights_metadata, "weights": "ema"})
         files[tmp / STATE_TENSORS_FILE] = (tensors, {"format": "moat-train-state"})
-        # every tensor hashed while written, in threads, and synced (moat.integrity)
-        records = {path.name: record for path, record in write_safetensors(files).items()}
+        # every tensor hashed while written, in threads (moat.integrity)
+        records = {path.name: record
+                   for path, record in write_safetensors(files, durable).items()}
         buffer = io.BytesIO()  # the rest of the state: small (lists, numbers, RNG states)
         torch.save({"state": skeleton, "tensors": paths}, buffer)
-        write_synced(tmp / STATE_FILE, buffer.getvalue())
+        write_synced(tmp / STATE_FILE, buffer.getvalue(), durable=durable)
         records[STATE_FILE] = {"size": buffer.tell(),
                                "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()}
         meta = seal_json({**meta, "step": step, "name": name, "saved_at": time.time(),
                           "versions": versions(), "files": dict(sorted(records.items()))})
-        write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"))
-        fsync_dir(tmp)
+        write_synced(tmp / META_FILE, json.dumps(meta, indent=1).encode("utf-8"),
+                     durable=durable)
 
     def mark_best(self, checkpoint: Path, metric: str, value: float, weights: str) -> None:
-        atomic_write_text(self.dir / "best.json", json.dumps(
+        """Record `checkpoint` as the best one, after the saves before it (in the background),
+        and prune."""
+        self._queue(atomic_write_text, self.dir / "best.json", json.dumps(
             {"name": checkpoint.name, "metric": metric, "value": value, "weights": weights},
             indent=1) + "\n")
+        self._queue(self._prune)
 
     def best(self) -> dict[str, Any] | None:
+        self.wait()
+        return self._best()
+
+    def _best(self) -> dict[str, Any] | None:
         path = self.dir / "best.json"
         if not path.is_file():
             return None
@@ -179,6 +235,10 @@ class CheckpointManager:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
+        self.wait()
+        return self._complete()
+
+    def _complete(self) -> list[Path]:
         if not self.dir.is_dir():
             return []
         found = [p for p in self.dir.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)]
@@ -186,6 +246,7 @@ class CheckpointManager:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint (`latest` if it is complete), not verified."""
+        self.wait()
         pointer = self.dir / "latest"
         if pointer.is_file():
             candidate = self.dir / pointer.read_text(errors="replace").strip()
@@ -196,6 +257,7 @@ class CheckpointManager:
 
     def folders(self) -> list[Path]:
         """Every checkpoint folder, complete, damaged or not, newest first."""
+        self.wait()
         if not self.dir.is_dir():
             return []
         return sorted((p for p in self.dir.iterdir()
@@ -229,6 +291,7 @@ class CheckpointManager:
     def set_aside(self, path: Path) -> Path:
         """Move a damaged checkpoint folder to checkpoints/damaged/ (never deleted: a user
         may recover its weights); a resumed run would otherwise save the same step over it."""
+        self.wait()
         target_dir = self.dir / DAMAGED_DIR
         target_dir.mkdir(exist_ok=True)
         target, n = target_dir / path.name, 1
@@ -240,8 +303,12 @@ class CheckpointManager:
         return target
 
     def prune(self) -> None:
-        done = self.complete()
-        best = self.best()
+        self.wait()
+        self._prune()
+
+    def _prune(self) -> None:  # in the commit thread: no wait
+        done = self._complete()
+        best = self._best()
         keep = {p.name for p in done[-self.keep_last:]}
         if best:
             keep.add(best["name"])

@@ -111,6 +111,7 @@ class Trainer:
                 save_checkpoint(r, p, epoch_done=True, metrics=metrics)
         finally:
             r.metrics.close()
+            r.checkpoints.wait()  # the last checkpoint durable and in place (see its save)
         line = r.task.format_metrics(p.last_metrics) if p.last_metrics else ""
         log.info("done: %s", line or "no evaluation")
         return {"metrics": p.last_metrics, "line": line, "checkpoint": p.last_checkpoint,

@@ -291,11 +291,10 @@ def save_checkpoint(run: Run, progress: Progress, epoch_done: bool,
     path = run.checkpoints.save(
         progress.step, model=run.model.state_dict(),
         ema=run.ema.state_dict() if run.ema else None, state=state, meta=meta,
-        weights_metadata=weights_metadata(run.config, run.task))
+        weights_metadata=weights_metadata(run.config, run.task), background=True)
     progress.last_checkpoint = path
     main = run.task.main_metric
     if metrics and main in metrics and (progress.best is None or metrics[main] > progress.best):
         progress.best = metrics[main]
         run.checkpoints.mark_best(path, main, progress.best, progress.preferred)
-        run.checkpoints.prune()
     log.info("checkpoint %s (epoch %d, step %d)", path, epoch, progress.step)
