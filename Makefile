@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-learning bench clean
 
 $(BIN)/moat: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ demo: venv
 	$(BIN)/moat demo
 
 test: venv
-	$(BIN)/python -m pytest -n 2 -q
+	$(BIN)/python -m pytest -n 2 -q -m "not learning"
+
+test-learning: venv
+	$(BIN)/python -m pytest -n 2 -q -m learning
 
 bench: venv
 	$(BIN)/python benchmarks/inference.py
