@@ -19,6 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from moat.bench.onnx_runtime import OPSET
 from moat.bench.pytorch import count_macs
 from moat.cli import main as cli
 from moat.export import export_onnx
@@ -224,7 +225,7 @@ def test_onnxruntime_benchmark_rows_and_csv(sample_images, tmp_path, capsys):
     assert rows[0]["onnxruntime"] == ort.__version__
     assert float(rows[0]["gmacs"]) == pytest.approx(count_macs("tiny_moat_0", (64, 64)) / 1e9)
     assert all(float(r["latency_ms"]) > 0 and float(r["img_per_s"]) > 0 for r in rows)
-    assert (tmp_path / "tiny_moat_0_64x64.onnx").exists()
+    assert (tmp_path / f"tiny_moat_0_64x64.opset{OPSET}.onnx").exists()  # reused by opset
     assert cli(["benchmark", "--runtime", "onnxruntime", "--mode", "train"]) == 2
 
 
