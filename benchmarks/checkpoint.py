@@ -40,8 +40,9 @@ from safetensors.torch import save_file
 
 import moat
 from moat.cpu import cpu_info
-from moat.train.checkpoint import Checkpoint, CheckpointManager, rng_state, split_tensors
+from moat.train.checkpoint import Checkpoint, CheckpointManager, split_tensors
 from moat.train.optim import ModelEma
+from moat.train.rng import rng_state
 
 
 def _training_state(name: str):

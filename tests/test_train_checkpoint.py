@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moat.train import checkpoint as ckpt
+from moat.train import rng
 from moat.train.checkpoint import CheckpointManager, read_state, read_weights, resolve_checkpoint
 
 
@@ -17,7 +18,7 @@ def _save(manager: CheckpointManager, step: int, value: float = 0.0, ema: bool =
     weights = {"w": torch.full((3, 2), float(step)), "b": torch.tensor([value])}
     state = {"optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [
         {"lr": 0.1, "betas": (0.9, 0.999), "params": [0], "name": "layer0"}]},
-        "rng": [ckpt.rng_state()], "best": None}
+        "rng": [rng.rng_state()], "best": None}
     return manager.save(step, model=weights, ema=weights if ema else None, state=state,
                         meta={"epoch": 0, "batch_in_epoch": step, "config": {"model": "x"}},
                         weights_metadata={"format": "moat-train"})
@@ -43,9 +44,9 @@ def test_save_layout_and_safe_loading(tmp_path):
 
 
 def test_rng_state_round_trip():
-    state = ckpt.rng_state()
+    state = rng.rng_state()
     a = (random.random(), np.random.rand(), torch.rand(1).item())
-    ckpt.set_rng_state(state)
+    rng.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
 
 

@@ -24,11 +24,11 @@ from moat.data.bad_images import BadImageLog
 from moat.errors import InvalidInputError
 from moat.tasks.base import Task
 from moat.train import distributed as dist_utils
-from moat.train.checkpoint import MODEL_FILE, Checkpoint, CheckpointManager, rng_state, \
-    set_rng_state
+from moat.train.checkpoint import MODEL_FILE, Checkpoint, CheckpointManager
 from moat.train.config import TrainConfig, read_config_file
 from moat.train.logger import MetricsWriter
 from moat.train.optim import ModelEma, WarmupCosine
+from moat.train.rng import rng_state, set_rng_state
 from moat.weights.catalogue import split_name
 from moat.weights.hub import is_hub_name
 from moat.weights.metadata import WeightsMetadata
