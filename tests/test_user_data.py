@@ -509,6 +509,7 @@ def coins_run(tmp_path_factory):
     return data, work / "run"
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 @pytest.mark.xdist_group("coins")
 def test_detector_learns_real_coins_with_default_settings(coins_run, capsys):
@@ -529,6 +530,7 @@ def test_detector_learns_real_coins_with_default_settings(coins_run, capsys):
     assert "img_size: 96" in config  # the tiles' own size on a CPU, not 800
 
 
+@pytest.mark.slow
 @pytest.mark.learning
 @pytest.mark.xdist_group("coins")
 def test_predict_writes_one_coco_results_file_that_pycocotools_scores(coins_run, tmp_path):
