@@ -89,6 +89,7 @@ def _ort_ops(path, tmp_path) -> collections.Counter:
                                .graph.node)
 
 
+@pytest.mark.slow  # several ONNX exports and sessions: 20-50 s
 def test_onnx_tanh_gelu_is_one_gelu_kept_in_nchwc(tiny, tmp_path):
     path = tmp_path / "tanh.onnx"
     report = export_onnx(tiny, path, 64, gelu="tanh")  # checked against the tanh model
@@ -108,6 +109,7 @@ def test_onnx_tanh_gelu_is_one_gelu_kept_in_nchwc(tiny, tmp_path):
     assert fast["ReorderInput"] == slow["ReorderInput"] and fast["Gelu"] == len(gelus)
 
 
+@pytest.mark.slow  # several ONNX exports and sessions: 20-50 s
 def test_onnx_opset_23_writes_each_attention_as_one_attention_operator(tiny, tmp_path):
     # From opset 23 the ONNX Runtime layout writes ONNX's Attention (q, k, v as [N, T, C]
     # tokens, the position bias as its float mask): no Softmax, no head Transposes left.
