@@ -7,7 +7,7 @@ import csv
 import pytest
 
 import moat
-from moat.cli import runtime
+from moat import allocator as runtime
 from moat.bench.pytorch import count_macs, run_benchmark
 from moat.cli import main
 
