@@ -6,6 +6,7 @@ fastest of the rounds. To see another instruction set on an AVX-512 machine, lim
 PyTorch's kernels (emulation of the instruction set only, not of another CPU's caches):
 
     python benchmarks/cpu_choices.py [--repeats 6] [--profile]
+    MOAT_BENCH_GLIBC_DEFAULTS=1 python benchmarks/cpu_choices.py   # allocator as in a plain script
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python benchmarks/cpu_choices.py
 """

@@ -8,10 +8,11 @@ What changes (all exact up to float rounding; outputs stay within 1e-4 of the pl
   `depthwise_conv`;
 * drop path is gone, squeeze-excite runs as two small matrix products on the pooled vector;
 * in eager CPU inference each convolution runs with its GELU or its residual add in one
-  oneDNN call (the fusion torch.compile's CPU backend makes), and the high-resolution blocks
-  run on parts of a large batch so that no intermediate outgrows the allocator's reuse
-  (`CHUNK_BYTES`); compiled, exported and traced graphs use the plain operators (all in
-  `moat.export.cpu_ops`);
+  oneDNN call (the fusion torch.compile's CPU backend makes) on weights reordered for oneDNN
+  once per input shape, and, where the allocator returns large blocks to the system, the
+  high-resolution blocks run on parts of a large batch so that no intermediate outgrows its
+  reuse (`CHUNK_BYTES`); compiled, exported and traced graphs use the plain operators (all
+  in `moat.export.cpu_ops`);
 * attention goes through `scaled_dot_product_attention` (the fused CPU kernel) with the
   relative position bias precomputed as a buffer for every window size known in advance:
   each window-attention stage, and the global-attention stages for `img_size`;
