@@ -6,6 +6,7 @@ fastest of the rounds. To see another instruction set on an AVX-512 machine, lim
 PyTorch's kernels (emulation of the instruction set only, not of another CPU's caches):
 
     python benchmarks/cpu_choices.py [--repeats 6] [--profile]
+    MOAT_BENCH_GLIBC_DEFAULTS=1 python benchmarks/cpu_choices.py   # allocator as in a plain script
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
         python benchmarks/cpu_choices.py
 """
@@ -27,7 +28,7 @@ import moat  # noqa: E402
 from moat.cpu import cpu_info  # noqa: E402
 from moat.export.cpu_ops import current_cpu_choices, using_cpu_choices  # noqa: E402
 from moat.export.fused import optimize_for_inference  # noqa: E402
-from moat.cli.runtime import keep_freed_memory  # noqa: E402
+from moat.allocator import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:
@@ -39,15 +40,17 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's "
                         "table of two passes with the chosen settings")
     args = parser.parse_args()
-    keep_freed_memory()
+    if not os.environ.get("MOAT_BENCH_GLIBC_DEFAULTS"):
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     chosen = current_cpu_choices()
     print(f"CPU: {cpu_info().describe()}; chosen: {chosen}", flush=True)
     variants = {"chosen": chosen}
-    for field in ("channels_last", "onednn_fusion", "projections_as_conv"):
+    for field in ("channels_last", "onednn_fusion", "projections_as_conv", "prepack_weights"):
         variants[f"{field}={not getattr(chosen, field)}"] = dataclasses.replace(
             chosen, **{field: not getattr(chosen, field)})
-    variants["chunk_batches=False"] = dataclasses.replace(chosen, chunk_batches=False)
+    variants[f"chunk_batches={not chosen.chunk_batches}"] = dataclasses.replace(
+        chosen, chunk_batches=not chosen.chunk_batches)
     plain = moat.create_model(args.model).eval()
     size = plain.cfg.native_resolution
     x = torch.randn(args.batch_size, 3, size, size)

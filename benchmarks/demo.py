@@ -50,7 +50,7 @@ def main() -> None:
                         help="override any training setting, e.g. --set lr=0.001")
     args = parser.parse_args()
 
-    from moat.cli.runtime import keep_freed_memory
+    from moat.allocator import keep_freed_memory
     from moat.tasks.base import get_task
 
     keep_freed_memory()  # as the `moat` command does

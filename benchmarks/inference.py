@@ -27,7 +27,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from moat.bench.pytorch import format_table, run_benchmark, write_csv  # noqa: E402
-from moat.cli.runtime import keep_freed_memory  # noqa: E402
+from moat.allocator import keep_freed_memory  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", help="also write the rows (with versions) to this CSV file")
     args = parser.parse_args(argv)
 
-    keep_freed_memory()  # for every model alike; see moat/cli/runtime.py
+    keep_freed_memory()  # for every model alike; see moat/allocator.py
     rows = run_benchmark(
         ["moat_0"], peers=True, img_sizes=[args.img_size], batch_sizes=[args.batch_size],
         dtypes=["float32"], threads=[args.threads], modes=args.mode, optimized=True,

@@ -7,7 +7,7 @@ import csv
 import pytest
 
 import moat
-from moat.cli import runtime
+from moat import allocator
 from moat.bench.pytorch import count_macs, run_benchmark
 from moat.cli import main
 
@@ -70,11 +70,14 @@ def test_bad_arguments_are_refused():
 
 
 def test_allocator_setting_respects_the_environment(monkeypatch):
+    monkeypatch.setattr(allocator, "_state", {"allocator": "system default"})
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
-    assert runtime.keep_freed_memory() == "set by the environment"
+    assert allocator.keep_freed_memory() == "set by the environment"
+    assert not allocator.freed_memory_kept()  # unknown: eager inference keeps chunking
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     monkeypatch.delenv("LD_PRELOAD", raising=False)
-    setting = runtime.keep_freed_memory()
-    assert setting == runtime.allocator_setting()
+    setting = allocator.keep_freed_memory()
+    assert setting == allocator.allocator_setting()
     assert setting.startswith("glibc") or setting == "system default"
+    assert allocator.freed_memory_kept() == setting.startswith("glibc, freed memory kept")

@@ -3,10 +3,12 @@ BatchNorm, precomputed position biases, cut windows, and no graph breaks under c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -107,8 +109,40 @@ def test_large_batches_run_in_parts_with_the_same_results(monkeypatch):
     with torch.no_grad():
         whole = fused(x)
         monkeypatch.setattr(cpu_ops, "CHUNK_BYTES", 1)  # every block: one sample at a time
+        monkeypatch.setattr(cpu_ops, "freed_memory_kept", lambda: True)
+        assert cpu_ops.batch_chunks(x, 16) == 1  # the allocator reuses large blocks: whole
+        monkeypatch.setattr(cpu_ops, "freed_memory_kept", lambda: False)
         assert cpu_ops.batch_chunks(x, 16) == 3
         torch.testing.assert_close(fused(x), whole, atol=1e-6, rtol=0)
+
+
+def test_packed_weights_give_the_same_outputs_and_follow_new_weights():
+    from moat.export import cpu_ops
+
+    fused = moat.optimize_for_inference(_randomize_bn(MoatNet(MICRO, num_classes=10)).eval())
+    block = fused.stages[0][0]
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    unpacked = dataclasses.replace(cpu_ops.current_cpu_choices(), prepack_weights=False)
+
+    def both(inputs):
+        with cpu_ops.using_cpu_choices(unpacked):
+            expected = fused(inputs)
+        return fused(inputs), expected
+
+    with torch.no_grad():
+        got, expected = both(x)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert len(cpu_ops._PACKED[block.shrink_conv]) == 1  # packed once, for this shape
+        got, expected = both(x)
+        assert len(cpu_ops._PACKED[block.shrink_conv]) == 1  # and reused
+        got, expected = both(x[:1])  # another shape: packed for it too
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        assert len(cpu_ops._PACKED[block.shrink_conv]) == 2
+        before = expected
+        block.shrink_conv.weight.mul_(-3.0)  # changed in place: packed again, not reused
+        got, expected = both(x[:1])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(expected, before, atol=1e-3)
 
 
 def test_cut_windows_equal_padded_windows_with_masked_keys():

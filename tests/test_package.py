@@ -39,14 +39,13 @@ def test_timm_imported_first_also_sees_moat():
 # Each package may import its own layer and those below, never one above: data flows from
 # files and names through the model out to tasks, training, export and the command line.
 LAYERS = [
-    ("moat._lazy", "moat._version", "moat.cpu", "moat.device", "moat.errors", "moat.integrity",
-     "moat.kernels", "moat.models", "moat.paths"),
+    ("moat._lazy", "moat._version", "moat.allocator", "moat.cpu", "moat.device", "moat.errors",
+     "moat.integrity", "moat.kernels", "moat.models", "moat.paths"),
     # create_model lives where models users look for it, but loads weights: it is the top
     # of the weights layer (moat.models resolves it on first use)
     ("moat.weights", "moat.data", "moat.models.factory"),
     ("moat.tasks", "moat.train", "moat.export"),
-    # cli.runtime: settings of a process a program owns (the moat command, `moat benchmark`)
-    ("moat.explain", "moat.app", "moat.bench", "moat.integrations", "moat.cli.runtime"),
+    ("moat.explain", "moat.app", "moat.bench", "moat.integrations"),
     ("moat.cli", "moat"),
 ]
 

@@ -30,7 +30,7 @@ Method (the same for every model, so that the numbers compare):
 On a machine shared with other jobs, start Python with `OMP_WAIT_POLICY=PASSIVE` (the
 `benchmarks/` scripts set it): busy-waiting OpenMP threads otherwise slow every model down
 several times, and models with many operators most. The benchmark scripts and `moat
-benchmark` also make glibc keep freed memory (`moat.cli.runtime`), for every model alike. The
+benchmark` also make glibc keep freed memory (`moat.allocator`), for every model alike. The
 policy, the allocator setting and the load average are recorded with the results.
 """
 
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moat.cli.runtime import allocator_setting
+from moat.allocator import allocator_setting
 from moat.cpu import cpu_info
 from moat.device import pick_device
 from moat.errors import InvalidInputError

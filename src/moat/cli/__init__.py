@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     for add in COMMANDS:
         add(sub)
     args = parser.parse_args(argv)
-    from moat.cli.runtime import keep_freed_memory
+    from moat.allocator import keep_freed_memory
 
-    keep_freed_memory()  # this process is ours: see moat/cli/runtime.py
+    keep_freed_memory()  # this process is ours: see moat/allocator.py
     resume = None
     if args.command == "train":  # what to do after Ctrl-C / SIGTERM, from the run's state
         given = list(sys.argv[1:] if argv is None else argv)

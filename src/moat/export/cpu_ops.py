@@ -4,6 +4,8 @@
   batch chunking, attention projections), measured by benchmarks/cpu_choices.py;
 * convolution + GELU and convolution + residual add as one oneDNN call (`conv_gelu`,
   `conv_add`), the fusion torch.compile's CPU backend makes;
+* each convolution's weights reordered into oneDNN's blocked layout once per input shape
+  rather than at every call (`_packed`);
 * large batches split so that no block intermediate outgrows the allocator's reuse
   (`CHUNK_BYTES`, `batch_chunks`);
 * `SamePaddingConv2d`, TF 'SAME' padding without a padded copy of the input.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moat.allocator import freed_memory_kept
 from moat.cpu import cpu_info
-from moat.models.layers import same_padding
+from moat.models.layers import pointwise, same_padding
 
 __all__ = ["CHUNK_BYTES", "ConvGelu", "CpuChoices", "SamePaddingConv2d", "batch_chunks",
            "conv_add", "conv_gelu", "cpu_choices", "current_cpu_choices", "eager_cpu",
-           "portable_ops", "using_cpu_choices"]
+           "PackedConv2d", "linear_as_conv", "portable_ops", "using_cpu_choices"]
 
 
 # --- convolution + GELU / + residual in one oneDNN call ----------------------------------
@@ -70,6 +74,7 @@ class CpuChoices:
     onednn_fusion: bool  # convolution + GELU / + residual add as one oneDNN call
     chunk_batches: bool  # split large batches so block intermediates fit CHUNK_BYTES
     projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
+    prepack_weights: bool = True  # oneDNN's blocked weights kept per input shape (needs fusion)
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -136,13 +141,17 @@ def _eager_onednn(x: Tensor) -> bool:
 # its largest mmap threshold) and returns them on free, so every call page-faults them in
 # again: for MOAT-0 at 224 x 224, batch 8, that was ~100k page faults and ~15% of the time.
 # Below the threshold the memory is reused. Results are identical (no op mixes samples).
+# A process that keeps freed memory (`moat.allocator`: the moat command, the benchmarks)
+# reuses large blocks too, and there the whole batch is faster (MOAT-0, batch 8: 587 against
+# 604 ms; with glibc's defaults chunking wins, 644 against 767 ms; benchmarks/cpu_choices.py).
 CHUNK_BYTES = 24 * 2**20
 
 
 def batch_chunks(x: Tensor, widest_channels: int) -> int:
     """Parts to split the batch into so that [part, widest_channels, H, W] fits CHUNK_BYTES
-    (where `cpu_choices` chunks batches)."""
-    if x.shape[0] == 1 or not current_cpu_choices().chunk_batches or not eager_cpu(x):
+    (where `cpu_choices` chunks batches and the allocator returns large blocks)."""
+    if (x.shape[0] == 1 or not current_cpu_choices().chunk_batches or freed_memory_kept()
+            or not eager_cpu(x)):
         return 1
     per_sample = widest_channels * x.shape[-2] * x.shape[-1] * x.element_size()
     per_part = max(1, CHUNK_BYTES // per_sample)
@@ -177,22 +186,89 @@ def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[in
     return conv.weight, conv.padding
 
 
+# Each oneDNN convolution call reorders its weights into the blocked layout its kernel reads
+# (about 80 reorders a MOAT-0 pass; 17% of a single-threaded batch-1 pass, 3% at batch 8).
+# The layout depends on the input shape, so the reordered weights are kept per convolution
+# and input shape, beside the module rather than in it (a module holding oneDNN's opaque
+# tensors could not be copied, saved or exported). A few shapes per convolution: inference
+# sees one or two (the batch and its last chunk); an in-place change of the weights
+# (`_version`) or new weights (`data_ptr`) packs again.
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Tensor]] = weakref.WeakKeyDictionary()
+_PACKED_SHAPES = 4
+
+
+def _packed(module: nn.Module, x: Tensor, weight: Tensor, padding: Sequence[int],
+            stride: Sequence[int] = (1, 1), dilation: Sequence[int] = (1, 1),
+            groups: int = 1) -> Tensor:
+    """`weight` (derived from `module.weight`) reordered for oneDNN, once per input shape."""
+    if not current_cpu_choices().prepack_weights:
+        return weight
+    key = (tuple(x.shape), x.dtype, module.weight.data_ptr(), module.weight._version)
+    packed = _PACKED.setdefault(module, {})
+    if key not in packed:
+        if len(packed) >= _PACKED_SHAPES:
+            packed.clear()
+        packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
+            weight.detach(), list(padding), list(stride), list(dilation), groups, list(x.shape))
+    return packed[key]
+
+
+def _conv_weight(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[int]]:
+    weight, padding = _weight_and_padding(conv, x)
+    return _packed(conv, x, weight, padding, conv.stride, conv.dilation, conv.groups), padding
+
+
+def _onednn_conv(conv: nn.Conv2d, x: Tensor, attr: str, approximate: str | None) -> Tensor:
+    weight, padding = _conv_weight(conv, x)
+    return _ONEDNN_CONV(x, weight, conv.bias, padding, conv.stride, conv.dilation,
+                        conv.groups, attr, [], approximate)
+
+
 def conv_gelu(conv: nn.Conv2d, x: Tensor, approximate: str = "none") -> Tensor:
     """gelu(conv(x)); `approximate` as in F.gelu ("none": exact erf form, "tanh")."""
     if _eager_onednn(x):
-        weight, padding = _weight_and_padding(conv, x)
-        return _ONEDNN_CONV(x, weight, conv.bias, padding, conv.stride, conv.dilation,
-                            conv.groups, "gelu", [], approximate)
+        return _onednn_conv(conv, x, "gelu", approximate)
     return F.gelu(conv(x), approximate=approximate)
 
 
 def conv_add(conv: nn.Conv2d, x: Tensor, residual: Tensor) -> Tensor:
     """residual + conv(x)."""
     if _eager_onednn(x) and residual.shape[1] == conv.out_channels:
-        weight, padding = _weight_and_padding(conv, x)
+        weight, padding = _conv_weight(conv, x)
         return _ONEDNN_CONV.binary(x, residual, weight, conv.bias, padding, conv.stride,
                                    conv.dilation, conv.groups, "add", None, None, [], None)
     return residual + conv(x)
+
+
+class PackedConv2d(nn.Conv2d):
+    """nn.Conv2d whose eager CPU inference packs its weights once (`_packed`)."""
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d | None) -> PackedConv2d | None:
+        """A copy of `conv` (same parameters) that packs its weights; None stays None."""
+        if conv is None:
+            return None
+        packed = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, conv.dilation, conv.groups, conv.bias is not None)
+        packed.weight, packed.bias = conv.weight, conv.bias
+        return packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _eager_onednn(x):
+            return _onednn_conv(self, x, "none", None)
+        return super().forward(x)
+
+
+def linear_as_conv(linear: nn.Linear, x: Tensor) -> Tensor:
+    """`moat.models.layers.pointwise` (linear(x) on [..., T, C] tokens as a channels-last
+    1x1 convolution), with the weights packed once (`_packed`)."""
+    if not _eager_onednn(x):
+        return pointwise(linear, x)
+    *lead, tokens, channels = x.shape
+    x = x.reshape(-1, tokens, 1, channels).permute(0, 3, 1, 2)
+    weight = _packed(linear, x, linear.weight[:, :, None, None], (0, 0))
+    y = _ONEDNN_CONV(x, weight, linear.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], None)
+    return y.permute(0, 2, 3, 1).reshape(*lead, tokens, linear.out_features)
 
 
 class ConvGelu(nn.Sequential):

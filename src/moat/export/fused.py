@@ -8,10 +8,11 @@ What changes (all exact up to float rounding; outputs stay within 1e-4 of the pl
   `depthwise_conv`;
 * drop path is gone, squeeze-excite runs as two small matrix products on the pooled vector;
 * in eager CPU inference each convolution runs with its GELU or its residual add in one
-  oneDNN call (the fusion torch.compile's CPU backend makes), and the high-resolution blocks
-  run on parts of a large batch so that no intermediate outgrows the allocator's reuse
-  (`CHUNK_BYTES`); compiled, exported and traced graphs use the plain operators (all in
-  `moat.export.cpu_ops`);
+  oneDNN call (the fusion torch.compile's CPU backend makes) on weights reordered for oneDNN
+  once per input shape, and, where the allocator returns large blocks to the system, the
+  high-resolution blocks run on parts of a large batch so that no intermediate outgrows its
+  reuse (`CHUNK_BYTES`); compiled, exported and traced graphs use the plain operators (all
+  in `moat.export.cpu_ops`);
 * attention goes through `scaled_dot_product_attention` (the fused CPU kernel) with the
   relative position bias precomputed as a buffer for every window size known in advance:
   each window-attention stage, and the global-attention stages for `img_size`;
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moat.errors import InvalidInputError
-from moat.export.cpu_ops import (ConvGelu, SamePaddingConv2d, batch_chunks, conv_add, conv_gelu,
-                                 current_cpu_choices, eager_cpu)
+from moat.export.cpu_ops import (ConvGelu, PackedConv2d, SamePaddingConv2d, batch_chunks,
+                                 conv_add, conv_gelu, current_cpu_choices, eager_cpu,
+                                 linear_as_conv)
 from moat.models.blocks import MBConvBlock, MBConvShortcut, MoatBlock, SqueezeExcite
 from moat.models.layers import (Attention, Conv2dSame, _window_regions, relative_position_bias,
                                 window_attention)
@@ -117,7 +119,7 @@ class FusedMBConv(MBConvShortcut, nn.Module):
         super().__init__()
         self.approximate = approximate  # GELU: "none" (exact) or "tanh", as in F.gelu
         self.stride, self.pool_size = block.stride, block.pool_size
-        self.shortcut_conv = copy.deepcopy(block.shortcut_conv)
+        self.shortcut_conv = PackedConv2d.of(copy.deepcopy(block.shortcut_conv))
         self.expand_conv = fold_bn_around_1x1(block.pre_norm, block.expand_conv,
                                               block.expand_norm)
         self.depthwise_conv = _without_input_padding(
@@ -158,7 +160,7 @@ class InferenceAttention(Attention):
     def project(self, linear: nn.Linear, x: Tensor) -> Tensor:
         if eager_cpu(x) and not current_cpu_choices().projections_as_conv:
             return linear(x)
-        return super().project(linear, x)
+        return linear_as_conv(linear, x)
 
     def precompute(self, window: tuple[int, int], crop: tuple[int, int] | None = None) -> None:
         table = self.relative_position_embedding

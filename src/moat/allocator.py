@@ -1,5 +1,6 @@
-"""Process-wide settings that only a program owning its process should make (the `moat`
-command and the benchmark scripts), never a library import.
+"""The process's memory allocator: a setting that only a program owning its process should
+make (the `moat` command and the benchmark scripts), never a library import; eager CPU
+inference reads it (`freed_memory_kept`: large batches need no chunking then).
 
 `keep_freed_memory()`: glibc's malloc serves every allocation above its mmap threshold
 (at most 32 MiB) with a fresh mmap and unmaps it on free; it also trims the heap whenever
@@ -23,6 +24,7 @@ import os
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 _M_MMAP_MAX = -4
 
+_KEPT = "glibc, freed memory kept (no mmap, no trim)"
 _state = {"allocator": "system default"}
 
 
@@ -44,10 +46,15 @@ def keep_freed_memory() -> str:
         return _state["allocator"]
     # -1 disables trimming; 0 mmaps disables mmap for large blocks (documented in mallopt(3)).
     if mallopt(_M_TRIM_THRESHOLD, -1) and mallopt(_M_MMAP_MAX, 0):
-        _state["allocator"] = "glibc, freed memory kept (no mmap, no trim)"
+        _state["allocator"] = _KEPT
     return _state["allocator"]
 
 
 def allocator_setting() -> str:
     """The allocator setting of this process, in words."""
     return _state["allocator"]
+
+
+def freed_memory_kept() -> bool:
+    """True once `keep_freed_memory` has made glibc keep freed memory in this process."""
+    return _state["allocator"] == _KEPT
