@@ -30,6 +30,7 @@ from moat.data.folders import class_folders, describe_skipped, walk_files
 from moat.data.images import BadImageError, load_rgb
 from moat.errors import InvalidInputError
 from moat.paths import folder, regular_file
+from moat.text import shortlist
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +238,8 @@ def targets_from_labels(labels: Sequence[str], classes: Sequence[str] | None, wh
     return [index[label] for label in labels], list(classes)
 
 
-def _short(items: Sequence[Any], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+def _short(items: Sequence[Any]) -> str:
+    return shortlist(repr(x) for x in items)
 
 
 def open_split(path: str | os.PathLike, transform: Transform | None = None,

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from moat.text import shortlist
+
 
 class Skipped(NamedTuple):
     path: str
@@ -129,6 +131,5 @@ def _kind(entry: os.DirEntry, scope: str) -> str:
     return f"{what}, not a regular file"
 
 
-def describe_skipped(skipped: list[Skipped], limit: int = 5) -> str:
-    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:limit])
-    return shown + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+def describe_skipped(skipped: list[Skipped]) -> str:
+    return shortlist((f"{s.path}: {s.reason}" for s in skipped), sep="; ")
