@@ -130,7 +130,10 @@ def test_create_model_pretrained_enters_each_file_once(ref_prefix, tmp_path, mon
 
     monkeypatch.setenv("MOAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MOAT_WEIGHTS_URL", release_bucket(tmp_path / "bucket", ref_prefix).as_uri())
-    moat.create_model("tiny_moat_0", pretrained=True)  # downloaded and converted once
+    with FileTrace() as first:  # downloaded and converted once: the official names are read
+        moat.create_model("tiny_moat_0", pretrained=True)  # through the checkpoint's reader
+    assert first.callbacks() == []
+    assert {"weights/convert.py", "weights/official.py"} <= set(first.path())
     with FileTrace() as trace:
         moat.create_model("tiny_moat_0", pretrained=True)
     assert trace.callbacks() == []
