@@ -40,7 +40,7 @@ def test_timm_imported_first_also_sees_moat():
 # files and names through the model out to tasks, training, export and the command line.
 LAYERS = [
     ("moat._lazy", "moat._version", "moat.cpu", "moat.device", "moat.errors", "moat.integrity",
-     "moat.kernels", "moat.models", "moat.paths", "moat.text"),
+     "moat.kernels", "moat.models", "moat.paths", "moat.text", "moat.atomic"),
     # create_model lives where models users look for it, but loads weights: it is the top
     # of the weights layer (moat.models resolves it on first use)
     ("moat.weights", "moat.data", "moat.models.factory"),

@@ -28,7 +28,7 @@ from moat.bench.pytorch import (PEERS, _interleaved, _is_moat, count_macs, count
 from moat.data.preprocessing import size_pair
 from moat.export.formats import EXPORTER_OPSET
 from moat.export.ort import onnx_session
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 
 __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
 

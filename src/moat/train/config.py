@@ -256,7 +256,7 @@ class TrainConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write as YAML (or JSON when the name ends in .json), atomically."""
-        from moat.integrity import atomic_write_text
+        from moat.atomic import atomic_write_text
 
         path = Path(path)
         if path.suffix == ".json":

@@ -21,7 +21,8 @@ from moat.data.images import IMAGE_SUFFIXES
 from moat.device import configure_device, pick_device, pins_memory
 from moat.errors import InvalidInputError
 from moat.export.onnx_metadata import OnnxMetadata
-from moat.integrity import atomic_write_text, read_safetensors
+from moat.atomic import atomic_write_text
+from moat.integrity import read_safetensors
 from moat.tasks.base import Task, get_task
 from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
     resolve_checkpoint
