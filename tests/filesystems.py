@@ -48,7 +48,7 @@ def small_filesystem(path: Path, size_mb: int, monkeypatch) -> Iterator[Path]:
         return original(target, data, mode, **kwargs)
 
     monkeypatch.setattr(atomic, "write_synced", limited)
-    import moat.train.checkpoint as checkpoint
+    import moat.train.checkpoint_folder as checkpoint
 
     monkeypatch.setattr(checkpoint, "write_synced", limited)
     streamed = checkpoint.write_safetensors  # checkpoint tensors are written by threads

@@ -24,7 +24,8 @@ from moat.data.bad_images import BadImageLog
 from moat.errors import InvalidInputError
 from moat.tasks.base import Task
 from moat.train import distributed as dist_utils
-from moat.train.checkpoint import MODEL_FILE, Checkpoint, CheckpointManager
+from moat.train.checkpoint import CheckpointManager
+from moat.train.checkpoint_folder import MODEL_FILE, Checkpoint
 from moat.train.config import TrainConfig, read_config_file
 from moat.train.logger import MetricsWriter
 from moat.train.optim import ModelEma, WarmupCosine
