@@ -26,7 +26,7 @@ from moat.integrity import read_safetensors
 from moat.tasks.base import Task, get_task
 from moat.train.checkpoint import resolve_checkpoint
 from moat.train.checkpoint_folder import file_metadata, is_complete, read_meta, read_weights
-from moat.train.config import TrainConfig
+from moat.train.settings import TrainConfig
 from moat.weights.loader import load_weights
 
 log = logging.getLogger("moat")
