@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,12 +29,16 @@ class Skipped(NamedTuple):
     reason: str
 
 
-def walk_files(folder: str | os.PathLike, accept: Callable[[str], bool] = lambda path: True,
+def walk_files(folder: str | os.PathLike, suffixes: tuple[str, ...] | None = None,
                ) -> tuple[list[str], list[Skipped]]:
-    """(files under `folder` for which `accept(path)` holds, skipped entries).
+    """(files under `folder` whose names end with one of `suffixes`, in any case (None:
+    every file), skipped entries).
 
-    Non-regular files and links are reported as skipped only when `accept` would take their
-    name (a FIFO called notes.txt among images is nobody's concern)."""
+    Non-regular files and links are reported as skipped only when their name has one of
+    `suffixes` (a FIFO called notes.txt among images is nobody's concern)."""
+    def accept(path: str) -> bool:
+        return suffixes is None or path.lower().endswith(suffixes)
+
     scope = os.path.realpath(folder)
     files: list[str] = []
     skipped: list[Skipped] = []

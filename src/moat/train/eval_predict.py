@@ -199,7 +199,7 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():  # safely: no loops, no links out of the folder, regular files only
-            files, skipped = walk_files(p, lambda f: Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            files, skipped = walk_files(p, IMAGE_SUFFIXES)
             if skipped:
                 log.warning("skipped under %s: %s", p, describe_skipped(skipped))
             out += files
