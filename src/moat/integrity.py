@@ -13,7 +13,7 @@ Two kinds of record:
 * a **manifest** of a folder, stored in a checkpoint's meta.json: `{name: {"size", "sha256"}}`
   for a file, `{name: {"size", "header_sha256"}}` for a safetensors file (its header's sha256;
   the header holds the tensor digest, which covers the rest). `read_verified` checks a
-  listed file on the bytes it returns (`moat.train.checkpoint.Checkpoint`: every file).
+  listed file on the bytes it returns (`moat.train.checkpoint_folder.Checkpoint`: every file).
 
 Written in one pass: `write_safetensors` shares the tensors of its files among threads (one
 a core); each tensor is hashed and written at its offset from the same memory, block by
