@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moat.bench.pytorch import environment
+from moat.bench.report import environment
 from moat.data.classification import SkipBadCollate
 from moat.data.sources import classification_datasets
 from moat.data.transforms import train_transform

@@ -51,7 +51,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import moat  # noqa: E402
 from moat.weights import parity  # noqa: E402
-from moat.bench.pytorch import BenchSpec, build_model, count_macs, environment  # noqa: E402
+from moat.bench.models import count_macs  # noqa: E402
+from moat.bench.pytorch import BenchSpec, build_model  # noqa: E402
+from moat.bench.report import environment  # noqa: E402
 from moat.data.synthetic import write_shapes_dataset  # noqa: E402
 from moat.device import configure_device, tf32_enabled  # noqa: E402
 from moat.integrity import atomic_write_text  # noqa: E402

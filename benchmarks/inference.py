@@ -26,8 +26,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from moat.bench.pytorch import format_table, run_benchmark, write_csv  # noqa: E402
 from moat.allocator import keep_freed_memory  # noqa: E402
+from moat.bench.pytorch import run_benchmark  # noqa: E402
+from moat.bench.report import format_table, write_csv  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

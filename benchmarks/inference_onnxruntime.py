@@ -35,7 +35,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from moat.bench.onnx_runtime import OPSET, run_onnx_benchmark  # noqa: E402
-from moat.bench.pytorch import format_table, write_csv  # noqa: E402
+from moat.bench.report import format_table, write_csv  # noqa: E402
 
 GROUPS = (("moat_0", ["moat_0"], 224), ("tiny_moat", ["tiny_moat_0", "tiny_moat_1"], 256))
 

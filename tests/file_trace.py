@@ -13,10 +13,11 @@ below it (A -> B -> A: `callbacks`), and each file inside a package is visited f
 only (`callers`); the modules at the top of `moat` (errors, paths, integrity, ...) serve
 every layer. A caller using a part again (a model building its blocks, the training loop
 calling its task every step) is one visit from one file. `create_model(pretrained=True)`
-keeps both (tests/test_package.py). A `moat train` run keeps the first but for callables
-handed down on purpose (the command given to the error boundary, the filter given to
-`walk_files`); its objects (the task, the config, the loaders) are used by the assembly, the
-loop and the run that saves it: several callers, one direction.
+keeps both from the cache, and the first on the first download (tests/test_package.py). A
+`moat train` run keeps the first; its objects (the task, the settings, the loaders) are used
+by the assembly, the loop and the run that saves it: several callers, one direction (no two
+files visit each other, `mutual`, but a task and the base class whose template methods call
+it).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class FileTrace:
                 found[entry.file].append(entry.caller)
         return found
 
+    def mutual(self) -> set[tuple[str, str]]:
+        """Pairs of files that visit each other (A visits B and B visits A, at any depth)."""
+        edges = {(e.caller, e.file) for e in self.visits()}
+        return {tuple(sorted(edge)) for edge in edges if edge[::-1] in edges}
+
     def callbacks(self) -> list[Entry]:
         """Entries into a file that is still waiting below them on the stack (A -> B -> A):
         control coming back up instead of going on down."""
@@ -131,10 +137,13 @@ def report(trace: FileTrace, title: str) -> str:
     several = {f: c for f, c in trace.callers().items() if len(c) > 1}
     lines.append(f"visited from more than one file ({len(several)}):")
     lines += [f"  {file}: from {', '.join(c)}" for file, c in several.items()]
+    mutual = sorted(trace.mutual())
+    lines.append(f"files that visit each other ({len(mutual)}):")
+    lines += [f"  {a} <-> {b}" for a, b in mutual]
     return "\n".join(lines)
 
 
-# --- the two traces ------------------------------------------------------------------------
+# --- the traces ----------------------------------------------------------------------------
 
 REFERENCE_PREFIX = ROOT.parents[2].parent / "shared" / "reference" / "tf1_checkpoint" / "tiny_moat0"
 
@@ -151,7 +160,8 @@ def release_bucket(folder: Path, prefix: Path = REFERENCE_PREFIX) -> Path:
 
 
 def trace_create_model() -> FileTrace:
-    """`moat.create_model("tiny_moat_0", pretrained=True)` with the release in the cache."""
+    """`moat.create_model("tiny_moat_0", pretrained=True)`: the first call downloads and
+    converts the release, the others read it from the cache."""
     import moat
 
     with FileTrace() as trace:
@@ -182,9 +192,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MOAT_HOME"] = str(Path(tmp) / "home")
         os.environ["MOAT_WEIGHTS_URL"] = release_bucket(Path(tmp) / "bucket").as_uri()
-        import moat
-
-        moat.create_model("tiny_moat_0", pretrained=True)  # download and convert once
+        print(report(trace_create_model(), "create_model(pretrained=True), first download"))
         print(report(trace_create_model(), "create_model(pretrained=True)"))
         print(report(trace_train(Path(tmp)), "moat train, one epoch"))
 

@@ -35,26 +35,26 @@ def small_filesystem(path: Path, size_mb: int, monkeypatch) -> Iterator[Path]:
         finally:
             _unmount(path)
         return
-    import moat.integrity as integrity
+    import moat.atomic as atomic
 
     written = {"bytes": 0}
-    original = integrity.write_synced
+    original = atomic.write_synced
 
-    def limited(target, data, mode=0o644):
+    def limited(target, data, mode=0o644, **kwargs):
         if str(target).startswith(str(path)):
             written["bytes"] += len(data)
             if written["bytes"] > size_mb << 20:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
-        return original(target, data, mode)
+        return original(target, data, mode, **kwargs)
 
-    monkeypatch.setattr(integrity, "write_synced", limited)
-    import moat.train.checkpoint as checkpoint
+    monkeypatch.setattr(atomic, "write_synced", limited)
+    import moat.train.checkpoint_folder as checkpoint
 
     monkeypatch.setattr(checkpoint, "write_synced", limited)
     streamed = checkpoint.write_safetensors  # checkpoint tensors are written by threads
 
-    def limited_stream(files):
-        records = streamed(files)
+    def limited_stream(files, *args):
+        records = streamed(files, *args)
         for target, record in records.items():
             if str(target).startswith(str(path)):
                 written["bytes"] += record["size"]

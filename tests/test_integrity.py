@@ -247,7 +247,7 @@ def test_state_tensors_go_to_safetensors_and_come_back_where_they_were(tmp_path)
 
 def test_a_checkpoint_reads_each_file_once(tmp_path, monkeypatch):
     """Verification, weights and state come from the same bytes: each file read once."""
-    import moat.train.checkpoint as checkpoint
+    import moat.train.checkpoint_folder as checkpoint
 
     ckpt = _save(CheckpointManager(tmp_path), 1)
     reads: list[str] = []

@@ -39,8 +39,8 @@ def test_timm_imported_first_also_sees_moat():
 # Each package may import its own layer and those below, never one above: data flows from
 # files and names through the model out to tasks, training, export and the command line.
 LAYERS = [
-    ("moat._lazy", "moat._version", "moat.allocator", "moat.cpu", "moat.device", "moat.errors",
-     "moat.integrity", "moat.kernels", "moat.models", "moat.paths"),
+    ("moat._lazy", "moat._version", "moat.allocator", "moat.atomic", "moat.cpu", "moat.device",
+     "moat.errors", "moat.integrity", "moat.kernels", "moat.models", "moat.paths", "moat.text"),
     # create_model lives where models users look for it, but loads weights: it is the top
     # of the weights layer (moat.models resolves it on first use)
     ("moat.weights", "moat.data", "moat.models.factory"),
@@ -129,7 +129,10 @@ def test_create_model_pretrained_enters_each_file_once(ref_prefix, tmp_path, mon
 
     monkeypatch.setenv("MOAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MOAT_WEIGHTS_URL", release_bucket(tmp_path / "bucket", ref_prefix).as_uri())
-    moat.create_model("tiny_moat_0", pretrained=True)  # downloaded and converted once
+    with FileTrace() as first:  # downloaded and converted once: the official names are read
+        moat.create_model("tiny_moat_0", pretrained=True)  # through the checkpoint's reader
+    assert first.callbacks() == []
+    assert {"weights/convert.py", "weights/official.py"} <= set(first.path())
     with FileTrace() as trace:
         moat.create_model("tiny_moat_0", pretrained=True)
     assert trace.callbacks() == []
@@ -141,3 +144,25 @@ def test_create_model_pretrained_enters_each_file_once(ref_prefix, tmp_path, mon
         "models/blocks.py": ["models/moat.py"], "weights/loader.py": ["models/factory.py"],
         "weights/files.py": ["weights/loader.py"]}
     assert {"weights/adapt.py", "weights/variant.py"} <= set(trace.path())
+
+
+def test_moat_train_enters_each_file_once(tmp_path):
+    # One epoch of `moat train` (tiny-MOAT-0, 8 generated images), traced. No call comes back
+    # into a file still waiting below it (the error boundary runs no callable of the command
+    # line's, `walk_files` takes suffixes, not a filter). The run's objects (the task, the
+    # settings, the loaders) serve the assembly, the loop and the checkpoints, but no two
+    # files visit each other: the settings are resolved (train/config.py asks the task to
+    # count the data) before anything reads them (train/settings.py, below the task), once.
+    # The one pair is a task and its base class, one object whose template methods
+    # (build_training_model) call the task's own (build_model).
+    from file_trace import trace_train
+
+    trace = trace_train(tmp_path)
+    assert trace.callbacks() == []
+    assert trace.mutual() == {("tasks/base.py", "tasks/classification/task.py")}
+    callers = trace.callers()
+    assert callers["train/config.py"] == ["train/loop.py"]  # resolved in one place, once
+    assert callers["tasks/classification/task.py"][0] == "train/config.py"  # counts the data
+    assert not any(e.caller == "train/settings.py" and (e.file.startswith("tasks/")
+                                                        or e.file == "train/config.py")
+                   for e in trace.visits())  # the settings call nothing above them

@@ -103,7 +103,7 @@ def test_resume_reads_the_runs_own_config_yaml(capsys, trained, tmp_path):
 def test_resume_reads_each_checkpoint_file_once(trained, shapes3, tmp_path, monkeypatch):
     """`moat train --resume` finds the checkpoint (its settings, then the one to restore),
     verifies and loads it from one read of each file."""
-    import moat.train.checkpoint as checkpoint
+    import moat.train.checkpoint_folder as checkpoint
 
     run = _copy(trained, tmp_path)
     start = _only_checkpoint(run)

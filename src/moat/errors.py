@@ -23,11 +23,12 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 EXIT_ERROR, EXIT_BUG, EXIT_SIGINT, EXIT_SIGTERM = 2, 70, 130, 143
 
@@ -61,37 +62,55 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that `finally` blocks and atomic writes clean up."""
 
 
-def run_command(func: Callable[[], int], command: str,
-                resume_hint: str | Callable[[], str] | None = None) -> int:
-    """Run `func` (one subcommand) inside the boundary; return the exit code.
+class Outcome:
+    """The exit code of a command run inside `boundary`: the command's, or the failure's."""
+
+    code: int = 0
+
+
+@contextlib.contextmanager
+def boundary(command: str, resume_hint: str | Callable[[], str] | None = None,
+             ) -> Iterator[Outcome]:
+    """The boundary around one subcommand: `with boundary(name) as outcome: outcome.code =
+    run(...)`; a failure inside is told the user and sets `outcome.code` (see above).
 
     `resume_hint`: what to say after the interruption of a run, or a function that says it
     from the run's real state when it happens (moat.cli.train.interrupted_hint)."""
+    outcome = Outcome()
     previous = signal.getsignal(signal.SIGTERM)
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread (e.g. called from a test thread)
         previous = None
     try:
-        return func()
+        yield outcome
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         how = "stopped by SIGTERM" if terminated else "interrupted (Ctrl-C)"
         hint = resume_hint() if callable(resume_hint) else resume_hint
         _say(command, how + (f"; {hint}" if hint else ""))
-        return EXIT_SIGTERM if terminated else EXIT_SIGINT
+        outcome.code = EXIT_SIGTERM if terminated else EXIT_SIGINT
     except Exception as err:  # noqa: BLE001 - this is the boundary: sorted just below
         message = expected_message(err)
         if message is None:
             traceback.print_exc()
             _say(command, f"internal error ({type(err).__name__}): this is a bug in moat; "
                  "please report it with the traceback above and the command you ran")
-            return EXIT_BUG
-        _say(command, "error: " + message)
-        return EXIT_ERROR
+            outcome.code = EXIT_BUG
+        else:
+            _say(command, "error: " + message)
+            outcome.code = EXIT_ERROR
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def run_command(func: Callable[[], int], command: str,
+                resume_hint: str | Callable[[], str] | None = None) -> int:
+    """`func()` (one subcommand) inside the `boundary`; the exit code."""
+    with boundary(command, resume_hint) as outcome:
+        outcome.code = func()
+    return outcome.code
 
 
 def expected_message(err: BaseException) -> str | None:

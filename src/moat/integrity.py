@@ -1,25 +1,19 @@
-"""Atomic and verified files: nothing half-written under a user's name, nothing damaged loaded.
-
-Atomic: every output is written to a hidden temp file in the same folder, fsync'ed and renamed
-over its name (`atomic_write_bytes`, or `atomic_output` for libraries that write a path
-themselves); a failure (a full disk, Ctrl-C, an invalid ONNX model) removes the temp file and
-leaves the previous file, if any, untouched.
-
-Verified: sizes and digests are written with every file we make and checked on load.
+"""Verified files: nothing damaged loaded. Sizes and digests are written with every file we
+make (atomically, `moat.atomic`, whose names are importable here too) and checked on load.
 
 Two kinds of record:
 
 * a **tensor digest** in a safetensors file's own metadata (`tensors_xxh3_per_tensor`,
   `tensors_bytes`): the sha256 over every tensor's name, dtype, shape and the XXH3-128
   checksum of its raw bytes, in name order (files written before it hold `tensors_sha256`,
-  one sha256 over the names and bytes themselves; both are checked). A file cannot hold the digest of its own
-  bytes, but it can hold the digest of its tensors, which is what a flipped byte in the data
-  section changes. `verify_safetensors` recomputes it from the bytes the tensors are loaded
-  from;
+  one sha256 over the names and bytes themselves; both are checked). A file cannot hold the
+  digest of its own bytes, but it can hold the digest of its tensors, which is what a flipped
+  byte in the data section changes. `verify_safetensors` recomputes it from the bytes the
+  tensors are loaded from;
 * a **manifest** of a folder, stored in a checkpoint's meta.json: `{name: {"size", "sha256"}}`
   for a file, `{name: {"size", "header_sha256"}}` for a safetensors file (its header's sha256;
   the header holds the tensor digest, which covers the rest). `read_verified` checks a
-  listed file on the bytes it returns (`moat.train.checkpoint.Checkpoint`: every file).
+  listed file on the bytes it returns (`moat.train.checkpoint_folder.Checkpoint`: every file).
 
 Written in one pass: `write_safetensors` shares the tensors of its files among threads (one
 a core); each tensor is hashed and written at its offset from the same memory, block by
@@ -41,13 +35,11 @@ Everything here is hashlib and xxhash.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -55,6 +47,9 @@ from typing import Any
 import torch
 import xxhash
 
+# the atomic writes are imported from here too, beside the checks of what they wrote
+from moat.atomic import (atomic_output, atomic_write_bytes, atomic_write_text,  # noqa: F401
+                         fsync_dir, start_writeback, sync_files, write_synced)
 from moat.errors import InvalidInputError, MoatError
 
 # the digest of a weights file's tensors, in its metadata: per tensor (written now) or one
@@ -74,79 +69,6 @@ class DamagedFileError(MoatError, ValueError):
         advice = advice or ("the file is damaged (disk error, interrupted copy or edit); "
                             "restore it from a copy or write it again")
         super().__init__(f"{self.path}: {what}; {advice}")
-
-
-# --- atomic writes ----------------------------------------------------------------------------
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_synced(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
-    """Write `data` to `path`, fsync'ed unless `durable` is False (then `sync_files` later)."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-    os.chmod(path, mode)
-
-
-def sync_files(paths: list[Path]) -> None:
-    """Put files written with durable=False on the disk: every file's writeback is started
-    first, so the disk writes them together, then each is fdatasync'ed."""
-    fds = [os.open(path, os.O_RDONLY) for path in paths]
-    try:
-        for fd in fds:
-            _start_writeback(fd, 0, 0)  # 0: to the end of the file
-        for fd in fds:
-            (os.fdatasync if hasattr(os, "fdatasync") else os.fsync)(fd)
-    finally:
-        for fd in fds:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path` (same suffix) to write; on success it replaces `path`,
-    on any exception it is deleted and `path` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.filename is not None and os.fspath(err.filename) == os.fspath(tmp):
-            raise OSError(err.errno, err.strerror, os.fspath(path)) from None  # the user's name
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` atomically (see the module docstring)."""
-    with atomic_output(path) as tmp:
-        write_synced(tmp, data)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # --- manifests of files ---------------------------------------------------------------------
@@ -269,24 +191,6 @@ def _run_all(fn, jobs: list) -> list:
     return [job.result() for job in pending]
 
 
-def _start_writeback(fd: int, start: int, length: int) -> None:
-    """Ask Linux to start writing a range of the file to the disk now, without waiting: the
-    fsync at the end then waits for little (measured: the fsync of a 426 MB checkpoint
-    cost 0.13 s after its writes, 0.03 s with this). Elsewhere a no-op."""
-    if not _SYNC_FILE_RANGE and sys.platform.startswith("linux"):
-        import ctypes
-
-        call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
-        if call is not None:
-            call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        _SYNC_FILE_RANGE.append(call)
-    if _SYNC_FILE_RANGE and _SYNC_FILE_RANGE[0] is not None:
-        _SYNC_FILE_RANGE[0](fd, start, length, 2)  # SYNC_FILE_RANGE_WRITE; errors ignored
-
-
-_SYNC_FILE_RANGE: list[Any] = []  # [libc's sync_file_range or None] once looked up
-
-
 class _Layout:
     """One safetensors file being written: its header and where each tensor goes."""
 
@@ -342,7 +246,7 @@ def _write_job(job: list[tuple[Any, int, int]]) -> None:
         layout.digests[name] = digest.digest()
     (layout, _), start, _ = job[0]
     if layout.durable:
-        _start_writeback(layout.fd, start, job[-1][2] - start)
+        start_writeback(layout.fd, start, job[-1][2] - start)
 
 
 def write_safetensors(files: Mapping[Path, tuple[Mapping[str, torch.Tensor],

@@ -5,7 +5,7 @@ ONNX Runtime layout at a fixed size; timm's peers with `torch.onnx.export`, the 
 torch.export-based exporter and opset), optionally adds static int8 versions of every
 file (`moat.export.quantize`; peers too, so that int8 speed-ups are compared in the same
 run), and times all sessions **interleaved** (one run of each model per round), batch N then
-batch 1, reporting medians. The rows have the columns of `moat.bench.pytorch` (table and CSV),
+batch 1, reporting medians. The rows have the columns of `moat.bench.report` (table and CSV),
 with `runtime` and `onnxruntime` versions added.
 
 Sessions: `moat.export.ort.onnx_session` (CPU, all graph optimisations, `threads` intra-op
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moat.bench.pytorch import (PEERS, _interleaved, _is_moat, count_macs, count_params,
-                                create_peer, environment)
+from moat.bench.models import PEERS, count_macs, count_params, create_peer, is_moat
+from moat.bench.pytorch import interleaved
+from moat.bench.report import environment, with_ratio_to_moat
 from moat.data.preprocessing import size_pair
 from moat.export.formats import EXPORTER_OPSET
 from moat.export.ort import onnx_session
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 
 __all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
 
@@ -42,7 +43,7 @@ OPSET = EXPORTER_OPSET  # MOAT and peers alike, as the exporter writes them (no 
 def peers_for(models: Sequence[str]) -> tuple[str, ...]:
     """The peers of the given MOAT models: mobile peers for tiny-MOAT, else `PEERS`."""
     tiny = any(m.startswith("tiny_moat") for m in models)
-    large = any(_is_moat(m) and not m.startswith("tiny_moat") for m in models)
+    large = any(is_moat(m) and not m.startswith("tiny_moat") for m in models)
     return (PEERS if large or not tiny else ()) + (MOBILE_PEERS if tiny else ())
 
 
@@ -52,7 +53,7 @@ def export_model(name: str, img_size: tuple[int, int], path: str | os.PathLike,
     NCHW input `x`, dynamic batch, fixed size) at `opset` (at 23, MOAT's attention and the
     peers' scaled_dot_product_attention become ONNX's Attention operator)."""
     path = Path(path)
-    if _is_moat(name):
+    if is_moat(name):
         import moat
         from moat.export import export_onnx
 
@@ -121,7 +122,7 @@ def _export_all(names: list[str], size: tuple[int, int], folder: Path,
                 opset: int = OPSET) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for name in names:
-        for gelu in (gelus if _is_moat(name) else ["exact"]):
+        for gelu in (gelus if is_moat(name) else ["exact"]):
             tanh = gelu == "tanh"
             label = name + (" [tanh GELU]" if tanh else "")
             path = folder / (f"{name}_{size[0]}x{size[1]}{'.tanh' if tanh else ''}"
@@ -144,11 +145,11 @@ def _export_all(names: list[str], size: tuple[int, int], folder: Path,
 
 def _measure(sessions: dict, size: tuple[int, int], batch: int, threads: int, warmup: int,
              repeats: int, latency: bool, env: dict, log: Callable[[str], None]) -> list[dict]:
-    times = _interleaved({k: _runner(s, batch, size) for k, s in sessions.items()},
+    times = interleaved({k: _runner(s, batch, size) for k, s in sessions.items()},
                          warmup, repeats, "cpu")
     ones = {}
     if latency:
-        ones = _interleaved({k: _runner(s, 1, size) for k, s in sessions.items()},
+        ones = interleaved({k: _runner(s, 1, size) for k, s in sessions.items()},
                             warmup, max(repeats, 5), "cpu")
     rows = []
     for label, measured in times.items():
@@ -169,8 +170,5 @@ def _measure(sessions: dict, size: tuple[int, int], batch: int, threads: int, wa
         rows.append({**row, **env})
         log(f"  {label:28s} {row['time_ms']:9.1f} ms  {row['gmacs_per_s']:6.2f} GMAC/s"
             + (f"  b1 {row['latency_ms']:.1f} ms" if row["latency_ms"] else ""))
-    reference = next((r for r in rows if _is_moat(r["model"])), None)  # the first MOAT row
-    for row in rows:
-        row["ratio_to_moat"] = (row["gmacs_per_s"] / reference["gmacs_per_s"]
-                                if reference else None)
-    return rows
+    reference = next((r for r in rows if is_moat(r["model"])), None)  # the first MOAT row
+    return with_ratio_to_moat(rows, reference)

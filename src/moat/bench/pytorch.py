@@ -2,8 +2,9 @@
 
 `run_benchmark` measures every combination of models x image sizes x batch sizes x dtypes x
 thread counts x modes ("inference", "train") and returns one row (a dict) per model and
-combination; `format_table` prints them and `write_csv` stores them with the software and
-hardware versions.
+combination, with the software and hardware versions; `moat.bench.report` prints them as a
+table (`format_table`) and stores them as CSV (`write_csv`). The models and their counts are
+`moat.bench.models`'.
 
 Method (the same for every model, so that the numbers compare):
 
@@ -37,10 +38,8 @@ policy, the allocator setting and the load average are recorded with the results
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -52,15 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moat.allocator import allocator_setting
-from moat.cpu import cpu_info
+from moat.bench.models import PEERS, count_macs, count_params, create, is_moat
+from moat.bench.report import environment, with_ratio_to_moat
+from moat.bench.report import format_table, write_csv  # noqa: F401 (the rows' output, as before)
 from moat.device import pick_device
 from moat.errors import InvalidInputError
 
-__all__ = ["PEERS", "BenchSpec", "environment", "format_table", "run_benchmark", "write_csv"]
+__all__ = ["BenchSpec", "build_model", "interleaved", "measure_peak_memory", "run_benchmark"]
 
-# timm models of the same size class, compared in the MOAT paper.
-PEERS = ("coatnet_0_rw_224", "maxvit_tiny_tf_224", "convnext_tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("inference", "train")
 
@@ -88,94 +86,22 @@ class BenchSpec:
                 + (" (optimized)" if self.optimized else ""))
 
 
-def _is_moat(name: str) -> bool:
-    from moat.models.config import MODEL_CONFIGS
-    from moat.weights.catalogue import split_name
-    from moat.weights.hub import is_hub_name
-
-    if is_hub_name(name):  # a saved MOAT folder
-        return True
-    try:
-        return split_name(name)[0] in MODEL_CONFIGS
-    except ValueError:  # a dotted timm tag, e.g. convnext_tiny.fb_in1k
-        return False
-
-
-def _create(name: str, img_size: tuple[int, int], drop_path_rate: float,
-            preset: str | None = None, pretrained: bool = False) -> nn.Module:
-    if _is_moat(name):
-        import moat
-
-        layout = {}
-        if preset:
-            from moat.tasks.backbone import PRESETS
-
-            if preset not in PRESETS:
-                raise InvalidInputError(f"unknown preset {preset!r}; choose one of {list(PRESETS)}")
-            layout = PRESETS[preset].model_args()
-        return moat.create_model(name, drop_path_rate=drop_path_rate,
-                                 pretrained=pretrained or None, **layout)
-    if preset:
-        raise InvalidInputError(f"--preset applies to MOAT models only, not {name!r}")
-    import timm
-
-    if not timm.is_model(name.split(".")[0]):
-        raise InvalidInputError(f"unknown model {name!r}: neither a MOAT variant (moat models) nor "
-                                "a timm model (timm.list_models())")
-    return create_peer(name, img_size, pretrained=pretrained, drop_path_rate=drop_path_rate)
-
-
-def create_peer(name: str, img_size: tuple[int, int], **kwargs) -> nn.Module:
-    """A timm peer for `img_size` (every benchmark builds its peers here)."""
-    import timm
-
-    if name.startswith(("coatnet", "maxvit", "maxxvit")):  # window layout fixed at build
-        kwargs["img_size"] = img_size
-    return timm.create_model(name, **kwargs)
-
-
 def build_model(spec: BenchSpec) -> nn.Module:
     """The model of `spec`, in the mode, memory format and device the measurement uses."""
-    model = _create(spec.model, spec.img_size, spec.drop_path_rate, spec.preset,
-                    spec.pretrained).to(spec.device)
+    model = create(spec.model, spec.img_size, spec.drop_path_rate, spec.preset,
+                   spec.pretrained).to(spec.device)
     if spec.mode == "train":
         model.train()
     else:
         model.eval()
         model.requires_grad_(False)
-    if spec.optimized and spec.mode == "inference" and _is_moat(spec.model):
+    if spec.optimized and spec.mode == "inference" and is_moat(spec.model):
         from moat.export.fused import optimize_for_inference
 
         return optimize_for_inference(model)
     if spec.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
-
-
-# --- counting ------------------------------------------------------------------------------
-
-def count_macs(name: str, img_size: tuple[int, int], preset: str | None = None) -> int:
-    """Multiply-adds of one image (convolutions, linear layers, attention matmuls)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):  # free: no memory, no compute
-        model = _create(name, img_size, 0.0, preset).eval()
-    if _is_moat(name):
-        import moat
-
-        return moat.count_flops(model, img_size, method="macs")
-    from moat.models.flops import CPU_ATTENTION_FLOPS
-
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, \
-            torch.no_grad():
-        model(torch.zeros(1, 3, *img_size, device="meta"))
-    return counter.get_total_flops() // 2
-
-
-def count_params(name: str) -> int:
-    with torch.device("meta"):
-        model = _create(name, (224, 224), 0.0)
-    return sum(p.numel() for p in model.parameters())
 
 
 # --- timing --------------------------------------------------------------------------------
@@ -220,7 +146,7 @@ def _timed(step: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
+def interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int,
                  device: str) -> dict[str, list[float]]:
     for _ in range(warmup):
         for step in steps.values():
@@ -280,29 +206,6 @@ def measure_peak_memory(spec: BenchSpec, timeout: float = 1800) -> float | None:
 
 # --- the benchmark -------------------------------------------------------------------------
 
-def environment(device: str = "cpu") -> dict[str, str]:
-    """Versions and hardware recorded with every result."""
-    import moat
-
-    cpu = cpu_info()
-    env = {"torch": torch.__version__, "moat": moat.__version__,
-           "python": platform.python_version(), **cpu.as_dict(),
-           "cpu_description": cpu.describe(), "cpu_count": str(os.cpu_count()),
-           "device": device,
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
-           "allocator": allocator_setting(),
-           "load_average": f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""}
-    try:
-        import timm
-
-        env["timm"] = timm.__version__
-    except ImportError:
-        env["timm"] = ""
-    if device.startswith("cuda"):
-        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return env
-
-
 def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
                   img_sizes: Iterable[int | Sequence[int]] = (224,),
                   batch_sizes: Iterable[int] = (8,), dtypes: Iterable[str] = ("float32",),
@@ -350,10 +253,10 @@ def run_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = False,
                                           threads=n_threads or default_threads, mode=mode,
                                           channels_last=channels_last,
                                           drop_path_rate=drop_path_rate, device=device,
-                                          preset=preset if _is_moat(name) else None,
+                                          preset=preset if is_moat(name) else None,
                                           pretrained=pretrained)
                             specs.append(BenchSpec(name, **common))
-                            if optimized and mode == "inference" and _is_moat(name):
+                            if optimized and mode == "inference" and is_moat(name):
                                 specs.append(BenchSpec(name, optimized=True, **common))
                         log(f"{mode}, {size[0]}x{size[1]}, batch {batch}, {dtype}, "
                             f"{specs[0].threads} threads: {', '.join(s.label for s in specs)}")
@@ -367,11 +270,11 @@ def _measure(specs: list[BenchSpec], warmup: int, repeats: int, latency: bool, m
              macs_cache: dict, env: dict, log: Callable[[str], None]) -> list[dict]:
     built = {spec: build_model(spec) for spec in specs}
     steps = {spec: make_step(spec, model) for spec, model in built.items()}
-    times = _interleaved(steps, warmup, repeats, specs[0].device)
+    times = interleaved(steps, warmup, repeats, specs[0].device)
     latencies = {}
     if latency and specs[0].mode == "inference":
         ones = {spec: make_step(spec, model, batch=1) for spec, model in built.items()}
-        latencies = _interleaved(ones, warmup, max(repeats, 5), specs[0].device)
+        latencies = interleaved(ones, warmup, max(repeats, 5), specs[0].device)
     del built, steps
     rows = []
     for spec in specs:
@@ -396,57 +299,9 @@ def _measure(specs: list[BenchSpec], warmup: int, repeats: int, latency: bool, m
         rows.append({**row, **env})
         log(f"  {spec.label:28s} {row['time_ms']:9.1f} ms  {row['gmacs_per_s']:6.2f} GMAC/s")
     # The ratio is to the MOAT row being compared: the optimized one when there is one.
-    moat_rows = [r for r in rows if _is_moat(r["model"].split(" ")[0])]
+    moat_rows = [r for r in rows if is_moat(r["model"].split(" ")[0])]
     reference = next((r for r in moat_rows if r["model"].endswith("(optimized)")),
                      moat_rows[0] if moat_rows else None)
-    for row in rows:
-        row["ratio_to_moat"] = (row["gmacs_per_s"] / reference["gmacs_per_s"]
-                                if reference else None)
-    return rows
+    return with_ratio_to_moat(rows, reference)
 
 
-# --- output --------------------------------------------------------------------------------
-
-COLUMNS = [("model", "model", "{}"), ("mode", "mode", "{}"), ("img_size", "size", "{}"),
-           ("batch", "batch", "{}"), ("dtype", "dtype", "{}"), ("threads", "thr", "{}"),
-           ("params_m", "params (M)", "{:.2f}"), ("gmacs", "GMACs/img", "{:.3f}"),
-           ("time_ms", "ms/batch", "{:.1f}"), ("img_per_s", "img/s", "{:.2f}"),
-           ("gmacs_per_s", "GMAC/s", "{:.2f}"), ("best_gmacs_per_s", "best GMAC/s", "{:.2f}"),
-           ("ratio_to_moat", "vs MOAT", "{:.2f}"),
-           ("latency_ms", "b1 latency (ms)", "{:.1f}"), ("peak_mem_mib", "peak mem (MiB)",
-                                                         "{:.0f}")]
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """A markdown table of the rows, with the environment underneath."""
-    header = [title for _, title, _ in COLUMNS]
-    body = [[("-" if row.get(key) is None else fmt.format(row[key])) for key, _, fmt in COLUMNS]
-            for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in body]
-    if rows:
-        env = rows[0]
-        lines.append(f"\ntorch {env['torch']}, moat {env['moat']}, timm {env['timm'] or '-'}, "
-                     f"python {env['python']}, CPU: {env['cpu_description']} "
-                     f"({env['cpu_count']} CPUs), "
-                     f"device {env['device']}{', ' + env['gpu'] if env.get('gpu') else ''}, "
-                     f"OMP_WAIT_POLICY={env['omp_wait_policy'] or 'unset'}, "
-                     f"allocator: {env['allocator']}, load average "
-                     f"{env['load_average'] or '-'} at the start; "
-                     f"median of {rows[0]['repeats']} interleaved runs after "
-                     f"{rows[0]['warmup']} warm-up (best: the fastest run); 'vs MOAT': "
-                     "GMAC/s over the compared MOAT row's (the optimized one if measured)")
-    return "\n".join(lines)
-
-
-def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
-    """All fields of every row, environment included, one row per model and configuration."""
-    if not rows:
-        raise InvalidInputError("no rows to write")
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)

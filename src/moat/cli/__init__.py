@@ -13,7 +13,7 @@ import functools
 import sys
 
 from moat.cli import deploy, explain, model, train
-from moat.errors import run_command
+from moat.errors import boundary
 
 COMMANDS = model.COMMANDS + train.COMMANDS + deploy.COMMANDS + explain.COMMANDS
 
@@ -32,4 +32,6 @@ def main(argv: list[str] | None = None) -> int:
         given = list(sys.argv[1:] if argv is None else argv)
         resume = functools.partial(train.interrupted_hint, args, given)
     # Expected failures: one or two lines and exit 2; bugs: a traceback (moat/errors.py).
-    return run_command(lambda: args.func(args), args.command, resume_hint=resume)
+    with boundary(args.command, resume_hint=resume) as outcome:
+        outcome.code = args.func(args)
+    return outcome.code

@@ -179,7 +179,8 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    from moat.bench.pytorch import format_table, run_benchmark, write_csv
+    from moat.bench.pytorch import run_benchmark
+    from moat.bench.report import format_table, write_csv
 
     if args.runtime == "onnxruntime":
         from moat.bench.onnx_runtime import run_onnx_benchmark

@@ -69,9 +69,9 @@ def train_flag(hint) -> dict | None:
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (None = not given, so the config file wins)."""
-    from moat.train.config import TrainConfig  # light: dataclasses and the standard library
+    from moat.train.settings import TrainConfig  # light: dataclasses and the standard library
 
-    p.add_argument("--config", help="YAML or JSON file of settings (see moat.train.config)")
+    p.add_argument("--config", help="YAML or JSON file of settings (see moat.train.settings)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any setting, e.g. --set lr=5e-4 --set mixup=0 "
                    "--set task_options.ignore_index=255 (repeatable)")

@@ -35,7 +35,7 @@ def interrupted_hint(args: argparse.Namespace, given: list[str]) -> str:
     """What an interrupted `moat train` tells the user, from what its run folder holds now:
     the command that resumes it, or that no checkpoint was saved yet."""
     from moat.train.checkpoint import CheckpointManager
-    from moat.train.config import read_config_file
+    from moat.train.settings import read_config_file
 
     output = args.output
     try:

@@ -24,6 +24,7 @@ import numpy as np
 
 from moat.data.images import BadImageError
 from moat.errors import MoatError
+from moat.text import shortlist
 
 log = logging.getLogger("moat")
 
@@ -87,6 +88,5 @@ def _where(dataset) -> str:
                     or getattr(dataset, "source", "")))
 
 
-def _names(names: Sequence[str], n: int = 8) -> str:
-    shown = ", ".join(repr(x) for x in names[:n])
-    return shown + (f" and {len(names) - n} more" if len(names) > n else "")
+def _names(names: Sequence[str]) -> str:
+    return shortlist((repr(x) for x in names), 8)

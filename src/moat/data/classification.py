@@ -23,13 +23,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from moat.data.bad_images import BadSample, split_bad
 from moat.data.folders import class_folders, describe_skipped, walk_files
 from moat.data.images import BadImageError, load_rgb
 from moat.errors import InvalidInputError
 from moat.paths import folder, regular_file
+from moat.text import shortlist
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,6 @@ class ImageDataset(Dataset):
         return (self.transform(img) if self.transform else img), target
 
 
-def _valid_image(path: str) -> bool:
-    # Hidden files are skipped too: macOS writes '._name.jpg' AppleDouble files that have an
-    # image extension but no image inside.
-    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not os.path.basename(
-        path).startswith(".")
-
-
 class ImageFolderDataset(ImageDataset):
     """`root/<class>/**/<image>`; classes are the sorted folder names.
 
@@ -151,7 +145,7 @@ class ImageFolderDataset(ImageDataset):
         for index, name in enumerate(classes):
             if name not in found:
                 continue  # val may lack a class of the training set
-            files, skipped = walk_files(self.root / name, _valid_image)
+            files, skipped = walk_files(self.root / name, IMG_EXTENSIONS)
             if not files and not from_train:
                 raise FileNotFoundError(f"class folder {str(self.root / name)!r} has no image "
                                         "files; add images or remove the folder")
@@ -237,9 +231,8 @@ def targets_from_labels(labels: Sequence[str], classes: Sequence[str] | None, wh
     return [index[label] for label in labels], list(classes)
 
 
-def _short(items: Sequence[Any], n: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in items[:n])
-    return shown + (f" and {len(items) - n} more" if len(items) > n else "")
+def _short(items: Sequence[Any]) -> str:
+    return shortlist(repr(x) for x in items)
 
 
 def open_split(path: str | os.PathLike, transform: Transform | None = None,

@@ -47,6 +47,7 @@ from torch.utils.data import Dataset
 
 from moat.errors import InvalidInputError
 from moat.paths import regular_file
+from moat.text import shortlist
 
 __all__ = ["CocoDetection", "prepare_coco", "read_json", "BOX_FORMATS", "train_transforms", "eval_transforms", "collate_detection",
            "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES"]
@@ -94,10 +95,8 @@ def image_ids_for(paths: Sequence[str | os.PathLike], annotations: str | os.Path
             continue
         ids.append(int(max(found, key=lambda i: len(i["file_name"]))["id"]))
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
-                                          else "")
         raise InvalidInputError(f"{len(missing)} image(s) are not in {str(annotations)!r} (matched "
-                                f"by file_name): {shown}; predict the images that file lists, "
+                                f"by file_name): {shortlist(missing)}; predict the images that file lists, "
                                 "or leave out --annotations (ids are then 1..N in input order)")
     return ids
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
+
+from moat.text import shortlist
 
 
 class Skipped(NamedTuple):
@@ -27,12 +29,16 @@ class Skipped(NamedTuple):
     reason: str
 
 
-def walk_files(folder: str | os.PathLike, accept: Callable[[str], bool] = lambda path: True,
+def walk_files(folder: str | os.PathLike, suffixes: tuple[str, ...] | None = None,
                ) -> tuple[list[str], list[Skipped]]:
-    """(files under `folder` for which `accept(path)` holds, skipped entries).
+    """(files under `folder` whose names end with one of `suffixes`, in any case (None:
+    every file), skipped entries).
 
-    Non-regular files and links are reported as skipped only when `accept` would take their
-    name (a FIFO called notes.txt among images is nobody's concern)."""
+    Non-regular files and links are reported as skipped only when their name has one of
+    `suffixes` (a FIFO called notes.txt among images is nobody's concern)."""
+    def accept(path: str) -> bool:
+        return suffixes is None or path.lower().endswith(suffixes)
+
     scope = os.path.realpath(folder)
     files: list[str] = []
     skipped: list[Skipped] = []
@@ -129,6 +135,5 @@ def _kind(entry: os.DirEntry, scope: str) -> str:
     return f"{what}, not a regular file"
 
 
-def describe_skipped(skipped: list[Skipped], limit: int = 5) -> str:
-    shown = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:limit])
-    return shown + (f"; and {len(skipped) - limit} more" if len(skipped) > limit else "")
+def describe_skipped(skipped: list[Skipped]) -> str:
+    return shortlist((f"{s.path}: {s.reason}" for s in skipped), sep="; ")

@@ -15,9 +15,9 @@ a merge gone wrong; each mixture below would train without an error and silently
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-
 import numpy as np
+
+from moat.text import shortlist_files as files
 
 COLOUR, BINARY, PALETTE, GREY = "colour (RGB)", "0/255 binary", "palette", "grey"
 # a mask holding only 0 and 255 with at least this share of 255 is a binary mask, not an
@@ -51,8 +51,8 @@ class MaskKinds:
             if len(values) and 2 <= values[-1] <= 127:
                 self.ids_over_one.append(path)
 
-    def errors(self, binary: bool, files: Callable[[Sequence[str]], str]) -> list[str]:
-        """Messages for the mixtures above; `files` names a list of paths."""
+    def errors(self, binary: bool) -> list[str]:
+        """Messages for the mixtures above."""
         out = []
         counts = {k: len(v) for k, v in self.files.items()}
         index = [k for k in (BINARY, PALETTE, GREY) if counts.get(k)]

@@ -45,6 +45,7 @@ from moat.data.images import BadImageError
 from moat.data.mask_kinds import COLOUR, MaskKinds, mask_kind
 from moat.data.masks import colour_codes, read_mask_pixels
 from moat.data.segmentation import SegmentationDataset
+from moat.text import shortlist_files as files
 
 log = logging.getLogger("moat")
 
@@ -76,11 +77,6 @@ class DataReport:
         if self.errors:
             raise DataError("the data cannot be used as it is:\n  - " + "\n  - ".join(self.errors)
                             + "\n(`moat data check` prints the whole report)")
-
-
-def files(paths: Sequence[str], n: int = SHOWN) -> str:
-    shown = ", ".join(os.path.basename(p) for p in list(paths)[:n])
-    return shown + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -210,7 +206,7 @@ def check_segmentation(dataset: SegmentationDataset, num_classes: int | None, sp
     if unreadable:
         report.errors.append(f"{len(unreadable)} file(s) cannot be read: {unreadable[0]}"
                              + (" ..." if len(unreadable) > 1 else ""))
-    mixed = kinds.errors(dataset.binary, files)
+    mixed = kinds.errors(dataset.binary)
     report.errors += mixed
     if colour_masks and not mixed:
         report.errors.append(

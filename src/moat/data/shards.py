@@ -49,7 +49,7 @@ from wids.wids import IndexedTarSamples, splitname
 from moat.data.checks import DataError
 from moat.data.classification import ImageDataset, Transform, targets_from_labels
 from moat.data.images import decode_rgb, load_rgb
-from moat.integrity import atomic_write_text
+from moat.atomic import atomic_write_text
 
 log = logging.getLogger("moat")
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from moat.data.checks import DataError
 from moat.data.images import IMAGE_SUFFIXES
+from moat.text import shortlist
 
 SPLIT_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation")}
 
@@ -118,14 +119,14 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
     problems = []
     if bad_class:
         problems.append(f"class ids outside 0..{len(names) - 1} ({len(names)} names in "
-                        f"classes.txt) at {_shown(bad_class)}: add the missing names to "
+                        f"classes.txt) at {shortlist(bad_class)}: add the missing names to "
                         "classes.txt or fix the labels")
     if not_normalised:
-        problems.append(f"coordinates outside 0..1 at {_shown(not_normalised)}: YOLO labels "
+        problems.append(f"coordinates outside 0..1 at {shortlist(not_normalised)}: YOLO labels "
                         "are normalised by the image size (x / width, y / height), these look "
                         "like pixels")
     if malformed:
-        problems.append(f"malformed lines at {_shown(malformed)}: expected `class cx cy w h` "
+        problems.append(f"malformed lines at {shortlist(malformed)}: expected `class cx cy w h` "
                         "or `class x1 y1 x2 y2 ...`")
     if problems:
         raise DataError(f"YOLO labels in {str(labels_dir)!r}: " + "; ".join(problems))
@@ -133,5 +134,3 @@ def yolo_to_coco(images_dir: str | os.PathLike, labels_dir: str | os.PathLike,
             "categories": [{"id": k, "name": n} for k, n in enumerate(names)]}
 
 
-def _shown(items: list[str], n: int = 5) -> str:
-    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")

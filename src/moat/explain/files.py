@@ -15,12 +15,12 @@ from moat.data.folders import output_names
 from moat.errors import InvalidInputError
 from moat.explain.explainer import Explainer, Explanation, NoDetectionError
 from moat.explain.render import attention_row, boxes_image, cam_row, mask_overlay
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 from moat.device import pick_device
 
 
 def _atomic(path: Path, write) -> str:
-    """write(temporary path) then rename it onto `path` (moat.integrity.atomic_output): no
+    """write(temporary path) then rename it onto `path` (moat.atomic.atomic_output): no
     half-written file is ever left."""
     with atomic_output(path) as tmp:
         write(str(tmp))

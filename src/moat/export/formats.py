@@ -32,7 +32,7 @@ from moat.export.fused import is_optimized, optimize_for_inference
 from moat.export.graph import ATTENTION_OPSET, for_graph_runtime
 from moat.export.onnx_metadata import OnnxMetadata
 from moat.export.onnx_metadata import write as write_metadata
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 from moat.models.layers import same_padding
 from moat.models.moat import MoatNet
 

@@ -13,7 +13,7 @@ from moat.errors import InvalidInputError
 from moat.export.formats import (DEFAULT_OPSET, SIZE_MULTIPLE, check_dynamic_size, export_onnx,
                                  export_program, export_torchscript)
 from moat.export.onnx_metadata import OnnxMetadata
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 from moat.models.config import MODEL_CONFIGS
 from moat.weights.hub import is_hub_name
 

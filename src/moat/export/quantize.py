@@ -44,7 +44,7 @@ def calibration_batches(folder: str | os.PathLike, preprocessing: dict, *,
     if not folder.is_dir():
         raise FileNotFoundError(f"calibration folder {str(folder)!r} does not exist"
                                 + (" (it is a file, not a folder)" if folder.exists() else ""))
-    files, unreadable = walk_files(folder, lambda p: p.lower().endswith(IMAGE_SUFFIXES))
+    files, unreadable = walk_files(folder, IMAGE_SUFFIXES)
     skipped = {} if skipped is None else skipped
     skipped.update({s.path: s.reason for s in unreadable})
     if not files:

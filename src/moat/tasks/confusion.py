@@ -20,7 +20,7 @@ from torch import Tensor
 
 from moat.data.masks import IGNORE_INDEX
 from moat.errors import InvalidInputError
-from moat.integrity import atomic_output, atomic_write_text
+from moat.atomic import atomic_output, atomic_write_text
 from moat.train.distributed import all_reduce_sum
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from moat.errors import InvalidInputError
-from moat.train.config import TrainConfig
+from moat.train.settings import TrainConfig
 from moat.train.typed import coerce
 
 O = TypeVar("O", bound="TaskOptions")

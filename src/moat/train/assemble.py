@@ -21,7 +21,7 @@ from moat.tasks.base import get_task
 from moat.train import distributed as dist_utils
 from moat.train.auto import AUTO_FIELDS
 from moat.train.checkpoint import CheckpointManager
-from moat.train.config import TrainConfig, micro_batch
+from moat.train.settings import TrainConfig, micro_batch
 from moat.train.loaders import eval_loader, full_batches, train_loader
 from moat.train.logger import MetricsWriter, setup_logging
 from moat.train.optim import ModelEma, WarmupCosine, build_optimizer

@@ -21,11 +21,12 @@ from moat.data.images import IMAGE_SUFFIXES
 from moat.device import configure_device, pick_device, pins_memory
 from moat.errors import InvalidInputError
 from moat.export.onnx_metadata import OnnxMetadata
-from moat.integrity import atomic_write_text, read_safetensors
+from moat.atomic import atomic_write_text
+from moat.integrity import read_safetensors
 from moat.tasks.base import Task, get_task
-from moat.train.checkpoint import file_metadata, is_complete, read_meta, read_weights, \
-    resolve_checkpoint
-from moat.train.config import TrainConfig
+from moat.train.checkpoint import resolve_checkpoint
+from moat.train.checkpoint_folder import file_metadata, is_complete, read_meta, read_weights
+from moat.train.settings import TrainConfig
 from moat.weights.loader import load_weights
 
 log = logging.getLogger("moat")
@@ -198,7 +199,7 @@ def expand_images(paths: Sequence[str | os.PathLike]) -> list[str]:
     out: list[str] = []
     for p in map(Path, paths):
         if p.is_dir():  # safely: no loops, no links out of the folder, regular files only
-            files, skipped = walk_files(p, lambda f: Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            files, skipped = walk_files(p, IMAGE_SUFFIXES)
             if skipped:
                 log.warning("skipped under %s: %s", p, describe_skipped(skipped))
             out += files

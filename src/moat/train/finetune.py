@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from moat.errors import InvalidInputError
-from moat.train.checkpoint import is_complete, read_weights, read_weights_file, \
-    resolve_checkpoint
+from moat.train.checkpoint import resolve_checkpoint
+from moat.train.checkpoint_folder import is_complete, read_weights, read_weights_file
 from moat.weights.files import TORCH_SUFFIXES
 from moat.weights.loader import load_file
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from moat.errors import InvalidInputError, MoatError
+from moat.text import shortlist
 
 log = logging.getLogger("moat")
 
@@ -109,11 +110,9 @@ def check_new_run_folder(run_dir: str | os.PathLike) -> None:
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES)
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
-                                          else "")
         raise InvalidInputError(f"--output {run_dir} already holds files that are not a moat "
-                             f"run's ({shown}); a run writes config.yaml, train.log and "
-                             "checkpoints/ there: choose a new or empty folder")
+                                f"run's ({shortlist(foreign)}); a run writes config.yaml, "
+                                "train.log and checkpoints/ there: choose a new or empty folder")
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 from moat.paths import regular_file
 
 LOGGER_NAME = "moat"

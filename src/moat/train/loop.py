@@ -31,7 +31,8 @@ from moat.data.bad_images import BadSample
 from moat.errors import InvalidInputError, MoatError
 from moat.train import distributed as dist_utils
 from moat.train.assemble import assemble
-from moat.train.config import TrainConfig, load_config, read_config_file
+from moat.train.config import load_config
+from moat.train.settings import TrainConfig, read_config_file
 from moat.train.loaders import readable_batch, set_epoch, track_bad
 from moat.train.lock import RunLock, check_new_run_folder
 from moat.train.precision import autocast

@@ -24,8 +24,9 @@ from moat.data.bad_images import BadImageLog
 from moat.errors import InvalidInputError
 from moat.tasks.base import Task
 from moat.train import distributed as dist_utils
-from moat.train.checkpoint import MODEL_FILE, Checkpoint, CheckpointManager
-from moat.train.config import TrainConfig, read_config_file
+from moat.train.checkpoint import CheckpointManager
+from moat.train.checkpoint_folder import MODEL_FILE, Checkpoint
+from moat.train.settings import TrainConfig, read_config_file
 from moat.train.logger import MetricsWriter
 from moat.train.optim import ModelEma, WarmupCosine
 from moat.train.rng import rng_state, set_rng_state

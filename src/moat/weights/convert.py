@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,15 +34,14 @@ from moat.integrity import file_sha256
 from moat.weights.files import save_weights
 from moat.weights.metadata import WeightsMetadata
 from moat.weights.official import official_state_dict, official_tensors
-from moat.weights.tf_checkpoint import TFCheckpoint
+from moat.weights.tf_checkpoint import CheckpointView, TFCheckpoint
 from moat.weights.variant import Variant, check_variant, detect_variant
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 BN_STATISTICS = ("/moving_mean", "/moving_variance")
 
 __all__ = ["BN_STATISTICS", "CheckpointVariables", "MissingBatchNormStatisticsWarning",
-           "OfficialWeights", "classify_variables", "convert_checkpoint", "official_keys",
-           "select_weights"]
+           "classify_variables", "convert_checkpoint", "official_keys", "select_weights"]
 
 
 class MissingBatchNormStatisticsWarning(UserWarning):
@@ -85,32 +84,6 @@ def classify_variables(names: Iterable[str]) -> CheckpointVariables:
 # --- selecting the tensors a model needs ------------------------------------------------
 
 
-class OfficialWeights(Mapping[str, np.ndarray]):
-    """Official name -> array, read lazily from the checkpoint (raw or EMA copy).
-
-    Missing BatchNorm statistics allowed by the caller read as 0 (mean) / 1 (variance).
-    """
-
-    def __init__(self, ckpt: TFCheckpoint, keys: dict[str, str],
-                 defaults: dict[str, np.ndarray]) -> None:
-        self._ckpt, self._keys, self._defaults = ckpt, keys, defaults
-
-    @property
-    def filled_bn_statistics(self) -> list[str]:
-        return list(self._defaults)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name in self._defaults:
-            return self._defaults[name]
-        return self._ckpt.read(self._keys[name])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter([*self._keys, *self._defaults])
-
-    def __len__(self) -> int:
-        return len(self._keys) + len(self._defaults)
-
-
 def official_keys(ckpt: TFCheckpoint, ema: bool = False) -> tuple[dict[str, str], Variant]:
     """Official name -> checkpoint key to read (raw or EMA copy), and the detected variant."""
     source = str(ckpt.source)
@@ -128,8 +101,10 @@ def official_keys(ckpt: TFCheckpoint, ema: bool = False) -> tuple[dict[str, str]
 
 
 def select_weights(ckpt: TFCheckpoint, model: nn.Module, *, ema: bool = False,
-                   allow_missing_bn_stats: bool = False) -> OfficialWeights:
-    """Check ``ckpt`` against ``model`` and pick the tensor to read for each official name."""
+                   allow_missing_bn_stats: bool = False) -> CheckpointView:
+    """Check ``ckpt`` against ``model`` and pick the tensor to read for each official name:
+    official name -> array, read lazily (raw or EMA copy; missing BatchNorm statistics the
+    caller allowed read as 0 (mean) / 1 (variance))."""
     source = str(ckpt.source)
     keys, variant = official_keys(ckpt, ema)
     check_variant(model, variant.name, variant.position_embedding, source)
@@ -154,7 +129,7 @@ def select_weights(ckpt: TFCheckpoint, model: nn.Module, *, ema: bool = False,
             channels = ckpt.shape(keys[name.rsplit("/", 1)[0] + "/gamma"])
             fill = np.zeros if name.endswith("moving_mean") else np.ones
             defaults[name] = fill(channels, np.float32)
-    return OfficialWeights(ckpt, keys, defaults)
+    return CheckpointView(ckpt, keys, defaults)
 
 
 # --- loading and converting -------------------------------------------------------------
@@ -195,7 +170,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, *,
             find(variant.name, variant.position_embedding), num_classes=variant.num_classes,
             source_file=source_name, source_sha256=source_sha,
             source_weights="ema" if ema else "raw",
-            bn_statistics="missing (filled with 0/1)" if weights.filled_bn_statistics
+            bn_statistics="missing (filled with 0/1)" if weights.filled
             else "present")
         save_weights(out, state, metadata)
     return WeightsMetadata.read(out)  # as written: with the tensors' sha256 and size

@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from moat.errors import InvalidInputError
-from moat.integrity import atomic_write_text
+from moat.atomic import atomic_write_text
 from moat.models import ARCHITECTURE_ARGS, MoatNet
 from moat.weights.catalogue import DATASETS, PRETRAINED, release
 from moat.weights.files import save_weights

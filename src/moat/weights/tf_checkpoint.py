@@ -43,8 +43,8 @@ from moat.paths import regular_file
 from moat.weights.tf_format import (_DTYPES, CheckpointError, TensorInfo, _parse_entry,
                                     _parse_header, _read_table, _varint, masked_crc32c)
 
-__all__ = ["CheckpointError", "TensorInfo", "TFCheckpoint", "masked_crc32c", "read_checkpoint",
-           "_varint"]
+__all__ = ["CheckpointError", "CheckpointView", "TensorInfo", "TFCheckpoint", "masked_crc32c",
+           "read_checkpoint", "_varint"]
 
 
 # --- finding the checkpoint -----------------------------------------------------------------
@@ -330,6 +330,28 @@ class TFCheckpoint(Mapping[str, np.ndarray]):
 
 
 _DTYPES_BY_NAME = {name: np_dtype for name, np_dtype in _DTYPES.values() if np_dtype}
+
+
+class CheckpointView(Mapping[str, np.ndarray]):
+    """Chosen tensors of a checkpoint under the reader's names (`keys`: name -> the tensor to
+    read, e.g. an official name -> its EMA copy), read lazily like the checkpoint itself, so
+    that a conversion holds one tensor at a time; `filled`: arrays for names the checkpoint
+    lacks."""
+
+    def __init__(self, ckpt: TFCheckpoint, keys: Mapping[str, str],
+                 filled: Mapping[str, np.ndarray] | None = None) -> None:
+        self._ckpt, self._keys, self.filled = ckpt, dict(keys), dict(filled or {})
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.filled:
+            return self.filled[name]
+        return self._ckpt.read(self._keys[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._keys, *self.filled])
+
+    def __len__(self) -> int:
+        return len(self._keys) + len(self.filled)
 
 
 def read_checkpoint(path: str | Path, names: list[str] | None = None, *,

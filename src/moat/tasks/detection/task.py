@@ -24,7 +24,7 @@ from moat.data.images import BadImageError, load_rgb
 from moat.data.preflight import DataReport, check_detection
 from moat.data.yolo import SPLIT_NAMES, find_yolo_split, read_yolo_names, yolo_to_coco
 from moat.errors import InvalidInputError
-from moat.integrity import atomic_output, atomic_write_text
+from moat.atomic import atomic_output, atomic_write_text
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.base import Task, register_task

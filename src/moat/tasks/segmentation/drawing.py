@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from moat.data.masks import IGNORE_INDEX
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 
 
 def color_palette(num_classes: int) -> np.ndarray:

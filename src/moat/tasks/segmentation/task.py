@@ -23,7 +23,7 @@ from moat.data.masks import read_class_table
 from moat.data.preflight import DataReport, check_segmentation
 from moat.data.preprocessing import size_pair
 from moat.errors import InvalidInputError
-from moat.integrity import atomic_output
+from moat.atomic import atomic_output
 from moat.models.blocks import set_batch_norm_momentum
 from moat.tasks.backbone import load_pretrained_backbone
 from moat.tasks.base import Task, register_task
