@@ -183,3 +183,4 @@ def test_cpu_choices_follow_the_documented_rule():
         # and oneDNN's conv+GELU fusion win or tie; projections stay 1x1 convolutions.
         assert choices.channels_last and choices.onednn_fusion and choices.projections_as_conv
         assert choices.chunk_batches  # below CHUNK_BYTES: allocator reuse, any ISA
+        assert choices.prepack_weights  # x1.06 on AVX-512, a tie on emulated AVX2
