@@ -418,6 +418,8 @@ def test_dense_defaults_follow_the_data_on_a_cpu_and_stay_on_gpus(tmp_path, monk
     assert (cpu.img_size, cpu.batch_size, cpu.epochs) == (64, 1, 250)
     assert "shorter side (64 px, median)" in cpu.sources["img_size"]
     assert (config(img_size=128).img_size, config("epochs=3").epochs) == (128, 3)  # set: kept
+    # batch and epochs set: the image size still follows the images (it stayed 800)
+    assert config("batch_size=4", "epochs=3").img_size == 64
     monkeypatch.setattr(auto.Machine, "this", classmethod(
         lambda cls, device="auto": auto.Machine(8, 64 << 30, gpus=1)))
     gpu = config()  # the task's COCO numbers, epochs enough for ~10000 steps
