@@ -268,6 +268,133 @@ def test_joint_augmentation_keeps_boxes_and_masks_on_the_object(tmp_path):
     assert flips == {True, False}  # both flipped and unflipped samples were checked
 
 
+# --- objects without masks -----------------------------------------------------------------
+
+def _mixed_masks_coco(root: Path) -> dict:
+    """One 40x60 image, five objects: polygon, a 0.4 px wide sliver with a polygon (dropped
+    by the augmentation), no "segmentation", an empty one, RLE."""
+    (root / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(root / "images" / "1.png")
+    disk = np.zeros((40, 60), np.uint8)
+    disk[20:30, 40:50] = 1
+    anns = [([10, 5, 20, 10], [[10, 5, 30, 5, 30, 15, 10, 15]]),
+            ([2, 2, 0.4, 20], [[2, 2, 2.4, 2, 2.4, 22, 2, 22]]),
+            ([5, 20, 12, 15], None), ([25, 25, 8, 8], []), ([40, 20, 10, 10], _rle(disk))]
+    annotations = []
+    for i, (box, seg) in enumerate(anns, start=1):
+        a = {"id": i, "image_id": 1, "category_id": 1, "bbox": box, "iscrowd": 0,
+             "area": box[2] * box[3]}
+        if seg is not None:
+            a["segmentation"] = seg
+        annotations.append(a)
+    return {"images": [{"id": 1, "file_name": "1.png", "height": 40, "width": 60}],
+            "categories": [{"id": 1, "name": "thing"}], "annotations": annotations}
+
+
+def test_objects_without_a_mask_are_flagged_through_the_augmentation(tmp_path):
+    data = _mixed_masks_coco(tmp_path)
+    raw = CocoDetection(tmp_path / "images", data, train=True)
+    _, target = raw[0]
+    assert target["has_mask"].tolist() == [True, True, False, False, True]
+    assert target["masks"][2:4].sum() == 0  # no box-shaped masks for them
+    assert target["masks"][0].sum() == 200 and target["masks"][4].sum() == 100
+    tf = train_transforms(40, 60, scale_range=(1, 1), hflip=0)
+    _, target = CocoDetection(tmp_path / "images", data, tf, train=True)[0]
+    assert target["has_mask"].tolist() == [True, False, False, True]  # the sliver dropped
+    assert target["boxes"][~target["has_mask"]].tolist() == [[5, 20, 17, 35], [25, 25, 33, 33]]
+
+
+def _mask_heads():
+    torch.manual_seed(0)
+    return build_detector("cascade_mask_rcnn", "tiny_moat_0", 2, **TINY).roi_heads
+
+
+def test_mask_loss_leaves_out_objects_without_a_mask():
+    """Known answer: the loss over RoIs on a masked and a box-only object equals the loss of
+    the same batch without the box-only object and its RoI."""
+    from moat.tasks.detection.mask_loss import instance_mask_loss
+
+    heads = _mask_heads()
+    features = {name: torch.randn(1, 16, 64 // s, 64 // s)
+                for name, s in (("stage2", 4), ("stage3", 8), ("stage4", 16), ("stage5", 32),
+                                ("pool", 64))}
+    shapes = [(64, 64)]
+    masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+    masks[0, 10:30, 10:40] = 1
+    masks[1, 40:60, 30:50] = 1  # the box-only object's: ignored, whatever it holds
+    boxes = torch.tensor([[8.0, 8, 42, 32], [28, 38, 52, 62]])
+    rois = torch.tensor([[9.0, 9, 41, 31], [29, 39, 51, 61], [0, 0, 20, 20]])
+    both = {"boxes": boxes, "labels": torch.tensor([1, 2]), "masks": masks,
+            "has_mask": torch.tensor([True, False])}
+    loss = instance_mask_loss(heads, features, [rois], [torch.tensor([1, 2, 0])],
+                              [torch.tensor([0, 1, 0])], shapes, [both])
+    alone = {"boxes": boxes[:1], "labels": torch.tensor([1]), "masks": masks[:1]}
+    expected = instance_mask_loss(heads, features, [rois[[0, 2]]], [torch.tensor([1, 0])],
+                                  [torch.tensor([0, 0])], shapes, [alone])
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    unflagged = instance_mask_loss(heads, features, [rois], [torch.tensor([1, 2, 0])],
+                                   [torch.tensor([0, 1, 0])], shapes,
+                                   [{k: v for k, v in both.items() if k != "has_mask"}])
+    assert abs(float((unflagged - expected).detach())) > 1e-3  # without the flag it would count
+    none = dict(both, has_mask=torch.tensor([False, False]))
+    zero = instance_mask_loss(heads, features, [rois], [torch.tensor([1, 2, 0])],
+                              [torch.tensor([0, 1, 0])], shapes, [none])
+    assert zero.detach().item() == 0.0 and zero.requires_grad
+
+
+@pytest.mark.parametrize("arch", ["cascade_mask_rcnn", "mask_rcnn"])
+def test_detectors_train_boxes_but_not_masks_of_objects_without_one(arch):
+    """A box-only object's mask content changes no loss; a masked object's changes the mask
+    loss only; all box-only: the mask loss is 0 and the box losses are unchanged."""
+    torch.manual_seed(0)
+    model = build_detector(arch, "tiny_moat_0", 2, **TINY).train()
+    images = [torch.rand(3, 64, 64)]
+
+    def losses(first: slice, second: slice, has_mask=(True, False)):
+        masks = torch.zeros(2, 64, 64, dtype=torch.uint8)
+        masks[0, first, first] = 1
+        masks[1, second, second] = 1
+        target = {"boxes": torch.tensor([[8.0, 8, 40, 40], [30, 30, 60, 60]]),
+                  "labels": torch.tensor([1, 2]), "masks": masks,
+                  "has_mask": torch.tensor(has_mask)}
+        torch.manual_seed(1)  # the same proposals sampled each time
+        return {k: float(v) for k, v in model(images, [target]).items()}
+
+    base = losses(slice(8, 40), slice(30, 60))
+    assert losses(slice(8, 40), slice(40, 50)) == base
+    moved = losses(slice(20, 30), slice(30, 60))
+    assert moved["loss_mask"] != base["loss_mask"]
+    assert {k: v for k, v in moved.items() if k != "loss_mask"} == \
+        {k: v for k, v in base.items() if k != "loss_mask"}
+    boxes_only = losses(slice(8, 40), slice(30, 60), (False, False))
+    assert boxes_only.pop("loss_mask") == 0.0
+    assert boxes_only == {k: v for k, v in base.items() if k != "loss_mask"}
+
+
+def test_mask_ap_counts_only_objects_with_a_mask():
+    """Mask AP: a detection on a box-only object is neither a hit nor a false positive
+    (pycocotools stopped on such objects before); box AP counts every object."""
+    annotations = [{"id": i, "image_id": 1, "category_id": 1, "bbox": box, "area": 100,
+                    "iscrowd": 0, **seg} for i, (box, seg) in enumerate([
+                        ([10, 5, 20, 10], {"segmentation": [[10, 5, 30, 5, 30, 15, 10, 15]]}),
+                        ([35, 20, 10, 10], {"segmentation": []}), ([45, 2, 10, 10], {})], 1)]
+    truth = {"images": [{"id": 1, "width": 60, "height": 40, "file_name": "1.png"}],
+             "categories": [{"id": 1, "name": "thing"}], "annotations": annotations}
+
+    def detection(x0, y0, x1, y1, score):
+        mask = np.zeros((40, 60), np.uint8)
+        mask[y0:y1, x0:x1] = 1
+        return {"image_id": 1, "category_id": 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": score, "segmentation": _rle(mask)}
+
+    # the masked object found (score 0.5) and, scoring higher, the empty-segmentation one
+    results = [detection(10, 5, 30, 15, 0.5), detection(36, 21, 44, 29, 0.9)]
+    metrics = coco_evaluate(load_coco(truth), results, ("bbox", "segm"))
+    assert metrics["mask_AP"] == pytest.approx(1.0) and metrics["mask_AR100"] == 1.0
+    # boxes: all three objects count; the second found at IoU 0.64 (3 of 10 thresholds)
+    assert metrics["AP"] < 0.5 and metrics["AR100"] == pytest.approx((1 + 0.3 + 0) / 3)
+
+
 # --- evaluation -----------------------------------------------------------------------------
 
 def _gt_dict():

@@ -351,6 +351,32 @@ def test_box_only_dataset_trains_a_box_detector(tmp_path):
     assert again.arch == "cascade_rcnn"
 
 
+def test_objects_without_masks_beside_masked_ones_are_warned_and_flagged(tmp_path, capsys):
+    """Cats get their box as a polygon, cups nothing: the check warns, the mask detector is
+    kept, and the cups are flagged so that they train no mask (tests/test_detection.py)."""
+    from moat.cli import main
+
+    root = coco_folder(tmp_path, {"cat": 1, "cup": 2})
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        for a in data["annotations"]:
+            x, y, w, h = a["bbox"]
+            if a["category_id"] == 1:
+                a["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        path.write_text(json.dumps(data))
+    assert main(["data", "check", "--task", "detection", "--data", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "instance masks: 3 of 6 objects" in out
+    assert "warning: 3 of 6 objects have no mask (no or an empty \"segmentation\"): they " \
+           "train the boxes and classes but not the mask head" in out
+    task = det_task(root)
+    train, _ = task.build_datasets()
+    assert task.arch == "cascade_mask_rcnn" and train.masks
+    _, target = train[0]
+    assert target["has_mask"].tolist() == [label == 1 for label in target["labels"].tolist()]
+
+
 def test_yolo_labels(tmp_path):
     items = det_images(tmp_path / "images" / "train", 4)
     (tmp_path / "labels" / "train").mkdir(parents=True)
@@ -392,6 +418,8 @@ def test_dense_defaults_follow_the_data_on_a_cpu_and_stay_on_gpus(tmp_path, monk
     assert (cpu.img_size, cpu.batch_size, cpu.epochs) == (64, 1, 250)
     assert "shorter side (64 px, median)" in cpu.sources["img_size"]
     assert (config(img_size=128).img_size, config("epochs=3").epochs) == (128, 3)  # set: kept
+    # batch and epochs set: the image size still follows the images (it stayed 800)
+    assert config("batch_size=4", "epochs=3").img_size == 64
     monkeypatch.setattr(auto.Machine, "this", classmethod(
         lambda cls, device="auto": auto.Machine(8, 64 << 30, gpus=1)))
     gpu = config()  # the task's COCO numbers, epochs enough for ~10000 steps

@@ -8,8 +8,10 @@ transforms below) and a dict of
 * `boxes` [N, 4] float32, XYXY in pixels (COCO's xywh converted),
 * `labels` [N] int64, contiguous 1..K (0 is the background): `dataset.classes[label - 1]`
   is the name and `dataset.label_to_category[label]` the JSON's category id,
-* `masks` [N, H, W] uint8, decoded by pycocotools from polygons, RLE or uncompressed RLE
-  (only with `masks=True`),
+* `masks` [N, H, W] uint8, decoded by pycocotools from polygons, RLE or uncompressed RLE,
+  and `has_mask` [N] bool (only with `masks=True`): an object without a segmentation (none,
+  or an empty one: `has_segmentation`) has an empty mask and `has_mask` False, so that the
+  mask head's loss leaves it out (its box and class still train),
 * `iscrowd` [N] int64 and `area` [N] float32 (not in training targets),
 * `image_id` int.
 
@@ -50,7 +52,8 @@ from moat.paths import regular_file
 from moat.text import shortlist
 
 __all__ = ["CocoDetection", "prepare_coco", "read_json", "BOX_FORMATS", "train_transforms", "eval_transforms", "collate_detection",
-           "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES"]
+           "detections_to_coco", "coco_evaluate", "load_coco", "METRIC_NAMES", "has_segmentation",
+           "mask_ground_truth"]
 
 # COCOeval.stats order; mask metrics get the prefix "mask_".
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -75,6 +78,15 @@ def read_json(path: str | os.PathLike) -> dict:
         raise InvalidInputError(f"{str(path)!r} is not a COCO instances file: it needs \"images\", "
                                 "\"annotations\" and \"categories\"")
     return data
+
+
+def has_segmentation(annotation: Mapping[str, Any]) -> bool:
+    """Whether a COCO annotation has a mask: RLE (a dict with "counts") or at least one
+    polygon of three points; none, `[]`, `[[]]` or `{}` is a box-only object."""
+    seg = annotation.get("segmentation")
+    if isinstance(seg, Mapping):
+        return bool(seg.get("counts"))
+    return isinstance(seg, list) and any(isinstance(p, list) and len(p) >= 6 for p in seg)
 
 
 def image_ids_for(paths: Sequence[str | os.PathLike], annotations: str | os.PathLike,
@@ -249,14 +261,13 @@ class CocoDetection(Dataset):
             target["area"] = torch.tensor([float(a.get("area", 0.0)) for a in anns],
                                           dtype=torch.float32)
         if self.masks:
+            has_mask = [has_segmentation(a) for a in anns]
             masks = np.zeros((len(anns), height, width), dtype=np.uint8)
             for i, a in enumerate(anns):
-                if a.get("segmentation"):
+                if has_mask[i]:
                     masks[i] = self.coco.annToMask(a)
-                else:  # a box-only object in a dataset with masks: its box as its mask
-                    x, y, w, h = (round(v) for v in a["bbox"])
-                    masks[i, max(y, 0):max(y + h, 0), max(x, 0):max(x + w, 0)] = 1
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
+            target["has_mask"] = torch.tensor(has_mask, dtype=torch.bool)
         return target
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
@@ -277,7 +288,7 @@ class CocoDetection(Dataset):
 def _sanitized_items(inputs: Any) -> tuple[Tensor, ...]:
     """What SanitizeBoundingBoxes filters along with the boxes (masks are found by itself)."""
     target = inputs[1] if isinstance(inputs, (tuple, list)) else inputs
-    return tuple(target[k] for k in ("labels", "iscrowd", "area") if k in target)
+    return tuple(target[k] for k in ("labels", "iscrowd", "area", "has_mask") if k in target)
 
 
 def train_transforms(min_size: int = 800, max_size: int = 1333, *,
@@ -376,7 +387,8 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
     AR10, AR100, ARs, ARm, ARl for boxes, the same prefixed "mask_" for masks; -1 is
     pycocotools' value where an area range has no ground truth; and per category
     "AP/<name>" ("mask_AP/<name>", see `per_category_ap`). COCOeval's printed table is
-    appended to `summary` when given.
+    appended to `summary` when given. Mask AP is over the objects that have a mask
+    (`mask_ground_truth`).
     """
     from pycocotools.cocoeval import COCOeval
 
@@ -396,9 +408,10 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
             metrics.update({f"{names[0]}/{c.get('name', i)}": 0.0
                             for i, c in coco_gt.cats.items() if coco_gt.getAnnIds(catIds=[i])})
             continue
+        truth = mask_ground_truth(coco_gt) if iou_type == "segm" else coco_gt
         with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(typed)
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            coco_dt = truth.loadRes(typed)
+            evaluator = COCOeval(truth, coco_dt, iou_type)
             evaluator.params.imgIds = image_ids
             evaluator.evaluate()
             evaluator.accumulate()
@@ -409,6 +422,24 @@ def coco_evaluate(coco_gt, results: Iterable[Mapping[str, Any]],
         metrics.update({n: float(v) for n, v in zip(names, evaluator.stats)})
         metrics.update(per_category_ap(evaluator, names[0]))
     return metrics
+
+
+def mask_ground_truth(coco_gt):
+    """The ground truth of mask AP ("segm"): objects without a mask (`has_segmentation`)
+    become crowd regions covering their box, so that a detection on one is neither a hit
+    nor a false positive (pycocotools would stop on them); `coco_gt` itself when every
+    object has a mask."""
+    anns = coco_gt.dataset.get("annotations", [])
+    if all(has_segmentation(a) for a in anns):
+        return coco_gt
+
+    def box_region(a: dict) -> dict:
+        x, y, w, h = (float(v) for v in a["bbox"])
+        return {**a, "iscrowd": 1, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]}
+
+    data = {**coco_gt.dataset, "annotations": [a if has_segmentation(a) else box_region(a)
+                                               for a in anns]}
+    return load_coco(data, copy_dict=False)
 
 
 def per_category_ap(evaluator: Any, prefix: str = "AP") -> dict[str, float]:

@@ -25,7 +25,8 @@ boxes when asked) and checks: missing image files and sizes that differ from the
 (refused, with `task_options.box_format`), degenerate and out-of-image boxes (counted:
 dropped or clipped), crowd regions, images without objects (kept as negatives), categories
 without instances (warned), and whether there are masks (a box-only dataset trains a
-box-only detector).
+box-only detector; objects without a mask beside others with one are warned: they train
+boxes and classes, not the mask head).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from moat.data.checks import DataError
+from moat.data.coco import has_segmentation
 from moat.data.images import BadImageError
 from moat.data.mask_kinds import COLOUR, MaskKinds, mask_kind
 from moat.data.masks import colour_codes, read_mask_pixels
@@ -331,7 +333,7 @@ def check_detection(coco: Any, image_dir: str | os.PathLike, split: str,
             crowd += 1
             continue
         per_category[a["category_id"]] += 1
-        if a.get("segmentation"):
+        if has_segmentation(a):
             with_masks += 1
         if w <= 0 or h <= 0:
             degenerate += 1
@@ -373,6 +375,11 @@ def check_detection(coco: Any, image_dir: str | os.PathLike, split: str,
                             "detections on them are not counted as false at evaluation)")
     report.facts.append("instance masks: " + (f"{with_masks} of {counted} objects" if with_masks
                                               else "none (box-only: a box detector is trained)"))
+    if 0 < with_masks < counted:
+        report.warnings.append(
+            f"{counted - with_masks} of {counted} objects have no mask (no or an empty "
+            "\"segmentation\"): they train the boxes and classes but not the mask head; give "
+            "them polygons or RLE to count them in mask AP too")
     for cid in ids:
         report.facts.append(f"  category {cid} {cats[cid].get('name')!r}: "
                             f"{per_category[cid]} instances")

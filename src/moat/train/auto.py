@@ -19,7 +19,11 @@ file, a flag or `--set` always wins.
                 on a CPU the image size is at most the training images' own shorter side
                 (their median, to a multiple of 32: upscaling costs compute, adds no detail)
                 and the batch follows the rule above; on any machine the epochs are the
-                task's or more, as many as the rule above gives for a small dataset
+                task's or more, as many as the rule above gives for a small dataset.
+                Small batches are not slower learners here: on 16 coins tiles of 96 px
+                (tests/real_photos.py, tiny_moat_0, 2-core CPU) batch 2 reached box AP50
+                1.0 in 150 s and AP 0.858 after its 1000 steps (1096 s); batch 4 (500
+                steps, 1026 s) AP50 1.0 in 230 s and AP 0.825
     ema_eval_from_epoch
                 evaluations include the EMA from the epoch by which it has made
                 1 / (1 - ema_decay) updates (its averaging horizon: before that it still leans

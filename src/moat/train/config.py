@@ -60,7 +60,8 @@ def apply_recipe(config: TrainConfig, explicit: dict[str, str], task_cls) -> Tra
     name, why = recipes.choose(config.recipe, bool(config.init_from or config.pretrained),
                                bool(task_cls.config_defaults))
     needs_data = (name != "imagenet" and not set(recipes.RECIPE_FIELDS) <= explicit.keys()) \
-        or not {"batch_size", "epochs"} <= auto.user_set(explicit).keys()
+        or not {"batch_size", "epochs"} <= auto.user_set(explicit).keys() \
+        or explicit.get("img_size") == auto.TASK_DEFAULTS  # a dense task's: images' side
     task = task_cls(config) if needs_data and config.data else None
     train_size, side = (task.train_size(), task.image_side()) if task else (None, None)
     chosen = auto.before_recipe(config, explicit, name, train_size, side)  # data, machine

@@ -16,10 +16,11 @@ proposals in turn:
   scoring the boxes it received) and the boxes are the last stage's; then torchvision's
   per-class score threshold, hard NMS (`batched_nms`) and top-k;
 * the mask head (torchvision's `MaskRCNNHeads` / `MaskRCNNPredictor`) runs on the final
-  detections, and is trained on the last stage's positive samples.
+  detections, and is trained on the last stage's positive samples whose object has a mask
+  (`mask_loss.py`: box-only objects train the boxes, not the masks).
 
 Everything not listed above is torchvision's: `CascadeRoIHeads` subclasses `RoIHeads` and
-reuses its sampling, ground-truth proposals, post-processing and mask loss/inference;
+reuses its sampling, ground-truth proposals, post-processing and mask inference;
 `CascadeRCNN` subclasses `FasterRCNN` for the transform and RPN.
 """
 
@@ -33,12 +34,12 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.roi_heads import (
-    RoIHeads, maskrcnn_inference, maskrcnn_loss)
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
 from moat.errors import InvalidInputError
+from moat.tasks.detection.mask_loss import instance_mask_loss
 
 __all__ = ["CASCADE_IOU_THRESHOLDS", "CASCADE_BOX_WEIGHTS", "CASCADE_LOSS_WEIGHTS",
            "AgnosticBoxPredictor", "CascadeStage", "CascadeRoIHeads", "CascadeRCNN",
@@ -210,14 +211,8 @@ class CascadeRoIHeads(RoIHeads):
                 refined = self._refine(k, box_regression.detach(), rois, image_shapes)
                 proposals = [b[~g] for b, g in zip(refined, from_gt)]
         if self.has_mask():
-            positive = [torch.where(lab > 0)[0] for lab in labels]
-            mask_rois = [r[p] for r, p in zip(rois, positive)]
-            mask_matched = [m[p] for m, p in zip(matched, positive)]
-            mask_logits = self.mask_predictor(self.mask_head(
-                self.mask_roi_pool(features, mask_rois, image_shapes)))
-            losses["loss_mask"] = maskrcnn_loss(mask_logits, mask_rois,
-                                                [t["masks"] for t in targets],
-                                                [t["labels"] for t in targets], mask_matched)
+            losses["loss_mask"] = instance_mask_loss(self, features, rois, labels, matched,
+                                                     image_shapes, targets)
         return losses
 
     def _forward_test(self, features, proposals, image_shapes) -> list[dict[str, Tensor]]:

@@ -26,6 +26,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from moat.errors import InvalidInputError
 from moat.tasks.backbone import MoatBackbone, build_backbone
 from moat.tasks.detection.cascade import CascadeRCNN
+from moat.tasks.detection.mask_loss import MaskAwareRoIHeads
 from moat.weights.catalogue import release
 
 ARCHITECTURES = ("faster_rcnn", "mask_rcnn", "cascade_rcnn", "cascade_mask_rcnn")
@@ -193,5 +194,7 @@ def build_detector(
         box = dict(box_head=TwoMLPHead(fpn_channels * 7 * 7, representation_size),
                    box_predictor=FastRCNNPredictor(representation_size, num_classes + 1))
         model = (MaskRCNN if mask else FasterRCNN)(backbone, None, **common, **box, **mask)
+        if mask:  # its mask loss leaves out the objects without a mask (`mask_loss.py`)
+            model.roi_heads.__class__ = MaskAwareRoIHeads
     model.arch = arch
     return model
