@@ -12,12 +12,13 @@ the top three rows of coins, validation tiles from the bottom row).
 Rows: the default run (`moat train --task detection --model tiny_moat_0 --data DIR --output
 RUN`, then `moat eval --checkpoint RUN --data DIR`), and the validation set scored with its
 true boxes moved to other tiles (what a pipeline that lost the pairing of images and labels
-would reach at best).
+would reach at best); then the box AP of each evaluated epoch, 10 epochs a line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,14 @@ def main() -> None:
     print(f"| defaults, {args.train_tiles} training tiles | {metric['AP']:.3f} | "
           f"{metric['AP50']:.3f} | {seconds:.0f} s |")
     print(f"| true boxes on shuffled tiles | | {shuffled_baseline(data):.3f} | |")
+    print("\nbox AP per evaluated epoch (metrics.jsonl), mean [min, max] over 10 epochs:")
+    evals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if r.get("event") == "eval"]
+    for i in range(0, len(evals), 10):
+        ap = [r["AP"] for r in evals[i:i + 10]]
+        print(f"  epochs {evals[i]['epoch']}-{evals[i + len(ap) - 1]['epoch']}: AP "
+              f"{sum(ap) / len(ap):.3f} [{min(ap):.3f}, {max(ap):.3f}], AP50 min "
+              f"{min(r['AP50'] for r in evals[i:i + 10]):.3f}")
     print(f"\nCPU {cpu_info().describe()}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.2f}")
 

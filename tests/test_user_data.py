@@ -517,8 +517,8 @@ def test_segmentation_learns_real_photo_regions_from_binary_masks(tmp_path, caps
 
 # 32 training tiles (the default batch is then 4: 8 steps an epoch) and 20 epochs, 160 steps
 # (~6.5 minutes on the 2-core CPU): AP50 1.0 and AP 0.67-0.73 from epoch 10 on, AP 0.687 at
-# the end; epochs 1-8 stay below AP50 0.1. With 16 tiles (batch 2) 80 steps reached AP50
-# 0.57; the default schedule (125 epochs here) is benchmarks/real_photo_dense.py.
+# the end; epochs 1-8 stay below AP50 0.1. The default schedule (125 epochs here, 30 min:
+# AP 0.885) is benchmarks/real_photo_dense.py; README has its AP per epoch.
 COIN_TILES, COIN_EPOCHS, COIN_FLOOR = 32, 20, 0.6
 
 
