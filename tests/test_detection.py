@@ -358,7 +358,7 @@ def test_detectors_train_boxes_but_not_masks_of_objects_without_one(arch):
                   "labels": torch.tensor([1, 2]), "masks": masks,
                   "has_mask": torch.tensor(has_mask)}
         torch.manual_seed(1)  # the same proposals sampled each time
-        return {k: float(v) for k, v in model(images, [target]).items()}
+        return {k: v.item() for k, v in model(images, [target]).items()}
 
     base = losses(slice(8, 40), slice(30, 60))
     assert losses(slice(8, 40), slice(40, 50)) == base

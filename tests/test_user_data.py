@@ -351,6 +351,7 @@ def test_box_only_dataset_trains_a_box_detector(tmp_path):
     assert again.arch == "cascade_rcnn"
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
 def test_objects_without_masks_beside_masked_ones_are_warned_and_flagged(tmp_path, capsys):
     """Cats get their box as a polygon, cups nothing: the check warns, the mask detector is
     kept, and the cups are flagged so that they train no mask (tests/test_detection.py)."""
