@@ -108,8 +108,9 @@ def image_ids_for(paths: Sequence[str | os.PathLike], annotations: str | os.Path
         ids.append(int(max(found, key=lambda i: len(i["file_name"]))["id"]))
     if missing:
         raise InvalidInputError(f"{len(missing)} image(s) are not in {str(annotations)!r} (matched "
-                                f"by file_name): {shortlist(missing)}; predict the images that file lists, "
-                                "or leave out --annotations (ids are then 1..N in input order)")
+                                f"by file_name): {shortlist(missing)}; predict the images that "
+                                "file lists, or leave out --annotations (ids are then 1..N in "
+                                "input order)")
     return ids
 
 

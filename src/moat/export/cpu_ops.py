@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -193,29 +193,34 @@ def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[in
 # tensors could not be copied, saved or exported). A few shapes per convolution: inference
 # sees one or two (the batch and its last chunk); an in-place change of the weights
 # (`_version`) or new weights (`data_ptr`) packs again.
-_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Tensor]] = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, Sequence[int]]]] = (
+    weakref.WeakKeyDictionary())
 _PACKED_SHAPES = 4
 
 
-def _packed(module: nn.Module, x: Tensor, weight: Tensor, padding: Sequence[int],
+def _packed(module: nn.Module, x: Tensor,
+            weight_and_padding: Callable[[], tuple[Tensor, Sequence[int]]],
             stride: Sequence[int] = (1, 1), dilation: Sequence[int] = (1, 1),
-            groups: int = 1) -> Tensor:
-    """`weight` (derived from `module.weight`) reordered for oneDNN, once per input shape."""
+            groups: int = 1) -> tuple[Tensor, Sequence[int]]:
+    """The weight and padding `weight_and_padding()` gives (derived from `module.weight`),
+    the weight reordered for oneDNN once per input shape; computed only when not kept."""
     if not current_cpu_choices().prepack_weights:
-        return weight
+        return weight_and_padding()
     key = (tuple(x.shape), x.dtype, module.weight.data_ptr(), module.weight._version)
     packed = _PACKED.setdefault(module, {})
     if key not in packed:
         if len(packed) >= _PACKED_SHAPES:
             packed.clear()
-        packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
-            weight.detach(), list(padding), list(stride), list(dilation), groups, list(x.shape))
+        weight, padding = weight_and_padding()
+        packed[key] = (torch.ops.mkldnn._reorder_convolution_weight(
+            weight.detach(), list(padding), list(stride), list(dilation), groups,
+            list(x.shape)), padding)
     return packed[key]
 
 
 def _conv_weight(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[int]]:
-    weight, padding = _weight_and_padding(conv, x)
-    return _packed(conv, x, weight, padding, conv.stride, conv.dilation, conv.groups), padding
+    return _packed(conv, x, lambda: _weight_and_padding(conv, x), conv.stride, conv.dilation,
+                   conv.groups)
 
 
 def _onednn_conv(conv: nn.Conv2d, x: Tensor, attr: str, approximate: str | None) -> Tensor:
@@ -266,7 +271,7 @@ def linear_as_conv(linear: nn.Linear, x: Tensor) -> Tensor:
         return pointwise(linear, x)
     *lead, tokens, channels = x.shape
     x = x.reshape(-1, tokens, 1, channels).permute(0, 3, 1, 2)
-    weight = _packed(linear, x, linear.weight[:, :, None, None], (0, 0))
+    weight, _ = _packed(linear, x, lambda: (linear.weight[:, :, None, None], (0, 0)))
     y = _ONEDNN_CONV(x, weight, linear.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], None)
     return y.permute(0, 2, 3, 1).reshape(*lead, tokens, linear.out_features)
 
