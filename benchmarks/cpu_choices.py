@@ -46,11 +46,10 @@ def main() -> None:
     chosen = current_cpu_choices()
     print(f"CPU: {cpu_info().describe()}; chosen: {chosen}", flush=True)
     variants = {"chosen": chosen}
-    for field in ("channels_last", "onednn_fusion", "projections_as_conv", "prepack_weights"):
+    for field in ("channels_last", "onednn_fusion", "projections_as_conv", "prepack_weights",
+                  "chunk_batches", "expand_depthwise"):
         variants[f"{field}={not getattr(chosen, field)}"] = dataclasses.replace(
             chosen, **{field: not getattr(chosen, field)})
-    variants[f"chunk_batches={not chosen.chunk_batches}"] = dataclasses.replace(
-        chosen, chunk_batches=not chosen.chunk_batches)
     plain = moat.create_model(args.model).eval()
     size = plain.cfg.native_resolution
     x = torch.randn(args.batch_size, 3, size, size)

@@ -31,7 +31,7 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block(tmp_path):
 
     import torch.utils.cpp_extension as cpp_extension
 
-    name = f"moat_batch_norm_gelu_{torch.backends.cpu.get_cpu_capability().lower()}"
+    name = moat.kernels.build_name("batch_norm_gelu")
     leftover = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
     leftover.touch()
     code = "import moat.kernels as k; assert k.extension() is not None"

@@ -6,6 +6,8 @@
   `conv_add`), the fusion torch.compile's CPU backend makes;
 * each convolution's weights reordered into oneDNN's blocked layout once per input shape
   rather than at every call (`_packed`);
+* the expand convolution + GELU + depthwise convolution + GELU of an MBConv block as one
+  C++ kernel (`expand_depthwise`, `moat.kernels`) where the expanded map outgrows the cache;
 * large batches split so that no block intermediate outgrows the allocator's reuse
   (`CHUNK_BYTES`, `batch_chunks`);
 * `SamePaddingConv2d`, TF 'SAME' padding without a padded copy of the input.
@@ -28,11 +30,13 @@ from torch import Tensor, nn
 
 from moat.allocator import freed_memory_kept
 from moat.cpu import cpu_info
-from moat.models.layers import pointwise, same_padding
+from moat.kernels import expand_depthwise_extension
+from moat.models.layers import Conv2dSame, pointwise, same_padding, tensor_version
 
-__all__ = ["CHUNK_BYTES", "ConvGelu", "CpuChoices", "SamePaddingConv2d", "batch_chunks",
-           "conv_add", "conv_gelu", "cpu_choices", "current_cpu_choices", "eager_cpu",
-           "PackedConv2d", "linear_as_conv", "portable_ops", "using_cpu_choices"]
+__all__ = ["CHUNK_BYTES", "EXPAND_DEPTHWISE_BYTES", "ConvGelu", "CpuChoices",
+           "SamePaddingConv2d", "batch_chunks", "conv_add", "conv_gelu", "cpu_choices",
+           "current_cpu_choices", "eager_cpu", "expand_depthwise", "PackedConv2d",
+           "linear_as_conv", "portable_ops", "using_cpu_choices"]
 
 
 # --- convolution + GELU / + residual in one oneDNN call ----------------------------------
@@ -75,6 +79,7 @@ class CpuChoices:
     chunk_batches: bool  # split large batches so block intermediates fit CHUNK_BYTES
     projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
     prepack_weights: bool = True  # oneDNN's blocked weights kept per input shape (needs fusion)
+    expand_depthwise: bool = True  # the C++ kernel for an MBConv front whose map outgrows cache
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -90,6 +95,7 @@ def cpu_choices(isa: str) -> CpuChoices:
     # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within the
     # noise of each other on AVX2 and AVX-512 alike (whole model, and MOAT-0's q/k/v and
     # output shapes alone): convolution, as before.
+    # Expand + depthwise kernel: see EXPAND_DEPTHWISE_BYTES.
     # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): channels-last
     # won on both (x1.09 / x1.16), fusion on AVX-512 (x1.09) and tied on AVX2; nothing won on
     # one instruction set and lost on the other, so the rule does not depend on `isa` today.
@@ -206,16 +212,24 @@ def _packed(module: nn.Module, x: Tensor,
     the weight reordered for oneDNN once per input shape; computed only when not kept."""
     if not current_cpu_choices().prepack_weights:
         return weight_and_padding()
-    key = (tuple(x.shape), x.dtype, module.weight.data_ptr(), module.weight._version)
-    packed = _PACKED.setdefault(module, {})
-    if key not in packed:
-        if len(packed) >= _PACKED_SHAPES:
-            packed.clear()
+
+    def pack() -> tuple[Tensor, Sequence[int]]:
         weight, padding = weight_and_padding()
-        packed[key] = (torch.ops.mkldnn._reorder_convolution_weight(
+        return torch.ops.mkldnn._reorder_convolution_weight(
             weight.detach(), list(padding), list(stride), list(dilation), groups,
-            list(x.shape)), padding)
-    return packed[key]
+            list(x.shape)), padding
+    return _kept(module, (tuple(x.shape), x.dtype), pack)
+
+
+def _kept(module: nn.Module, key: tuple, make: Callable):
+    """make(), kept beside `module` under `key` until its weight is replaced or changed."""
+    key = (*key, module.weight.data_ptr(), tensor_version(module.weight))
+    kept = _PACKED.setdefault(module, {})
+    if key not in kept:
+        if len(kept) >= _PACKED_SHAPES:
+            kept.clear()
+        kept[key] = make()
+    return kept[key]
 
 
 def _conv_weight(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[int]]:
@@ -274,6 +288,62 @@ def linear_as_conv(linear: nn.Linear, x: Tensor) -> Tensor:
     weight, _ = _packed(linear, x, lambda: (linear.weight[:, :, None, None], (0, 0)))
     y = _ONEDNN_CONV(x, weight, linear.bias, [0, 0], [1, 1], [1, 1], 1, "none", [], None)
     return y.permute(0, 2, 3, 1).reshape(*lead, tokens, linear.out_features)
+
+
+# --- expand + depthwise convolution as one kernel -----------------------------------------
+
+# An MBConv block's expand convolution + GELU + depthwise convolution + GELU runs as one C++
+# kernel (`moat.kernels`, expand_depthwise.cpp) when the expanded map of the batch is at least
+# this large. oneDNN's two calls write that map to memory and read it back; the kernel makes
+# it in bands of rows that stay in cache. Measured block by block on MOAT-0 at 224 px, 2
+# threads, AVX-512 and AVX2 (README, "CPU instruction sets"): faster on every map from
+# MOAT-0's first block (154 MB at batch 8: 53 -> 40 ms AVX-512, 72 -> 46 ms AVX2; 19 MB at
+# batch 1: 6.9 -> 5.1 ms) down to about 19 MB, slower on the smaller maps of the last stages,
+# which stay in cache anyway.
+EXPAND_DEPTHWISE_BYTES = 16 * 2**20
+
+
+def _band(batch: int, out_height: int) -> int:
+    """Output rows per band: 8 (2 to 16 measured within 5% of each other at batch 8), fewer
+    when the batch would have too few bands to share out between the threads."""
+    band = 8
+    while band > 1 and batch * -(-out_height // band) < 4 * torch.get_num_threads():
+        band //= 2
+    return band
+
+
+def _kernel_runs(expand: nn.Conv2d, depthwise: nn.Conv2d, x: Tensor) -> bool:
+    return (current_cpu_choices().expand_depthwise and eager_cpu(x)
+            and x.dtype == expand.weight.dtype == depthwise.weight.dtype == torch.float32
+            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and x.shape[0] * expand.out_channels * x.shape[2] * x.shape[3] * 4
+            >= EXPAND_DEPTHWISE_BYTES
+            and expand.kernel_size == (1, 1) and expand.groups == 1 and expand.bias is not None
+            and isinstance(depthwise, (SamePaddingConv2d, Conv2dSame))
+            and depthwise.groups == depthwise.in_channels == expand.out_channels
+            and depthwise.out_channels == expand.out_channels and depthwise.bias is not None
+            and depthwise.kernel_size[0] == depthwise.kernel_size[1]
+            and depthwise.stride[0] == depthwise.stride[1] and depthwise.dilation == (1, 1)
+            and expand_depthwise_extension() is not None)
+
+
+def expand_depthwise(expand: nn.Conv2d, depthwise: nn.Conv2d, x: Tensor,
+                     approximate: str = "none") -> Tensor:
+    """gelu(depthwise(gelu(expand(x)))): the front of a folded MBConv block (`expand` a 1x1
+    convolution with bias, `depthwise` TF 'SAME'-padded with bias); `approximate` as in
+    F.gelu. The C++ kernel where `_kernel_runs`, oneDNN's two fused calls otherwise."""
+    if not _kernel_runs(expand, depthwise, x):
+        return conv_gelu(depthwise, conv_gelu(expand, x, approximate), approximate)
+    k, s = depthwise.kernel_size[0], depthwise.stride[0]
+    (top, bottom), (left, right) = (same_padding(n, k, s) for n in x.shape[-2:])
+    out_h, out_w = (x.shape[2] + top + bottom - k) // s + 1, (x.shape[3] + left + right - k) // s + 1
+    expand_weight = _kept(expand, ("expand_depthwise",),
+                          lambda: expand.weight.detach()[:, :, 0, 0].t().contiguous())
+    dw_weight = _kept(depthwise, ("expand_depthwise",),
+                      lambda: depthwise.weight.detach()[:, 0].permute(1, 2, 0).contiguous())
+    return expand_depthwise_extension().forward(
+        x, expand_weight, expand.bias.detach(), dw_weight, depthwise.bias.detach(), s, top,
+        left, out_h, out_w, _band(x.shape[0], out_h), approximate == "tanh")
 
 
 class ConvGelu(nn.Sequential):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from moat.errors import InvalidInputError
 from moat.export.cpu_ops import (ConvGelu, PackedConv2d, SamePaddingConv2d, batch_chunks,
-                                 conv_add, conv_gelu, current_cpu_choices, eager_cpu,
+                                 conv_add, current_cpu_choices, eager_cpu, expand_depthwise,
                                  linear_as_conv)
 from moat.models.blocks import MBConvBlock, MBConvShortcut, MoatBlock, SqueezeExcite
 from moat.models.layers import (Attention, Conv2dSame, _window_regions, relative_position_bias,
@@ -134,8 +134,7 @@ class FusedMBConv(MBConvShortcut, nn.Module):
         return self.forward_mbconv(x)
 
     def forward_mbconv(self, x: Tensor) -> Tensor:
-        y = conv_gelu(self.depthwise_conv, conv_gelu(self.expand_conv, x, self.approximate),
-                      self.approximate)
+        y = expand_depthwise(self.expand_conv, self.depthwise_conv, x, self.approximate)
         if self.se is not None:
             y = self.se(y)
         return conv_add(self.shrink_conv, y, self.shortcut(x))

@@ -1,20 +1,26 @@
-"""GELU(BatchNorm(x)) fused for CPU training: the one kernel eager PyTorch is missing.
+"""Two C++ kernels for what eager PyTorch on a CPU is missing in MOAT's MBConv blocks.
 
-MOAT's MBConv blocks apply BatchNorm then GELU to their widest activations (384 channels
-at 112x112 in MOAT-0's first block). In training, eager PyTorch makes seven memory-bound
-passes over each of those tensors (eight with the padding of the next convolution) and
-keeps two of them for backward; the fused kernel (`batch_norm_gelu.cpp`) makes four and
-keeps one. Everywhere else, and whenever it cannot run, the unfused ops do the same
-computation.
+* `batch_norm_gelu` (training): MOAT's MBConv blocks apply BatchNorm then GELU to their
+  widest activations (384 channels at 112x112 in MOAT-0's first block). In training, eager
+  PyTorch makes seven memory-bound passes over each of those tensors (eight with the padding
+  of the next convolution) and keeps two of them for backward; the fused kernel
+  (`batch_norm_gelu.cpp`) makes four and keeps one.
+* `expand_depthwise` (inference): GELU(depthwise(GELU(expand(x)))) of a folded MBConv
+  block in bands of rows, so that the 4x-expanded map never goes to memory and back
+  (`expand_depthwise.cpp`; `moat.export.cpu_ops.expand_depthwise` decides where it runs).
 
-The kernel is compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and
-ninja, once, about 30 s; cached in PyTorch's extension folder). Without them it warns once
-and the unfused ops run. `MOAT_FUSED_KERNELS=0` turns it off.
+Everywhere else, and whenever they cannot run, PyTorch's ops do the same computation.
+
+The kernels are compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and
+ninja, once each, about 30 s; cached in PyTorch's extension folder under a name that hashes
+the sources). Without them moat warns once and uses PyTorch's ops. `MOAT_FUSED_KERNELS=0`
+turns both off.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import warnings
@@ -66,28 +72,52 @@ def _load(cpp_extension, name: str, **kwargs) -> ModuleType:
         return cpp_extension.load(name=name, **kwargs)
 
 
-@functools.cache
-def extension() -> ModuleType | None:
-    """The compiled kernel, or None (turned off, or it could not be built)."""
+_HERE = Path(__file__).parent
+_WHAT_FALLS_BACK = {"batch_norm_gelu": "training uses the unfused PyTorch ops",
+                    "expand_depthwise": "inference runs oneDNN's separate convolutions"}
+
+
+def build_name(kernel: str) -> str:
+    """The name `kernel` (a .cpp file here) is built under for this CPU capability: PyTorch
+    rebuilds when the .cpp changes, not a header it includes, so the name hashes both."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    digest = hashlib.sha256((_HERE / f"{kernel}.cpp").read_bytes()
+                            + (_HERE / "gelu.h").read_bytes()).hexdigest()
+    return f"moat_{kernel}_{capability.lower()}_{digest[:10]}"
+
+
+def _build(kernel: str) -> ModuleType | None:
+    """The compiled `kernel`, or None (turned off, or it cannot be built)."""
     if os.environ.get("MOAT_FUSED_KERNELS", "1") == "0":
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     flags = _CAPABILITY_FLAGS.get(capability)
     defines = [f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"] \
         if flags else ["-DCPU_CAPABILITY=DEFAULT"]
-    log.info("loading the fused BatchNorm+GELU kernel for %s (the first time on a machine "
-             "it is compiled, about a minute)", capability)
+    log.info("loading the fused %s kernel for %s (the first time on a machine it is "
+             "compiled, about a minute)", kernel, capability)
     try:
         cpp_extension = _import_cpp_extension()
-        return _load(cpp_extension, name=f"moat_batch_norm_gelu_{capability.lower()}",
-                     sources=[str(Path(__file__).with_name("batch_norm_gelu.cpp"))],
+        return _load(cpp_extension, name=build_name(kernel),
+                     sources=[str(_HERE / f"{kernel}.cpp")],
                      extra_cflags=["-O3", "-fopenmp", *defines, *(flags or [])])
     except Exception as error:  # no compiler, no headers, ...: same results, just slower
-        warnings.warn(f"moat: the fused BatchNorm+GELU kernel could not be built ({error}); "
-                      "training uses the unfused PyTorch ops, which are slower. It needs a "
-                      "C++ compiler and ninja (`pip install ninja`) on the PATH",
-                      stacklevel=2)
+        warnings.warn(f"moat: the fused {kernel} kernel could not be built ({error}); "
+                      f"{_WHAT_FALLS_BACK[kernel]}, which are slower. It needs a C++ compiler "
+                      "and ninja (`pip install ninja`) on the PATH", stacklevel=3)
         return None
+
+
+@functools.cache
+def extension() -> ModuleType | None:
+    """The compiled BatchNorm+GELU training kernel, or None."""
+    return _build("batch_norm_gelu")
+
+
+@functools.cache
+def expand_depthwise_extension() -> ModuleType | None:
+    """The compiled expand + depthwise inference kernel, or None."""
+    return _build("expand_depthwise")
 
 
 class _BatchNormGELU(torch.autograd.Function):

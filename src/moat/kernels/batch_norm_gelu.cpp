@@ -14,12 +14,16 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "gelu.h"
+
 #include <cmath>
 #include <vector>
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using moat_kernels::Vec;
+using moat_kernels::gelu;
+using moat_kernels::gelu_grad;
 constexpr int64_t kFlushRows = 64;  // float partial sums over at most this many pixels
 
 struct Lines {  // an NHWC view: line l = (n, h), pixel w, channel c
@@ -106,30 +110,6 @@ inline void store(const Vec& v, float* p, int64_t n) {
   if (n == Vec::size()) v.store(p); else v.store(p, n);
 }
 
-// erf as ATen's Vectorized<float>::erf (Abramowitz & Stegun 7.1.26, error < 1.5e-7), with
-// the faster exp_u20 (relative error ~1e-6); `gauss` = exp(-x^2) is returned for reuse.
-inline Vec erf(const Vec& x, Vec& gauss) {
-  const Vec a = x.abs();
-  const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), a, Vec(1.f));
-  Vec r = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
-  r = at::vec::fmadd(r, t, Vec(1.421413741f));
-  r = at::vec::fmadd(r, t, Vec(-0.284496736f));
-  r = at::vec::fmadd(r, t, Vec(0.254829592f));
-  gauss = (Vec(0.f) - x * x).exp_u20();
-  const Vec e = Vec(1.f) - r * t * gauss;
-  return Vec::blendv(e, Vec(0.f) - e, x < Vec(0.f));
-}
-
-// ATen's exact GELU and its derivative (GeluKernel.cpp): x * Phi(x), Phi(x) + x * phi(x).
-inline Vec gelu(const Vec& y) {
-  Vec gauss;
-  return y * Vec(0.5f) * (Vec(1.f) + erf(y * Vec(M_SQRT1_2), gauss));
-}
-inline Vec gelu_grad(const Vec& y) {
-  Vec gauss;  // exp(-y^2 / 2): the same exponential serves the density
-  const Vec cdf = Vec(0.5f) * (Vec(1.f) + erf(y * Vec(M_SQRT1_2), gauss));
-  return at::vec::fmadd(y * Vec(M_2_SQRTPI * M_SQRT1_2 * 0.5), gauss, cdf);
-}
 
 }  // namespace
 

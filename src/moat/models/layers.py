@@ -62,6 +62,12 @@ class Conv2dSame(nn.Conv2d):
         return super().forward(x)
 
 
+def tensor_version(t: Tensor) -> int:
+    """t's in-place change counter, for caches of values derived from it; 0 for an inference
+    tensor (made under torch.inference_mode, it has none)."""
+    return 0 if t.is_inference() else t._version
+
+
 def avg_pool_same_exclude_pad(x: Tensor, kernel: int, stride: int) -> Tensor:
     """TF AveragePooling2D(padding='same'): padded positions are excluded from the mean."""
     top, bottom = same_padding(x.shape[-2], kernel, stride)
@@ -278,7 +284,7 @@ class Attention(nn.Module):
         crop = None if crop == window else crop
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return relative_position_bias(table, *window, crop)[None]
-        key = (window, crop, table._version, table.data_ptr(), table.dtype)
+        key = (window, crop, tensor_version(table), table.data_ptr(), table.dtype)
         if key not in self._bias_cache:
             if len(self._bias_cache) > 8:
                 self._bias_cache.clear()
