@@ -177,3 +177,18 @@ def test_optimized_model_compiles_without_graph_breaks(window_size):
         torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_made_and_run_under_inference_mode():
+    # Weights copied under torch.inference_mode are inference tensors, which have no version
+    # counter: the caches keyed on it (packed weights, position biases) must still work.
+    model = _randomize_bn(MoatNet(MICRO, num_classes=10)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        fused = moat.optimize_for_inference(model)
+        assert next(fused.parameters()).is_inference()
+        torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=0)  # from the caches
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)

@@ -1,6 +1,8 @@
-"""The fused BatchNorm+GELU training kernel against the unfused PyTorch ops."""
+"""The C++ kernels against the PyTorch ops they replace: BatchNorm+GELU in training, the
+MBConv front (expand + depthwise) in inference."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,87 @@ def test_mbconv_training_step_same_with_and_without_the_kernel(monkeypatch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
     for b, c in zip(fused.buffers(), plain.buffers()):
         assert torch.allclose(b.float(), c.float(), rtol=1e-4, atol=1e-6)
+
+
+# --- the expand + depthwise inference kernel ----------------------------------------------
+
+def _front_reference(x, expand_w, expand_b, dw_w, dw_b, stride, approximate):
+    """gelu(depthwise(gelu(expand(x)))) in plain PyTorch ops, TF 'SAME' padding."""
+    from moat.models.layers import same_padding
+
+    y = F.gelu(F.conv2d(x, expand_w, expand_b), approximate=approximate)
+    k = dw_w.shape[-1]
+    (top, bottom), (left, right) = (same_padding(n, k, stride) for n in y.shape[-2:])
+    y = F.conv2d(F.pad(y, (left, right, top, bottom)), dw_w, dw_b, stride, groups=y.shape[1])
+    return F.gelu(y, approximate=approximate)
+
+
+@pytest.mark.parametrize("shape,mid,stride,band,approximate", [
+    ((2, 16, 24, 24), 64, 2, 3, "none"),     # even size: SAME pads only bottom/right
+    ((1, 8, 13, 11), 40, 2, 2, "none"),      # odd sizes: one row/column on each side
+    ((2, 16, 17, 20), 20, 1, 4, "tanh"),     # stride 1; channels not a multiple of 8 or 16
+    ((3, 8, 9, 9), 32, 1, 1, "none"),        # one row per band: every band keeps rows
+    ((1, 8, 10, 10), 32, 2, 16, "tanh"),     # one band larger than the image
+])
+def test_expand_depthwise_kernel_matches_the_plain_ops(shape, mid, stride, band, approximate):
+    from moat.models.layers import same_padding
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=CL)
+    expand_w = torch.randn(mid, shape[1], 1, 1, generator=g) / shape[1] ** 0.5
+    expand_b, dw_b = torch.randn(mid, generator=g), torch.randn(mid, generator=g)
+    dw_w = torch.randn(mid, 1, 3, 3, generator=g) / 3
+    (top, bottom), (left, right) = (same_padding(n, 3, stride) for n in shape[-2:])
+    out_h, out_w = (shape[2] + top + bottom - 3) // stride + 1, (shape[3] + left + right - 3) // stride + 1
+    got = moat.kernels.expand_depthwise_extension().forward(
+        x, expand_w[:, :, 0, 0].t().contiguous(), expand_b, dw_w[:, 0].permute(1, 2, 0).contiguous(),
+        dw_b, stride, top, left, out_h, out_w, band, approximate == "tanh")
+    expected = _front_reference(x, expand_w, expand_b, dw_w, dw_b, stride, approximate)
+    assert got.shape == expected.shape and got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_optimized_model_runs_the_kernel_with_the_same_outputs(monkeypatch):
+    # Every MBConv front through the kernel (threshold 0), against the plain model; then an
+    # in-place change of a weight must reach the kernel's kept copy of it.
+    from moat.export import cpu_ops
+
+    torch.manual_seed(0)
+    model = moat.create_model("tiny_moat_0", num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=CL)
+    calls = []
+    extension = moat.kernels.expand_depthwise_extension()
+
+    class Counting:
+        @staticmethod
+        def forward(*args):
+            calls.append(args[0].shape)
+            return extension.forward(*args)
+    monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_BYTES", 0)
+    monkeypatch.setattr(cpu_ops, "expand_depthwise_extension", lambda: Counting)
+    with torch.no_grad():
+        expected = model(x)
+        fused = moat.optimize_for_inference(model)
+        torch.testing.assert_close(fused(x), expected, atol=1e-4, rtol=0)
+        assert len(calls) == sum(len(stage) for stage in fused.stages)  # every block
+        block = fused.stages[0][0]
+        h = fused.stem(x)
+        before = block(h)
+        block.expand_conv.weight.mul_(-1.0)
+        block.depthwise_conv.weight.mul_(2.0)
+        got = block(h)
+        off = dataclasses.replace(cpu_ops.current_cpu_choices(), expand_depthwise=False)
+        with cpu_ops.using_cpu_choices(off):
+            unfused = block(h)
+        error = (got - unfused).abs().max()
+        assert error < 1e-5 and (got - before).abs().max() > 100 * error  # not the old copy
+        # Below the threshold, or on NCHW activations, oneDNN's two calls run instead.
+        monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_BYTES", 2**40)
+        calls.clear()
+        fused(x)
+        monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_BYTES", 0)
+        nchw = cpu_ops.expand_depthwise(block.expand_conv, block.depthwise_conv, h.contiguous())
+        assert calls == []
+        kernel = cpu_ops.expand_depthwise(block.expand_conv, block.depthwise_conv, h)
+        assert len(calls) == 1
+        torch.testing.assert_close(kernel, nchw, atol=1e-5, rtol=0)
