@@ -218,7 +218,7 @@ def test_optimized_model_runs_the_kernel_with_the_same_outputs(monkeypatch):
         def forward(*args):
             calls.append(args[0].shape)
             return extension.forward(*args)
-    monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_BYTES", 0)
+    monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_PIXELS", 0)
     monkeypatch.setattr(cpu_ops, "expand_depthwise_extension", lambda: Counting)
     with torch.no_grad():
         expected = model(x)
@@ -237,12 +237,28 @@ def test_optimized_model_runs_the_kernel_with_the_same_outputs(monkeypatch):
         error = (got - unfused).abs().max()
         assert error < 1e-5 and (got - before).abs().max() > 100 * error  # not the old copy
         # Below the threshold, or on NCHW activations, oneDNN's two calls run instead.
-        monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_BYTES", 2**40)
+        monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_PIXELS", 2**40)
         calls.clear()
         fused(x)
-        monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_BYTES", 0)
+        monkeypatch.setattr(cpu_ops, "EXPAND_DEPTHWISE_PIXELS", 0)
         nchw = cpu_ops.expand_depthwise(block.expand_conv, block.depthwise_conv, h.contiguous())
         assert calls == []
         kernel = cpu_ops.expand_depthwise(block.expand_conv, block.depthwise_conv, h)
         assert len(calls) == 1
         torch.testing.assert_close(kernel, nchw, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_expand_depthwise_gelu_over_a_wide_range(approximate):
+    # Identity expand and a centre-tap depthwise: the kernel computes gelu(gelu(x)), so its
+    # GELU (a rational erf for the exact form) is checked on every input from -12 to 12.
+    channels = 16
+    x = torch.linspace(-12, 12, 2 * channels * 25 * 25).reshape(2, channels, 25, 25)
+    x = x.contiguous(memory_format=CL)
+    dw_w = torch.zeros(3, 3, channels)
+    dw_w[1, 1] = 1.0
+    zeros = torch.zeros(channels)
+    got = moat.kernels.expand_depthwise_extension().forward(
+        x, torch.eye(channels), zeros, dw_w, zeros, 1, 1, 1, 25, 25, 4, approximate == "tanh")
+    expected = F.gelu(F.gelu(x.double(), approximate=approximate), approximate=approximate)
+    torch.testing.assert_close(got.double(), expected, atol=3e-6, rtol=1e-6)

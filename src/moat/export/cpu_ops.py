@@ -7,7 +7,7 @@
 * each convolution's weights reordered into oneDNN's blocked layout once per input shape
   rather than at every call (`_packed`);
 * the expand convolution + GELU + depthwise convolution + GELU of an MBConv block as one
-  C++ kernel (`expand_depthwise`, `moat.kernels`) where the expanded map outgrows the cache;
+  C++ kernel (`expand_depthwise`, `moat.kernels`) on the high-resolution maps;
 * large batches split so that no block intermediate outgrows the allocator's reuse
   (`CHUNK_BYTES`, `batch_chunks`);
 * `SamePaddingConv2d`, TF 'SAME' padding without a padded copy of the input.
@@ -33,7 +33,7 @@ from moat.cpu import cpu_info
 from moat.kernels import expand_depthwise_extension
 from moat.models.layers import Conv2dSame, pointwise, same_padding, tensor_version
 
-__all__ = ["CHUNK_BYTES", "EXPAND_DEPTHWISE_BYTES", "ConvGelu", "CpuChoices",
+__all__ = ["CHUNK_BYTES", "EXPAND_DEPTHWISE_PIXELS", "ConvGelu", "CpuChoices",
            "SamePaddingConv2d", "batch_chunks", "conv_add", "conv_gelu", "cpu_choices",
            "current_cpu_choices", "eager_cpu", "expand_depthwise", "PackedConv2d",
            "linear_as_conv", "portable_ops", "using_cpu_choices"]
@@ -79,7 +79,7 @@ class CpuChoices:
     chunk_batches: bool  # split large batches so block intermediates fit CHUNK_BYTES
     projections_as_conv: bool = True  # attention projections as oneDNN 1x1 convs, else Linear
     prepack_weights: bool = True  # oneDNN's blocked weights kept per input shape (needs fusion)
-    expand_depthwise: bool = True  # the C++ kernel for an MBConv front whose map outgrows cache
+    expand_depthwise: bool = True  # the C++ kernel for MBConv fronts on large maps
 
 
 def cpu_choices(isa: str) -> CpuChoices:
@@ -95,7 +95,7 @@ def cpu_choices(isa: str) -> CpuChoices:
     # Attention projections: oneDNN's 1x1 convolution and nn.Linear (MKL) were within the
     # noise of each other on AVX2 and AVX-512 alike (whole model, and MOAT-0's q/k/v and
     # output shapes alone): convolution, as before.
-    # Expand + depthwise kernel: see EXPAND_DEPTHWISE_BYTES.
+    # Expand + depthwise kernel: see EXPAND_DEPTHWISE_PIXELS.
     # Measured on an AVX-512 EPYC, AVX2 emulated (ATen, oneDNN and MKL limited): channels-last
     # won on both (x1.09 / x1.16), fusion on AVX-512 (x1.09) and tied on AVX2; nothing won on
     # one instruction set and lost on the other, so the rule does not depend on `isa` today.
@@ -293,14 +293,14 @@ def linear_as_conv(linear: nn.Linear, x: Tensor) -> Tensor:
 # --- expand + depthwise convolution as one kernel -----------------------------------------
 
 # An MBConv block's expand convolution + GELU + depthwise convolution + GELU runs as one C++
-# kernel (`moat.kernels`, expand_depthwise.cpp) when the expanded map of the batch is at least
-# this large. oneDNN's two calls write that map to memory and read it back; the kernel makes
-# it in bands of rows that stay in cache. Measured block by block on MOAT-0 at 224 px, 2
-# threads, AVX-512 and AVX2 (README, "CPU instruction sets"): faster on every map from
-# MOAT-0's first block (154 MB at batch 8: 53 -> 40 ms AVX-512, 72 -> 46 ms AVX2; 19 MB at
-# batch 1: 6.9 -> 5.1 ms) down to about 19 MB, slower on the smaller maps of the last stages,
-# which stay in cache anyway.
-EXPAND_DEPTHWISE_BYTES = 16 * 2**20
+# kernel (`moat.kernels`, expand_depthwise.cpp) when its input map has at least this many
+# pixels. oneDNN's two calls write the 4x-expanded map to memory and read it back; the
+# kernel makes it in bands of rows that stay in cache, with a faster GELU, but reads the
+# expand weights again for every band. Measured block by block on MOAT-0 at 224 px, batch 8
+# and 1, 2 threads, AVX-512 and AVX2 (README, "CPU instruction sets"): faster on every map of
+# 28x28 and more (first block, batch 8: 54 -> 38 ms AVX-512, 75 -> 38 ms AVX2), level or
+# slower on the 14x14 and 7x7 maps of the last stages (wide weights, maps that fit in cache).
+EXPAND_DEPTHWISE_PIXELS = 28 * 28
 
 
 def _band(batch: int, out_height: int) -> int:
@@ -316,8 +316,7 @@ def _kernel_runs(expand: nn.Conv2d, depthwise: nn.Conv2d, x: Tensor) -> bool:
     return (current_cpu_choices().expand_depthwise and eager_cpu(x)
             and x.dtype == expand.weight.dtype == depthwise.weight.dtype == torch.float32
             and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and x.shape[0] * expand.out_channels * x.shape[2] * x.shape[3] * 4
-            >= EXPAND_DEPTHWISE_BYTES
+            and x.shape[2] * x.shape[3] >= EXPAND_DEPTHWISE_PIXELS
             and expand.kernel_size == (1, 1) and expand.groups == 1 and expand.bias is not None
             and isinstance(depthwise, (SamePaddingConv2d, Conv2dSame))
             and depthwise.groups == depthwise.in_channels == expand.out_channels

@@ -34,40 +34,52 @@ inline Vec load(const float* p, int64_t n) {
 
 template <bool kTanh>
 inline Vec activation(const Vec& y) {
-  return kTanh ? moat_kernels::gelu_tanh(y) : moat_kernels::gelu(y);
+  return kTanh ? moat_kernels::gelu_tanh(y) : moat_kernels::gelu_rational(y);
 }
 
 // Output row `ho` of image `n` from the expanded rows [r0, ...) in `e` (width x channels each).
-// K > 0: the kernel size known at compile time (its taps unrolled); 0: p.kernel.
+// K > 0: the kernel size known at compile time; then two neighbouring output pixels whose
+// taps all lie inside the map are computed together, each weight loaded once for both (and,
+// at stride 1, the input columns they share loaded once). 0: p.kernel, one pixel at a time.
 template <bool kTanh, int K>
 void depthwise_row(const Problem& p, const float* e, int64_t r0, int64_t n, int64_t ho) {
-  const int64_t k = K > 0 ? K : p.kernel, C = p.channels, W = p.width;
-  const int64_t h0 = ho * p.stride - p.top;
+  const int64_t k = K > 0 ? K : p.kernel, C = p.channels, W = p.width, s = p.stride;
+  const int64_t h0 = ho * s - p.top;
   const int64_t i0 = std::max<int64_t>(0, -h0), i1 = std::min<int64_t>(k, p.height - h0);
+  const bool pairs = K > 0 && i0 == 0 && i1 == K && C % Vec::size() == 0;
+  const float* bias = p.dw_bias;
   float* op = p.out + ((n * p.out_h + ho) * p.out_w) * C;
-  for (int64_t wo = 0; wo < p.out_w; ++wo, op += C) {
-    const int64_t w0 = wo * p.stride - p.left;
+  for (int64_t wo = 0; wo < p.out_w;) {
+    const int64_t w0 = wo * s - p.left;
+    const float* ew = e + ((h0 - r0) * W + w0) * C;  // tap (i, j) of channel c: ew + (i W + j) C + c
+    if (pairs && w0 >= 0 && wo + 1 < p.out_w && w0 + s + K <= W) {
+      for (int64_t c = 0; c < C; c += Vec::size()) {
+        Vec a0 = Vec::loadu(bias + c), a1 = a0;
+        for (int64_t i = 0; i < K; ++i)
+          for (int64_t j = 0; j < K; ++j) {
+            const Vec w = Vec::loadu(p.dw_weight + (i * K + j) * C + c);
+            const float* x = ew + (i * W + j) * C + c;
+            a0 = at::vec::fmadd(Vec::loadu(x), w, a0);
+            a1 = at::vec::fmadd(Vec::loadu(x + s * C), w, a1);
+          }
+        activation<kTanh>(a0).store(op + c);
+        activation<kTanh>(a1).store(op + C + c);
+      }
+      wo += 2, op += 2 * C;
+      continue;
+    }
     const int64_t j0 = std::max<int64_t>(0, -w0), j1 = std::min<int64_t>(k, W - w0);
-    const bool inside = K > 0 && i0 == 0 && i1 == K && j0 == 0 && j1 == K;
     for (int64_t c = 0; c < C; c += Vec::size()) {
       const int64_t lanes = std::min<int64_t>(Vec::size(), C - c);
-      const float* ec = e + ((h0 - r0) * W + w0) * C + c;  // tap (i, j): ec + (i W + j) C
-      const float* wc = p.dw_weight + c;
-      Vec acc = load(p.dw_bias + c, lanes);
-      if (inside) {
-        for (int64_t i = 0; i < K; ++i)
-          for (int64_t j = 0; j < K; ++j)
-            acc = at::vec::fmadd(load(ec + (i * W + j) * C, lanes),
-                                 load(wc + (i * K + j) * C, lanes), acc);
-      } else {
-        for (int64_t i = i0; i < i1; ++i)
-          for (int64_t j = j0; j < j1; ++j)
-            acc = at::vec::fmadd(load(ec + (i * W + j) * C, lanes),
-                                 load(wc + (i * k + j) * C, lanes), acc);
-      }
+      Vec acc = load(bias + c, lanes);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j)
+          acc = at::vec::fmadd(load(ew + (i * W + j) * C + c, lanes),
+                               load(p.dw_weight + (i * k + j) * C + c, lanes), acc);
       const Vec y = activation<kTanh>(acc);
       if (lanes == Vec::size()) y.store(op + c); else y.store(op + c, lanes);
     }
+    ++wo, op += C;
   }
 }
 

@@ -35,6 +35,28 @@ inline Vec gelu_grad(const Vec& y) {
   return at::vec::fmadd(y * Vec(M_2_SQRTPI * M_SQRT1_2 * 0.5), gauss, cdf);
 }
 
+// The exact GELU with erf as a rational function, for inference: erf(x) = x P(x^2) / Q(x^2)
+// on |x| <= 3.925 (+-1 beyond, where float32's erf is 1), degrees 5 / 5, fitted by
+// benchmarks/gelu_fit.py: largest error 3.7e-7 in float32 over all x (the formula above:
+// 6.1e-7). No exponential: GELU about a third faster than `gelu` above, which training
+// keeps because its backward reuses that exponential.
+inline Vec gelu_rational(const Vec& y) {
+  const Vec x = at::vec::clamp(y * Vec(M_SQRT1_2), Vec(-3.925f), Vec(3.925f));
+  const Vec t = x * x;
+  Vec p = at::vec::fmadd(Vec(2.030856352297109e-06f), t, Vec(0.00028748868564494454f));
+  p = at::vec::fmadd(p, t, Vec(0.00387625876790066f));
+  p = at::vec::fmadd(p, t, Vec(0.053084151272030186f));
+  p = at::vec::fmadd(p, t, Vec(0.19297121570357598f));
+  p = at::vec::fmadd(p, t, Vec(1.1283790199359778f));
+  Vec q = at::vec::fmadd(Vec(3.803112695517637e-05f), t, Vec(0.0011897295207702883f));
+  q = at::vec::fmadd(q, t, Vec(0.015188226644282403f));
+  q = at::vec::fmadd(q, t, Vec(0.11516688208575318f));
+  q = at::vec::fmadd(q, t, Vec(0.5043479265013574f));
+  q = at::vec::fmadd(q, t, Vec(1.f));
+  const Vec half_y = y * Vec(0.5f);
+  return at::vec::fmadd(half_y, x * p / q, half_y);
+}
+
 // GELU's tanh approximation, as ATen's (approximate="tanh"):
 // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
 inline Vec gelu_tanh(const Vec& y) {
