@@ -83,6 +83,7 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
                        int8_calibration: str | os.PathLike | None = None,
                        export_dir: str | os.PathLike | None = None,
                        gelu: str | Sequence[str] = "exact", opset: int = OPSET,
+                       peer_opsets: Sequence[int] | None = None,
                        log: Callable[[str], None] | None = None) -> list[dict]:
     """Measure in ONNX Runtime; one row per model, size, batch and thread count.
 
@@ -91,7 +92,10 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
     keeps the exported files and reuses those already there (delete them after changing the code);
     by default they go to a temporary folder. `gelu`: the GELU forms MOAT is exported with,
     one or several of "exact", "tanh" (rows "NAME [tanh GELU]"; `moat.export.gelu` measures
-    what the approximation costs). `opset`: every model, MOAT and peers, is exported at it.
+    what the approximation costs). `opset`: every model, MOAT and peers, is exported at it;
+    `peer_opsets` exports the peers at each of these instead (rows "NAME [opset N]" when
+    several: the exporter writes some operators differently from one opset to the next, and
+    ONNX Runtime does not run every spelling equally fast).
     """
     import onnxruntime as ort
 
@@ -105,7 +109,8 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
         for size in img_sizes:
             size = size_pair(size)
             files = _export_all(names, size, folder, int8_calibration, log,
-                                [gelu] if isinstance(gelu, str) else list(gelu), opset)
+                                [gelu] if isinstance(gelu, str) else list(gelu), opset,
+                                list(peer_opsets or [opset]))
             for n_threads in threads:
                 sessions = {label: onnx_session(path, n_threads) for label, path in files.items()}
                 for batch in batch_sizes:
@@ -119,18 +124,23 @@ def run_onnx_benchmark(models: Sequence[str] = ("moat_0",), *, peers: bool = Fal
 def _export_all(names: list[str], size: tuple[int, int], folder: Path,
                 calibration: str | os.PathLike | None,
                 log: Callable[[str], None], gelus: Sequence[str] = ("exact",),
-                opset: int = OPSET) -> dict[str, Path]:
+                opset: int = OPSET, peer_opsets: Sequence[int] = ()) -> dict[str, Path]:
     files: dict[str, Path] = {}
+    peer_opsets = list(peer_opsets) or [opset]
     for name in names:
-        for gelu in (gelus if is_moat(name) else ["exact"]):
-            tanh = gelu == "tanh"
-            label = name + (" [tanh GELU]" if tanh else "")
-            path = folder / (f"{name}_{size[0]}x{size[1]}{'.tanh' if tanh else ''}"
-                             f".opset{opset}.onnx")
+        if is_moat(name):  # (GELU form, opset, label suffix)
+            variants = [(g, opset, " [tanh GELU]" if g == "tanh" else "") for g in gelus]
+        else:
+            variants = [("exact", o, f" [opset {o}]" if len(peer_opsets) > 1 else "")
+                        for o in peer_opsets]
+        for gelu, file_opset, suffix in variants:
+            label = name + suffix
+            path = folder / (f"{name}_{size[0]}x{size[1]}{'.tanh' if gelu == 'tanh' else ''}"
+                             f".opset{file_opset}.onnx")
             if not path.exists():
                 log(f"exporting {label} at {size[0]}x{size[1]} -> {path}")
                 with atomic_output(path) as tmp:  # a killed export leaves no file to reuse
-                    export_model(name, size, tmp, gelu=gelu, opset=opset)
+                    export_model(name, size, tmp, gelu=gelu, opset=file_opset)
             files[label] = path
             if calibration is not None:
                 from moat.export.quantize import quantize_onnx
