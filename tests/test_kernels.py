@@ -192,11 +192,12 @@ def test_expand_depthwise_kernel_matches_the_plain_ops(shape, mid, stride, band,
     expand_w = torch.randn(mid, shape[1], 1, 1, generator=g) / shape[1] ** 0.5
     expand_b, dw_b = torch.randn(mid, generator=g), torch.randn(mid, generator=g)
     dw_w = torch.randn(mid, 1, 3, 3, generator=g) / 3
-    (top, bottom), (left, right) = (same_padding(n, 3, stride) for n in shape[-2:])
-    out_h, out_w = (shape[2] + top + bottom - 3) // stride + 1, (shape[3] + left + right - 3) // stride + 1
+    top, left = (same_padding(n, 3, stride)[0] for n in shape[-2:])
+    out_h, out_w = (-(-n // stride) for n in shape[-2:])
     got = moat.kernels.expand_depthwise_extension().forward(
-        x, expand_w[:, :, 0, 0].t().contiguous(), expand_b, dw_w[:, 0].permute(1, 2, 0).contiguous(),
-        dw_b, stride, top, left, out_h, out_w, band, approximate == "tanh")
+        x, expand_w[:, :, 0, 0].t().contiguous(), expand_b,
+        dw_w[:, 0].permute(1, 2, 0).contiguous(), dw_b, stride, top, left, out_h, out_w, band,
+        approximate == "tanh")
     expected = _front_reference(x, expand_w, expand_b, dw_w, dw_b, stride, approximate)
     assert got.shape == expected.shape and got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -334,8 +334,8 @@ def expand_depthwise(expand: nn.Conv2d, depthwise: nn.Conv2d, x: Tensor,
     if not _kernel_runs(expand, depthwise, x):
         return conv_gelu(depthwise, conv_gelu(expand, x, approximate), approximate)
     k, s = depthwise.kernel_size[0], depthwise.stride[0]
-    (top, bottom), (left, right) = (same_padding(n, k, s) for n in x.shape[-2:])
-    out_h, out_w = (x.shape[2] + top + bottom - k) // s + 1, (x.shape[3] + left + right - k) // s + 1
+    top, left = (same_padding(n, k, s)[0] for n in x.shape[-2:])
+    out_h, out_w = (-(-n // s) for n in x.shape[-2:])  # TF 'SAME': ceil(n / s)
     expand_weight = _kept(expand, ("expand_depthwise",),
                           lambda: expand.weight.detach()[:, :, 0, 0].t().contiguous())
     dw_weight = _kept(depthwise, ("expand_depthwise",),

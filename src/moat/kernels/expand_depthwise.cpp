@@ -51,7 +51,7 @@ void depthwise_row(const Problem& p, const float* e, int64_t r0, int64_t n, int6
   float* op = p.out + ((n * p.out_h + ho) * p.out_w) * C;
   for (int64_t wo = 0; wo < p.out_w;) {
     const int64_t w0 = wo * s - p.left;
-    const float* ew = e + ((h0 - r0) * W + w0) * C;  // tap (i, j) of channel c: ew + (i W + j) C + c
+    const float* ew = e + ((h0 - r0) * W + w0) * C;  // tap (i, j), channel c: + (i W + j) C + c
     if (pairs && w0 >= 0 && wo + 1 < p.out_w && w0 + s + K <= W) {
       for (int64_t c = 0; c < C; c += Vec::size()) {
         Vec a0 = Vec::loadu(bias + c), a1 = a0;
