@@ -9,7 +9,9 @@ What changes (all exact up to float rounding; outputs stay within 1e-4 of the pl
 * drop path is gone, squeeze-excite runs as two small matrix products on the pooled vector;
 * in eager CPU inference each convolution runs with its GELU or its residual add in one
   oneDNN call (the fusion torch.compile's CPU backend makes) on weights reordered for oneDNN
-  once per input shape, and, where the allocator returns large blocks to the system, the
+  once per input shape; on maps of 28x28 and more each MBConv block's expand + GELU +
+  depthwise + GELU runs as one C++ kernel (`moat.kernels`, expand_depthwise.cpp) that keeps
+  the expanded map in cache; where the allocator returns large blocks to the system, the
   high-resolution blocks run on parts of a large batch so that no intermediate outgrows its
   reuse (`CHUNK_BYTES`); compiled, exported and traced graphs use the plain operators (all
   in `moat.export.cpu_ops`);
