@@ -5,6 +5,7 @@ import copy
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -263,3 +264,23 @@ def test_expand_depthwise_gelu_over_a_wide_range(approximate):
         x, torch.eye(channels), zeros, dw_w, zeros, 1, 1, 1, 25, 25, 4, approximate == "tanh")
     expected = F.gelu(F.gelu(x.double(), approximate=approximate), approximate=approximate)
     torch.testing.assert_close(got.double(), expected, atol=3e-6, rtol=1e-6)
+
+
+def test_the_rational_gelu_coefficients_are_the_fit():
+    # benchmarks/gelu_fit.py owns the coefficients in gelu.h: refitting gives the same ones.
+    import importlib.util
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gelu_fit", root / "benchmarks/gelu_fit.py")
+    gelu_fit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gelu_fit)
+    p, q = gelu_fit.fit(*gelu_fit.DEGREES)
+    header = (root / "src/moat/kernels/gelu.h").read_text()
+    body = header[header.index("inline Vec gelu_rational"):header.index("inline Vec gelu_tanh")]
+    numbers = [float(n) for n in re.findall(r"Vec\(([-0-9.e]+)f\)", body)]
+    assert numbers[:2] == [-gelu_fit.CLAMP, gelu_fit.CLAMP]
+    # Horner order, highest degree first; Q's constant 1 is written as Vec(1.f).
+    written_p, written_q = numbers[2:2 + len(p)], numbers[2 + len(p):2 + len(p) + len(q) - 1]
+    np.testing.assert_allclose(written_p, p[::-1], rtol=1e-6)
+    np.testing.assert_allclose(written_q + [1.0], q[::-1], rtol=1e-6)
