@@ -13,7 +13,8 @@ Everywhere else, and whenever they cannot run, PyTorch's ops do the same computa
 
 The kernels are compiled on first use with `torch.utils.cpp_extension` (a C++ compiler and
 ninja, once each, about 30 s; cached in PyTorch's extension folder under a name that hashes
-the sources). Without them moat warns once and uses PyTorch's ops. `MOAT_FUSED_KERNELS=0`
+the sources and the PyTorch installation, so that virtual environments do not rebuild each
+other's). Without them moat warns once and uses PyTorch's ops. `MOAT_FUSED_KERNELS=0`
 turns both off.
 """
 
@@ -78,11 +79,14 @@ _WHAT_FALLS_BACK = {"batch_norm_gelu": "training uses the unfused PyTorch ops",
 
 
 def build_name(kernel: str) -> str:
-    """The name `kernel` (a .cpp file here) is built under for this CPU capability: PyTorch
-    rebuilds when the .cpp changes, not a header it includes, so the name hashes both."""
+    """The name `kernel` (a .cpp file here) is built under for this CPU capability. PyTorch
+    rebuilds when the .cpp changes, not a header it includes, so the name hashes both; and it
+    rebuilds whenever another PyTorch installation (another virtual environment) built the
+    same name last, so the name hashes the installation's folder too: each keeps its build."""
     capability = torch.backends.cpu.get_cpu_capability()
     digest = hashlib.sha256((_HERE / f"{kernel}.cpp").read_bytes()
-                            + (_HERE / "gelu.h").read_bytes()).hexdigest()
+                            + (_HERE / "gelu.h").read_bytes()
+                            + str(Path(torch.__file__).resolve().parent).encode()).hexdigest()
     return f"moat_{kernel}_{capability.lower()}_{digest[:10]}"
 
 
