@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from moat.bench.onnx_runtime import OPSET, run_onnx_benchmark  # noqa: E402
+from moat.bench.onnx_runtime import JUDGED_MOBILE_PAIRS, OPSET, run_onnx_benchmark  # noqa: E402
 from moat.export.formats import EXPORTER_OPSET  # noqa: E402
 from moat.bench.report import format_table, write_csv  # noqa: E402
 
@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         if mine is not None and theirs is not None:
             verdict(f"batch {args.batch_size}: moat_0 {mine:.1f} GMAC/s vs {label} "
                     f"{theirs:.1f} GMAC/s (x{mine / theirs:.2f})", mine >= theirs)
-    # tiny-MOAT against the MobileViTv2 of about the same multiply-adds, as in the issue.
     tanh = " [tanh GELU]" if "tanh" in args.gelu else ""
-    for ours, peer in (("tiny_moat_0", "mobilevitv2_075"), ("tiny_moat_1", "mobilevitv2_100")):
+    for ours, peer in JUDGED_MOBILE_PAIRS:
         ours += tanh
         a, (label, b) = get(ours, "latency_ms"), fastest(peer, "latency_ms")
         if a is not None and b is not None:

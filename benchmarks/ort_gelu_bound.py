@@ -35,12 +35,14 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from moat.bench.onnx_runtime import export_model  # noqa: E402
+from moat.atomic import atomic_output  # noqa: E402
+from moat.bench.onnx_runtime import JUDGED_MOBILE_PAIRS, export_model  # noqa: E402
 from moat.bench.pytorch import interleaved  # noqa: E402
 from moat.cpu import cpu_info  # noqa: E402
+from moat.export.formats import EXPORTER_OPSET  # noqa: E402
+from moat.export.graph import ATTENTION_OPSET  # noqa: E402
 from moat.export.ort import onnx_session  # noqa: E402
 
-PAIRS = (("tiny_moat_0", "mobilevitv2_075"), ("tiny_moat_1", "mobilevitv2_100"))
 SIZE = (256, 256)
 
 
@@ -50,19 +52,20 @@ def relu_in_place_of_gelu(x, approximate: str = "none"):
 
 def export_all(folder: Path) -> dict[str, Path]:
     files = {}
-    for ours, peer in PAIRS:
+    for ours, peer in JUDGED_MOBILE_PAIRS:
         for label, activation in ((f"{ours} [tanh GELU]", None), (f"{ours} [ReLU]", "relu")):
-            path = folder / f"{ours}.{activation or 'tanh'}.opset23.onnx"
+            path = folder / f"{ours}.{activation or 'tanh'}.opset{ATTENTION_OPSET}.onnx"
             if not path.exists():
                 patch = (mock.patch("moat.export.graph.graph_gelu", relu_in_place_of_gelu)
                          if activation else contextlib.nullcontext())
-                with patch:
-                    export_model(ours, SIZE, path, gelu="tanh", opset=23)
+                with patch, atomic_output(path) as tmp:  # a killed export leaves no file
+                    export_model(ours, SIZE, tmp, gelu="tanh", opset=ATTENTION_OPSET)
             files[label] = path
-        path = folder / f"{peer}.opset18.onnx"
+        path = folder / f"{peer}.opset{EXPORTER_OPSET}.onnx"
         if not path.exists():
-            export_model(peer, SIZE, path, opset=18)
-        files[f"{peer} [opset 18]"] = path
+            with atomic_output(path) as tmp:
+                export_model(peer, SIZE, tmp, opset=EXPORTER_OPSET)
+        files[f"{peer} [opset {EXPORTER_OPSET}]"] = path
     return files
 
 
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {label} | {gelu_nodes(path)} | {median[label]:.2f} | "
                   f"{min(times[label]) * 1e3:.2f} |")
     print(f"\nonnxruntime {ort.__version__}, {args.threads} threads; CPU: {cpu_info().describe()}")
-    for ours, peer in PAIRS:
-        theirs = median[f"{peer} [opset 18]"]
+    for ours, peer in JUDGED_MOBILE_PAIRS:
+        theirs = median[f"{peer} [opset {EXPORTER_OPSET}]"]
         for form in ("tanh GELU", "ReLU"):
             print(f"{ours} [{form}]: x{theirs / median[f'{ours} [{form}]']:.2f} "
                   f"{peer}'s batch-1 speed")

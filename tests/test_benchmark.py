@@ -8,7 +8,8 @@ import pytest
 
 import moat
 from moat import allocator
-from moat.bench.pytorch import count_macs, run_benchmark
+from moat.bench.models import count_macs
+from moat.bench.pytorch import run_benchmark
 from moat.cli import main
 
 

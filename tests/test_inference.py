@@ -132,12 +132,12 @@ def test_packed_weights_give_the_same_outputs_and_follow_new_weights():
     with torch.no_grad():
         got, expected = both(x)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-        assert len(cpu_ops._PACKED[block.shrink_conv]) == 1  # packed once, for this shape
+        assert len(cpu_ops._KEPT[block.shrink_conv]) == 1  # packed once, for this shape
         got, expected = both(x)
-        assert len(cpu_ops._PACKED[block.shrink_conv]) == 1  # and reused
+        assert len(cpu_ops._KEPT[block.shrink_conv]) == 1  # and reused
         got, expected = both(x[:1])  # another shape: packed for it too
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-        assert len(cpu_ops._PACKED[block.shrink_conv]) == 2
+        assert len(cpu_ops._KEPT[block.shrink_conv]) == 2
         before = expected
         block.shrink_conv.weight.mul_(-3.0)  # changed in place: packed again, not reused
         got, expected = both(x[:1])

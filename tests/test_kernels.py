@@ -28,18 +28,26 @@ def test_the_kernel_builds_here():
 
 def test_a_build_lock_left_by_a_killed_build_does_not_block(tmp_path):
     # PyTorch's plain `lock` file, as a compile killed half-way leaves it: without our own
-    # flock every later process would wait for it forever.
+    # flock every later process would wait for it forever. The build is copied to a folder
+    # of this test's own (times kept, so nothing is rebuilt): another test process loading
+    # the kernel at the same moment would otherwise remove the leftover first.
+    import os
+    import shutil
     import subprocess
     import sys
 
     import torch.utils.cpp_extension as cpp_extension
 
+    assert extension() is not None
     name = moat.kernels.build_name("batch_norm_gelu")
-    leftover = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    build = Path(cpp_extension._get_build_directory(name, verbose=False))
+    own = tmp_path / "extensions"
+    shutil.copytree(build, own / name, ignore=shutil.ignore_patterns("lock", "*.flock"))
+    leftover = own / name / "lock"
     leftover.touch()
     code = "import moat.kernels as k; assert k.extension() is not None"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=600)
+                            timeout=600, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(own)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "left behind by an interrupted build" in result.stderr
     assert not leftover.exists()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from moat.bench.onnx_runtime import OPSET
-from moat.bench.pytorch import count_macs
+from moat.bench.models import count_macs
 from moat.cli import main as cli
 from moat.export import export_onnx
 from moat.models import MoatConfig, MoatNet
@@ -231,7 +231,7 @@ def test_onnxruntime_benchmark_rows_and_csv(sample_images, tmp_path, capsys):
 
 def test_peers_follow_the_models():
     from moat.bench.onnx_runtime import MOBILE_PEERS, peers_for
-    from moat.bench.pytorch import PEERS
+    from moat.bench.models import PEERS
 
     assert peers_for(["moat_0"]) == PEERS
     assert peers_for(["tiny_moat_0", "tiny_moat_1"]) == MOBILE_PEERS

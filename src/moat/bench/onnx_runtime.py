@@ -31,12 +31,16 @@ from moat.export.formats import EXPORTER_OPSET
 from moat.export.ort import onnx_session
 from moat.atomic import atomic_output
 
-__all__ = ["MOBILE_PEERS", "export_model", "peers_for", "run_onnx_benchmark"]
+__all__ = ["JUDGED_MOBILE_PAIRS", "MOBILE_PEERS", "export_model", "peers_for",
+           "run_onnx_benchmark"]
 
 # timm models that tiny-MOAT is compared with (the paper's mobile table and today's
 # mobile CNN/hybrid baselines), at 256x256 like tiny-MOAT.
 MOBILE_PEERS = ("mobilevitv2_075", "mobilevitv2_100", "mobilevitv2_150", "fastvit_t8",
                 "mobilenetv4_conv_medium")
+# Each tiny-MOAT and the MobileViTv2 of about its multiply-adds its batch-1 latency is judged
+# against (benchmarks/inference_onnxruntime.py, benchmarks/ort_gelu_bound.py).
+JUDGED_MOBILE_PAIRS = (("tiny_moat_0", "mobilevitv2_075"), ("tiny_moat_1", "mobilevitv2_100"))
 OPSET = EXPORTER_OPSET  # MOAT and peers alike, as the exporter writes them (no downgrade)
 
 

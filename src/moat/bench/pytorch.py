@@ -53,7 +53,6 @@ from torch import nn
 
 from moat.bench.models import PEERS, count_macs, count_params, create, is_moat
 from moat.bench.report import environment, with_ratio_to_moat
-from moat.bench.report import format_table, write_csv  # noqa: F401 (the rows' output, as before)
 from moat.device import pick_device
 from moat.errors import InvalidInputError
 

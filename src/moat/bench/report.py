@@ -5,6 +5,7 @@ Runtime benchmarks share the columns."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import platform
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from moat.allocator import allocator_setting
+from moat.atomic import atomic_write_text
 from moat.cpu import cpu_info
 from moat.errors import InvalidInputError
 
@@ -86,7 +88,8 @@ def write_csv(rows: Sequence[dict], path: str | os.PathLike) -> None:
     if not rows:
         raise InvalidInputError("no rows to write")
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())  # a failed write keeps an earlier file whole

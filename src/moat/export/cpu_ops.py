@@ -33,10 +33,10 @@ from moat.cpu import cpu_info
 from moat.kernels import expand_depthwise_extension
 from moat.models.layers import Conv2dSame, pointwise, same_padding, tensor_version
 
-__all__ = ["CHUNK_BYTES", "EXPAND_DEPTHWISE_PIXELS", "ConvGelu", "CpuChoices",
+__all__ = ["CHUNK_BYTES", "EXPAND_DEPTHWISE_PIXELS", "ConvGelu", "CpuChoices", "PackedConv2d",
            "SamePaddingConv2d", "batch_chunks", "conv_add", "conv_gelu", "cpu_choices",
-           "current_cpu_choices", "eager_cpu", "expand_depthwise", "PackedConv2d",
-           "linear_as_conv", "portable_ops", "using_cpu_choices"]
+           "current_cpu_choices", "eager_cpu", "expand_depthwise", "linear_as_conv",
+           "portable_ops", "using_cpu_choices"]
 
 
 # --- convolution + GELU / + residual in one oneDNN call ----------------------------------
@@ -198,10 +198,10 @@ def _weight_and_padding(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Sequence[in
 # and input shape, beside the module rather than in it (a module holding oneDNN's opaque
 # tensors could not be copied, saved or exported). A few shapes per convolution: inference
 # sees one or two (the batch and its last chunk); an in-place change of the weights
-# (`_version`) or new weights (`data_ptr`) packs again.
-_PACKED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[Tensor, Sequence[int]]]] = (
-    weakref.WeakKeyDictionary())
-_PACKED_SHAPES = 4
+# (`_version`) or new weights (`data_ptr`) packs again. The same store (`_kept`) holds the
+# expand + depthwise kernel's weights in the layouts it reads.
+_KEPT: weakref.WeakKeyDictionary[nn.Module, dict[tuple, object]] = weakref.WeakKeyDictionary()
+_KEPT_PER_MODULE = 4
 
 
 def _packed(module: nn.Module, x: Tensor,
@@ -224,9 +224,9 @@ def _packed(module: nn.Module, x: Tensor,
 def _kept(module: nn.Module, key: tuple, make: Callable):
     """make(), kept beside `module` under `key` until its weight is replaced or changed."""
     key = (*key, module.weight.data_ptr(), tensor_version(module.weight))
-    kept = _PACKED.setdefault(module, {})
+    kept = _KEPT.setdefault(module, {})
     if key not in kept:
-        if len(kept) >= _PACKED_SHAPES:
+        if len(kept) >= _KEPT_PER_MODULE:
             kept.clear()
         kept[key] = make()
     return kept[key]

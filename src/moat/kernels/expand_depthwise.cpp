@@ -7,7 +7,8 @@
 // product, bias and GELU) into a buffer of its own that stays in cache, then runs the
 // depthwise convolution (TF 'SAME' padding given as `top` / `left`, bias and GELU) from it.
 // Consecutive bands of an image share rows (the kernel's overlap); those are kept, not
-// computed again. GELU is ATen's exact (erf) form or its tanh approximation (gelu.h).
+// computed again. GELU is the exact (erf) form, erf as a fitted rational function, or its
+// tanh approximation (gelu.h).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -39,8 +40,8 @@ inline Vec activation(const Vec& y) {
 
 // Output row `ho` of image `n` from the expanded rows [r0, ...) in `e` (width x channels each).
 // K > 0: the kernel size known at compile time; then two neighbouring output pixels whose
-// taps all lie inside the map are computed together, each weight loaded once for both (and,
-// at stride 1, the input columns they share loaded once). 0: p.kernel, one pixel at a time.
+// taps all lie inside the map are computed together, each weight loaded once for both.
+// 0: p.kernel, one pixel at a time.
 template <bool kTanh, int K>
 void depthwise_row(const Problem& p, const float* e, int64_t r0, int64_t n, int64_t ho) {
   const int64_t k = K > 0 ? K : p.kernel, C = p.channels, W = p.width, s = p.stride;
